@@ -1,0 +1,106 @@
+"""The NimbusImage command line: ``--apiUrl --token --request {interface,compute} --parameters JSON
+[--datasetId]``, exactly as the server passes it (contract section 1).
+
+``main`` returns the process exit status and never raises: 0 on success, non-zero on any
+failure, with an error line on stdout saying what happened. The token is never printed: the
+reporter scrubs it from every line, and logging goes to stderr without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sam2_refine.interface import build_interface, checkpoint_dir, list_checkpoints
+from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient
+from sam2_refine.report import Reporter, scrub
+from sam2_refine.settings import SettingsErrors, parse_settings
+from sam2_refine.worker_info import DEFAULT_IMAGE_NAME
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage (which could echo the token) and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="entrypoint.py", description="SAM2 Refiner NimbusImage worker",
+                             add_help=False)
+    parser.add_argument("--apiUrl", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--request", required=True, choices=["interface", "compute"])
+    parser.add_argument("--parameters", required=True)
+    parser.add_argument("--datasetId", default=None)
+    return parser
+
+
+def run_interface(api_url: str, token: str, params: dict, reporter: Reporter) -> int:
+    """Post the UI description; no model, no dataset, no torch."""
+    image = params.get("image") if isinstance(params, dict) else None
+    if not isinstance(image, str) or not image:
+        image = DEFAULT_IMAGE_NAME
+    models = list_checkpoints(checkpoint_dir())
+    if not models:
+        reporter.warning("No SAM2 checkpoint found in the worker image.", str(checkpoint_dir()))
+    with NimbusClient(api_url, token) as client:
+        try:
+            client.post_interface(image, build_interface(models))
+        except NimbusAPIError as exc:
+            reporter.error("Could not publish the worker interface.", str(exc))
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, reporter: Reporter) -> int:
+    from sam2_refine import job  # the engine; torch is imported only when the model loads
+
+    try:
+        settings = parse_settings(params, dataset_id, checkpoint_dir())
+    except SettingsErrors as exc:
+        for error in exc.errors:
+            reporter.error(f"Invalid setting: {error.field}", f"{error.message}. Nothing was changed.")
+        return EXIT_USAGE
+    with NimbusClient(api_url, token) as client:
+        return job.run_compute(settings, client, reporter, _load_sam2)
+
+
+def _load_sam2(checkpoint: Path):  # -> tuple[BoxPredictor, bool]
+    from sam2_refine.sam2_model import Sam2BoxPredictor
+
+    return Sam2BoxPredictor.load(checkpoint)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the worker; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    token = ""
+    if "--token" in argv and argv.index("--token") + 1 < len(argv):
+        token = argv[argv.index("--token") + 1]
+    reporter = Reporter(secrets=(token,) if token else ())
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except ValueError as exc:
+        reporter.error("Invalid command line.", scrub(str(exc), (token,)))
+        return EXIT_USAGE
+    try:
+        params = json.loads(args.parameters)
+    except ValueError as exc:
+        reporter.error("Invalid --parameters: not JSON.", str(exc))
+        return EXIT_USAGE
+    try:
+        if args.request == "interface":
+            return run_interface(args.apiUrl, args.token, params, reporter)
+        return run_compute(args.apiUrl, args.token, params, args.datasetId, reporter)
+    except Exception as exc:  # noqa: BLE001 - last resort: report, never a traceback with secrets
+        reporter.error("The worker failed unexpectedly.", f"{type(exc).__name__}: {exc}")
+        logging.getLogger(__name__).debug("unexpected failure", exc_info=True)
+        return EXIT_FAILED

@@ -1,0 +1,331 @@
+"""Polygons, boxes and masks: pure functions, no I/O, no model.
+
+Coordinates follow the NimbusImage annotation convention used by its other workers: full-frame
+pixel coordinates, ``x`` = column, ``y`` = row, the centre of pixel (row r, column c) at
+(x=c, y=r). A frame of W x H pixels therefore spans x in [-0.5, W - 0.5] and y in
+[-0.5, H - 0.5]. Point arrays are (K, 2) float64 in (x, y) order; masks and logit arrays are
+(rows, columns).
+
+A rough annotation becomes a refined polygon in four steps (see :mod:`sam2_refine.refine`):
+:func:`ring_from_coordinates` and :func:`polygon_from_ring` check and clean the original,
+:func:`prompt_box` gives the box prompt, and after the model has spoken,
+:func:`select_component`, :func:`outline_from_logits` and :func:`finish_polygon` turn its mask
+into one clean polygon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, box as shapely_box
+from shapely.geometry.base import BaseGeometry
+from skimage.draw import polygon as draw_polygon
+from skimage.measure import find_contours
+
+class AnnotationProblem(ValueError):
+    """Why an annotation cannot be refined (it is then kept unchanged). ``reason`` is for users."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rectangle of whole pixels: rows ``top..bottom-1``, columns ``left..right-1``."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def area(self) -> int:
+        return self.height * self.width
+
+    def intersect(self, other: Window) -> Window:
+        return Window(max(self.top, other.top), max(self.left, other.left),
+                      min(self.bottom, other.bottom), min(self.right, other.right))
+
+    def contains(self, other: Window) -> bool:
+        return (self.top <= other.top and self.left <= other.left
+                and other.bottom <= self.bottom and other.right <= self.right)
+
+    @staticmethod
+    def around(box: Sequence[float], margin: float, bounds: Window) -> Window:
+        """The pixels whose centres lie within ``margin`` of ``box`` (x0, y0, x1, y1), clipped to ``bounds``."""
+        x0, y0, x1, y1 = box
+        win = Window(int(math.floor(y0 - margin + 0.5)), int(math.floor(x0 - margin + 0.5)),
+                     int(math.floor(y1 + margin + 0.5)) + 1, int(math.floor(x1 + margin + 0.5)) + 1)
+        return win.intersect(bounds)
+
+
+def frame_window(width: int, height: int) -> Window:
+    return Window(0, 0, height, width)
+
+
+def frame_polygon(width: int, height: int) -> Polygon:
+    """The area a W x H frame covers, in annotation coordinates."""
+    return shapely_box(-0.5, -0.5, width - 0.5, height - 0.5)
+
+
+# -- the original annotation ------------------------------------------------------------------
+
+def ring_from_coordinates(coordinates: Any) -> np.ndarray:
+    """An annotation's ``coordinates`` as a (K, 2) float64 array of (x, y), K >= 3.
+
+    A closing point equal to the first is dropped, as are consecutive repeats.
+
+    Raises:
+        AnnotationProblem: not a list of points with finite numeric x and y, or fewer than
+            3 distinct points.
+    """
+    if not isinstance(coordinates, list):
+        raise AnnotationProblem("coordinates are missing or not a list")
+    points = []
+    for point in coordinates:
+        if not isinstance(point, dict):
+            raise AnnotationProblem("a coordinate is not an {x, y} object")
+        x, y = point.get("x"), point.get("y")
+        if isinstance(x, bool) or isinstance(y, bool) or not isinstance(x, (int, float)) \
+                or not isinstance(y, (int, float)):
+            raise AnnotationProblem("a coordinate is missing or not a number (non-finite values arrive as null)")
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise AnnotationProblem("non-finite coordinates")
+        points.append((float(x), float(y)))
+    ring = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if len(ring) > 1:
+        keep = np.ones(len(ring), dtype=bool)
+        keep[1:] = np.any(ring[1:] != ring[:-1], axis=1)
+        ring = ring[keep]
+    if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
+        ring = ring[:-1]
+    if len(ring) < 3:
+        raise AnnotationProblem(f"fewer than 3 points ({len(ring)})")
+    return ring
+
+
+def largest_polygon(geometry: BaseGeometry) -> Polygon | None:
+    """The largest-area polygon in ``geometry`` (None if it has none with positive area)."""
+    parts = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, (Polygon, MultiPolygon))]
+    polygons = [p for g in parts for p in getattr(g, "geoms", [g]) if isinstance(p, Polygon) and p.area > 0]
+    if not polygons:
+        return None
+    return max(polygons, key=lambda p: p.area)
+
+
+def polygon_from_ring(ring: np.ndarray) -> BaseGeometry:
+    """The area an original annotation outlines, made valid.
+
+    A self-intersecting ring (a bow tie, a loop) is repaired with ``shapely.make_valid``; all its
+    polygonal parts are kept (they are all what the user drew).
+
+    Raises:
+        AnnotationProblem: the ring encloses no area (e.g. all points on a line), or cannot be
+            made valid.
+    """
+    polygon = Polygon(ring)
+    if not polygon.is_valid:
+        try:
+            polygon = shapely.make_valid(polygon)
+        except shapely.errors.GEOSException:  # pragma: no cover - GEOS rarely refuses
+            raise AnnotationProblem("the outline cannot be made a valid polygon") from None
+        parts = [p for p in getattr(polygon, "geoms", [polygon]) if isinstance(p, (Polygon, MultiPolygon))]
+        polygon = shapely.union_all(parts) if parts else Polygon()
+    if polygon.is_empty or polygon.area <= 0:
+        raise AnnotationProblem("the outline encloses no area (all points on a line)")
+    return polygon
+
+
+def prompt_box(shape: BaseGeometry, width: int, height: int) -> np.ndarray:
+    """The box prompt of an original: its bounds, clipped to the frame.
+
+    Returns:
+        float64 array (x0, y0, x1, y1) in frame coordinates.
+
+    Raises:
+        AnnotationProblem: the box has no area, or lies outside the frame.
+    """
+    x0, y0, x1, y1 = shape.bounds
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        raise AnnotationProblem("its box has zero area")
+    cx0, cy0 = max(x0, -0.5), max(y0, -0.5)
+    cx1, cy1 = min(x1, width - 0.5), min(y1, height - 0.5)
+    if cx1 - cx0 < 1.0 or cy1 - cy0 < 1.0:
+        raise AnnotationProblem(f"it lies outside the {width}x{height} frame")
+    return np.array([cx0, cy0, cx1, cy1], dtype=np.float64)
+
+
+def rasterize(shape: BaseGeometry, window: Window) -> np.ndarray:
+    """Pixels of ``window`` whose centres ``shape`` covers (outer boundaries; holes ignored).
+
+    Returns:
+        bool array of shape (window.height, window.width).
+    """
+    mask = np.zeros((window.height, window.width), dtype=bool)
+    for polygon in getattr(shape, "geoms", [shape]):
+        if not isinstance(polygon, Polygon) or polygon.is_empty:
+            continue
+        xy = np.asarray(polygon.exterior.coords, dtype=np.float64)
+        rows, cols = draw_polygon(xy[:, 1] - window.top, xy[:, 0] - window.left, mask.shape)
+        mask[rows, cols] = True
+    return mask
+
+
+# -- the model's mask -------------------------------------------------------------------------
+
+def select_component(mask: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """The 8-connected component of ``mask`` that overlaps ``reference`` most.
+
+    Ties go to the larger component. A mask that does not touch the reference at all gives None:
+    the model found something else than the object the user outlined.
+
+    Args:
+        mask: bool (rows, columns), the model's mask.
+        reference: bool (rows, columns), the original annotation rasterised on the same pixels.
+
+    Returns:
+        (component as a bool array of the same shape or None, its overlap in pixels).
+    """
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return None, 0
+    overlap = np.bincount(labels[reference], minlength=count)
+    overlap[0] = 0
+    best_overlap = int(overlap.max())
+    if best_overlap == 0:
+        return None, 0
+    candidates = np.flatnonzero(overlap == best_overlap)
+    best = int(candidates[np.argmax(stats[candidates, cv2.CC_STAT_AREA])])
+    return labels == best, best_overlap
+
+
+def fill_holes(component: np.ndarray) -> np.ndarray:
+    """``component`` with every hole filled (bool, same shape)."""
+    contours, _ = cv2.findContours(component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros(component.shape, dtype=np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return filled.astype(bool) | component
+
+
+def touches_edges(component: np.ndarray) -> tuple[bool, bool, bool, bool]:
+    """Whether ``component`` reaches the (top, left, bottom, right) edge of its array."""
+    return (bool(component[0].any()), bool(component[:, 0].any()),
+            bool(component[-1].any()), bool(component[:, -1].any()))
+
+
+def outline_from_logits(logits: np.ndarray, component: np.ndarray) -> np.ndarray:
+    """The outer boundary of one mask component, at the sub-pixel zero crossing of its logits.
+
+    Marching squares (``skimage.measure.find_contours`` at level 0) on the logits, with pixels of
+    other components pushed below zero and the component's holes pushed above it, so exactly one
+    outline comes back and it follows the logits where the component meets the background.
+    Diagonal-only contacts count as connected, as in :func:`select_component`.
+
+    Args:
+        logits: float (rows, columns), positive inside the mask.
+        component: bool (rows, columns), one component of ``logits > 0``.
+
+    Returns:
+        float64 (K, 2) outline in (x, y) = (column, row) of the arrays, not closed; K >= 3 unless
+        the component is degenerate (then fewer points come back).
+    """
+    filled = fill_holes(component)
+    magnitude = np.maximum(np.abs(logits.astype(np.float32)), np.float32(1e-3))
+    field = np.where(filled, magnitude, -magnitude)
+    field = np.pad(field, 1, mode="constant", constant_values=-1.0)
+    contours = find_contours(field, 0.0, fully_connected="high")
+    if not contours:
+        return np.zeros((0, 2))
+    best = max(contours, key=lambda c: abs(_ring_area(c)))
+    xy = best[:, ::-1] - 1.0  # (row, col) of the padded array -> (x, y) of the window
+    if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
+        xy = xy[:-1]
+    return xy
+
+
+def _ring_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def finish_polygon(outline: np.ndarray, smoothing: float, padding: float, frame: Polygon) -> Polygon:
+    """One clean polygon from a mask outline: simplified, padded, without holes, in the frame.
+
+    Args:
+        outline: (K, 2) (x, y) in frame coordinates.
+        smoothing: Simplification tolerance in pixels (Douglas-Peucker, topology kept); 0 = none.
+        padding: Buffer distance in pixels; negative shrinks.
+        frame: The frame's area (:func:`frame_polygon`); the result is clipped to it.
+
+    Raises:
+        AnnotationProblem: nothing valid with area and 3 vertices is left.
+    """
+    if len(outline) < 3:
+        raise AnnotationProblem("empty mask")
+    polygon: BaseGeometry = Polygon(outline)
+    if not polygon.is_valid:
+        polygon = shapely.make_valid(polygon)
+    polygon = largest_polygon(polygon)
+    if polygon is None:
+        raise AnnotationProblem("the mask outline cannot be made a valid polygon")
+    polygon = Polygon(polygon.exterior)
+    if smoothing > 0:
+        polygon = simplify_keeping_area(polygon, smoothing)
+    if padding != 0:
+        polygon = polygon.buffer(padding)
+    polygon = polygon.intersection(frame)
+    polygon = largest_polygon(shapely.set_precision(polygon, 0.01))
+    if polygon is None:
+        reason = f"padding {padding:g} leaves no shape" if padding < 0 else "the refined shape has no area"
+        raise AnnotationProblem(reason)
+    polygon = Polygon(polygon.exterior)
+    if len(polygon.exterior.coords) - 1 < 3 or not polygon.is_valid:
+        raise AnnotationProblem("the refined shape cannot be made a valid polygon")
+    return polygon
+
+
+def simplify_keeping_area(polygon: Polygon, tolerance: float) -> Polygon:
+    """Douglas-Peucker simplification (topology kept) without its inward bias.
+
+    Plain Douglas-Peucker keeps vertices on the outline and replaces the arcs between them by
+    chords, so a convex object loses area (a 15 px disk about 5 %). The simplified polygon is
+    therefore offset (mitre joins: no new vertices) by the area it lost divided by its perimeter,
+    at most ``tolerance``: same vertex count, same area as the outline, and every point still
+    within ``tolerance`` of it.
+    """
+    simplified = polygon.simplify(tolerance, preserve_topology=True)
+    if simplified.is_empty or simplified.length == 0:
+        return simplified
+    offset = (polygon.area - simplified.area) / simplified.length
+    offset = max(-tolerance, min(tolerance, offset))
+    if abs(offset) < 1e-9:
+        return simplified
+    adjusted = simplified.buffer(offset, join_style="mitre", mitre_limit=2.0)
+    return adjusted if isinstance(adjusted, Polygon) and not adjusted.is_empty else simplified
+
+
+def polygon_coordinates(polygon: Polygon) -> list[dict[str, float]]:
+    """Annotation ``coordinates`` of a polygon: its exterior ring, without the closing point."""
+    xy = np.asarray(polygon.exterior.coords)[:-1]
+    return [{"x": round(float(x), 2), "y": round(float(y), 2)} for x, y in xy]
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks of the same shape (0 when both are empty)."""
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b)) / union if union else 0.0

@@ -1,0 +1,153 @@
+"""A location's channel frames -> one RGB image, as the user sees it (contract section 6).
+
+Each visible layer maps one channel through its contrast window to [0, 1], tints it with the
+layer colour, and the layers combine by pixel-wise maximum. Layers are matched to channels by
+``layer.channel`` (two layers may show one channel). A dataset without layer settings gets
+:func:`default_layers`. The layers' own Z/Time settings are not applied: every layer shows the
+annotation's own location, as in the original worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Colours given to channels when the dataset has no layer settings.
+DEFAULT_COLOURS = ((1.0, 1.0, 1.0),)
+MULTI_CHANNEL_COLOURS = (
+    (0.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 0.0, 0.0),
+    (1.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.5, 0.0),
+)
+#: Contrast of channels without layer settings: the 1st..99.5th percentile.
+DEFAULT_CONTRAST = ("percentile", 1.0, 99.5)
+
+
+class LayerError(ValueError):
+    """Layer settings that cannot be used. ``layer`` names the layer concerned."""
+
+    def __init__(self, layer: str, message: str) -> None:
+        super().__init__(f"layer {layer}: {message}")
+        self.layer = layer
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One visible layer.
+
+    Attributes:
+        channel: The channel it shows (0-based).
+        colour: (r, g, b) in [0, 1].
+        mode: ``"percentile"`` or ``"absolute"``.
+        black: Black point (a percentile in [0, 100], or a raw value).
+        white: White point (same units).
+        name: For messages.
+    """
+
+    channel: int
+    colour: tuple[float, float, float]
+    mode: str
+    black: float
+    white: float
+    name: str = ""
+
+
+def parse_colour(text: Any) -> tuple[float, float, float]:
+    """``"#rrggbb"`` (or ``"#rgb"``) -> (r, g, b) floats in [0, 1]."""
+    if not isinstance(text, str) or not text.startswith("#") or len(text) not in (4, 7):
+        raise ValueError(f"colour {text!r} is not #rrggbb")
+    digits = text[1:]
+    if len(digits) == 3:
+        digits = "".join(c * 2 for c in digits)
+    value = int(digits, 16)
+    return ((value >> 16) / 255.0, ((value >> 8) & 255) / 255.0, (value & 255) / 255.0)
+
+
+def parse_layers(raw: Sequence[Mapping[str, Any]] | None, num_channels: int) -> list[Layer]:
+    """The visible layers of a dataset view, checked; defaults when there are none.
+
+    Args:
+        raw: ``meta.layers`` of the dataset's configuration, or None.
+        num_channels: The dataset's channel count.
+
+    Raises:
+        LayerError: a visible layer is malformed, shows a channel the dataset lacks, or no layer
+            is visible.
+    """
+    if not raw:
+        return default_layers(num_channels)
+    layers = []
+    for index, spec in enumerate(raw):
+        if not isinstance(spec, Mapping):
+            raise LayerError(str(index + 1), "is not an object")
+        name = str(spec.get("name") or spec.get("id") or index + 1)
+        if spec.get("visible", True) is False:
+            continue
+        channel = spec.get("channel")
+        if isinstance(channel, bool) or not isinstance(channel, int) or not 0 <= channel < num_channels:
+            raise LayerError(name, f"shows channel {channel!r}, but the dataset has channels 0-{num_channels - 1}")
+        try:
+            colour = parse_colour(spec.get("color", "#ffffff"))
+        except ValueError as exc:
+            raise LayerError(name, str(exc)) from None
+        contrast = spec.get("contrast") or {}
+        mode = contrast.get("mode", "percentile")
+        if mode not in ("percentile", "absolute"):
+            raise LayerError(name, f"contrast mode {mode!r} is not percentile or absolute")
+        default_black, default_white = (0.0, 100.0) if mode == "percentile" else (None, None)
+        black = contrast.get("blackPoint", default_black)
+        white = contrast.get("whitePoint", default_white)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (black, white)):
+            raise LayerError(name, "contrast needs numeric blackPoint and whitePoint")
+        layers.append(Layer(channel, colour, mode, float(black), float(white), name))
+    if not layers:
+        raise LayerError("(all)", "no layer is visible, so there is no image to segment")
+    return layers
+
+
+def default_layers(num_channels: int) -> list[Layer]:
+    """Every channel visible, white for a single channel, distinct colours for several."""
+    colours = DEFAULT_COLOURS if num_channels == 1 else MULTI_CHANNEL_COLOURS
+    mode, black, white = DEFAULT_CONTRAST
+    return [Layer(c, colours[c % len(colours)], mode, black, white, f"channel {c}") for c in range(num_channels)]
+
+
+def contrast_limits(plane: np.ndarray, layer: Layer) -> tuple[float, float]:
+    """(black, white) in the plane's raw units."""
+    if layer.mode == "absolute":
+        return layer.black, layer.white
+    finite = plane if plane.dtype.kind in "ui" else plane[np.isfinite(plane)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(finite, [np.clip(layer.black, 0, 100), np.clip(layer.white, 0, 100)])
+    return float(low), float(high)
+
+
+def merge_layers(planes: Mapping[int, np.ndarray], layers: Sequence[Layer]) -> np.ndarray:
+    """Combine channel planes into one RGB image.
+
+    Args:
+        planes: channel -> (H, W) array (uint8, uint16, or float) for every layer's channel.
+        layers: The visible layers.
+
+    Returns:
+        float32 (H, W, 3) in [0, 1].
+    """
+    first = planes[layers[0].channel]
+    merged = np.zeros(first.shape + (3,), dtype=np.float32)
+    for layer in layers:
+        plane = planes[layer.channel]
+        black, white = contrast_limits(plane, layer)
+        values = plane.astype(np.float32, copy=False)
+        if white > black:
+            scaled = (values - np.float32(black)) * np.float32(1.0 / (white - black))
+            np.clip(scaled, 0.0, 1.0, out=scaled)
+        else:  # a flat window: everything at or above it is white
+            scaled = (values >= np.float32(white)).astype(np.float32)
+        scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
+        for band in range(3):
+            if layer.colour[band] > 0:
+                np.maximum(merged[..., band], scaled * np.float32(layer.colour[band]), out=merged[..., band])
+    return merged

@@ -1,0 +1,125 @@
+"""The worker's UI description (contract section 3) and the checkpoint list it offers.
+
+This module imports neither torch nor sam2: ``--request interface`` runs on a CPU queue with
+no GPU and no dataset, and must finish in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sam2_refine.worker_info import CHECKPOINT_DIR_ENV, DEFAULT_CHECKPOINT_DIR, INTERFACE_NAME
+
+# Field names: the keys of ``workerInterface`` in the compute parameters.
+NOTES = INTERFACE_NAME
+BATCH_XY = "Batch XY"
+BATCH_Z = "Batch Z"
+BATCH_TIME = "Batch Time"
+REFINE_TAGS = "Tag of objects to refine"
+MODEL = "Model"
+DELETE_ORIGINALS = "Delete original annotations"
+PADDING = "Padding"
+SMOOTHING = "Smoothing"
+
+DEFAULT_MODEL = "sam2.1_hiera_small.pt"
+PADDING_RANGE = (-20, 20)
+PADDING_DEFAULT = 0
+SMOOTHING_RANGE = (0, 3)
+SMOOTHING_DEFAULT = 0.7
+
+DESCRIPTION = (
+    "This tool uses the SAM2 model to refine existing annotations. It takes existing "
+    "annotations, uses them as prompts (via bounding boxes), and generates refined "
+    "segmentation masks that better match the underlying image data."
+)
+
+
+def checkpoint_dir() -> Path:
+    """Where the SAM2 checkpoints are: ``$SAM2_CHECKPOINT_DIR``, else ``/code/sam2/checkpoints``."""
+    return Path(os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR)
+
+
+def list_checkpoints(directory: Path) -> list[str]:
+    """The ``.pt`` files in ``directory``, sorted by name (empty if it does not exist)."""
+    try:
+        names = [p.name for p in directory.iterdir() if p.suffix == ".pt" and p.is_file()]
+    except OSError:
+        return []
+    return sorted(names)
+
+
+def default_model(models: list[str]) -> str | None:
+    """``sam2.1_hiera_small.pt`` when present, else the first model, else None."""
+    if DEFAULT_MODEL in models:
+        return DEFAULT_MODEL
+    return models[0] if models else None
+
+
+def _batch_field(axis_words: str, order: int) -> dict[str, Any]:
+    return {
+        "type": "text",
+        "vueAttrs": {
+            "placeholder": "ex. 1-3, 5-8, or all",
+            "label": f"Enter the {axis_words} you want to process",
+            "persistentPlaceholder": True,
+            "filled": True,
+            "tooltip": (f"Enter the {axis_words} to process (1-based). Separate multiple groups "
+                        "with a comma, or enter 'all'. Leave blank for the current one."),
+        },
+        "displayOrder": order,
+    }
+
+
+def build_interface(models: list[str]) -> dict[str, Any]:
+    """The UI description: field name -> field spec, in display order.
+
+    Args:
+        models: Checkpoint file names offered by the Model select.
+    """
+    return {
+        NOTES: {"type": "notes", "value": DESCRIPTION, "displayOrder": 0},
+        BATCH_XY: _batch_field("XY positions", 1),
+        BATCH_Z: _batch_field("Z slices", 2),
+        BATCH_TIME: _batch_field("Time points", 3),
+        REFINE_TAGS: {
+            "type": "tags",
+            "tooltip": "Annotations carrying any of these tags are refined. Leave empty to refine "
+                       "every polygon annotation in the batch.",
+            "displayOrder": 4,
+        },
+        MODEL: {
+            "type": "select",
+            "items": list(models),
+            "default": default_model(models),
+            "tooltip": "The SAM2 model to use for refinement. Larger models may give slightly "
+                       "better results, but are slower and use more memory.",
+            "displayOrder": 5,
+        },
+        DELETE_ORIGINALS: {
+            "type": "checkbox",
+            "default": False,
+            "tooltip": "If checked, each original annotation is deleted once its refined "
+                       "replacement has been created. Originals that could not be refined are kept.",
+            "displayOrder": 6,
+        },
+        PADDING: {
+            "type": "number",
+            "min": PADDING_RANGE[0],
+            "max": PADDING_RANGE[1],
+            "default": PADDING_DEFAULT,
+            "unit": "Pixels",
+            "tooltip": "Padding will expand (or, if negative, contract) the polygon boundary.",
+            "displayOrder": 7,
+        },
+        SMOOTHING: {
+            "type": "number",
+            "min": SMOOTHING_RANGE[0],
+            "max": SMOOTHING_RANGE[1],
+            "default": SMOOTHING_DEFAULT,
+            "tooltip": "Smoothing is used to simplify the polygons (the largest distance, in "
+                       "pixels, a simplified outline may stray from the mask); 0.7 is a good default.",
+            "displayOrder": 8,
+        },
+    }

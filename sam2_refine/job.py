@@ -1,0 +1,267 @@
+"""One compute job, start to finish: the stages of the worker wired together.
+
+settings (already parsed) -> dataset layout and batch positions -> layers -> annotations ->
+selection -> model -> per location: frames, merged image, refinement -> upload -> confirmed
+deletions -> summary. Progress lines cover the whole job; every original ends up in the
+:class:`~sam2_refine.replace.Ledger`, refined or kept with a reason.
+
+Exit status: 0 when the job finished (some originals may be kept, with warnings); 1 when it
+failed part way (the messages say what was and was not done); 2 for bad settings (nothing was
+read or changed beyond the dataset's layout).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sam2_refine import interface as ui
+from sam2_refine.batch_ranges import BatchRangeError
+from sam2_refine.imaging import Layer, LayerError, merge_layers, parse_layers
+from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
+from sam2_refine.predictor import BoxPredictor
+from sam2_refine.refine import GeometryOptions, Kept, refine_location
+from sam2_refine.replace import Ledger, delete_replaced, upload
+from sam2_refine.report import ProgressSpan, Reporter
+from sam2_refine.selection import Selection, select
+from sam2_refine.settings import Location, RefineSettings
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
+#: Environment variable naming a file for the job's JSON summary (demo, tests, benchmarks).
+SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
+#: How many ids a warning lists before it says "and N more".
+LISTED_IDS = 50
+
+#: Loads the model from a checkpoint path: (predictor, untrained?).
+PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
+
+
+class JobFailed(Exception):
+    """A failure that ends the job; the message is for the user."""
+
+    def __init__(self, message: str, info: str = "", exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.info = info
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The positions the job processes on each axis (0-based)."""
+
+    xy: tuple[int, ...]
+    z: tuple[int, ...]
+    time: tuple[int, ...]
+
+
+def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
+    """Check the batch fields against the dataset's size.
+
+    Raises:
+        JobFailed: a position beyond the dataset (exit 2; the message states the size).
+    """
+    try:
+        return Batch(
+            settings.batch_xy.resolve(ui.BATCH_XY, info.num_xy, settings.tile.xy),
+            settings.batch_z.resolve(ui.BATCH_Z, info.num_z, settings.tile.z),
+            settings.batch_time.resolve(ui.BATCH_TIME, info.num_time, settings.tile.time),
+        )
+    except BatchRangeError as exc:
+        raise JobFailed(f"Invalid setting: {exc}", "Nothing was changed.", EXIT_BAD_SETTINGS) from None
+
+
+def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterable[dict[str, Any]]:
+    """Polygon annotations (and blobs, where a server has them) that may be refined.
+
+    With refine tags, the server filters: one query per tag (the server's filter is "has all"),
+    so only candidate annotations travel. Duplicates across queries are removed by selection.
+    """
+    tag_queries: list[list[str] | None] = [[t] for t in settings.refine_tags] or [None]
+    for tags in tag_queries:
+        for page in client.iter_annotation_pages(settings.dataset_id, "polygon", tags=tags):
+            yield from page
+    try:
+        blob_pages = list(client.iter_annotation_pages(settings.dataset_id, "blob"))
+    except NimbusAPIError as exc:  # not every server knows blobs: ignored, as upstream does
+        log.info("blob query failed, ignored: %s", exc)
+        blob_pages = []
+    for page in blob_pages:
+        yield from page
+
+
+def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[Layer],
+                        location: Location) -> np.ndarray:
+    """Fetch each needed channel's frame once and merge them: float32 (H, W, 3) in [0, 1]."""
+    planes = {}
+    for channel in sorted({layer.channel for layer in layers}):
+        try:
+            frame = info.frame_number(channel, location.xy, location.z, location.time)
+        except KeyError as exc:
+            raise NimbusAPIError("GET", f"item/{info.item_id}/tiles", None, str(exc)) from None
+        planes[channel] = client.get_frame(info.item_id, frame)
+        if planes[channel].shape != (info.height, info.width):
+            raise NimbusAPIError("GET", f"item/{info.item_id}/tiles/region", None,
+                                 f"frame {frame} is {planes[channel].shape[::-1]}, expected "
+                                 f"{info.width}x{info.height}")
+    return merge_layers(planes, layers)
+
+
+def _ids_text(ids: list[str]) -> str:
+    shown = ", ".join(ids[:LISTED_IDS])
+    return shown + (f" and {len(ids) - LISTED_IDS} more" if len(ids) > LISTED_IDS else "")
+
+
+def run_compute(
+    settings: RefineSettings,
+    client: NimbusClient,
+    reporter: Reporter,
+    load_predictor: PredictorLoader,
+) -> int:
+    """Run one compute job; returns the exit status (see the module docstring)."""
+    ledger = Ledger()
+    try:
+        return _run(settings, client, reporter, load_predictor, ledger)
+    except JobFailed as exc:
+        reporter.error(str(exc), exc.info)
+        return exc.exit_code
+    finally:
+        _write_summary(ledger)
+
+
+def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
+         load_predictor: PredictorLoader, ledger: Ledger) -> int:
+    started = time.monotonic()
+    reporter.progress(0.0, "Reading dataset", "Frame layout and layer settings")
+    try:
+        info = client.get_dataset_info(settings.dataset_id)
+    except NimbusAPIError as exc:
+        raise JobFailed("Could not read the dataset.", f"{exc}. Nothing was changed.") from None
+    batch = resolve_batch(settings, info)
+    try:
+        layers = parse_layers(client.get_layers(settings.dataset_id), info.num_channels)
+    except NimbusAPIError as exc:
+        raise JobFailed("Could not read the layer settings.", f"{exc}. Nothing was changed.") from None
+    except LayerError as exc:
+        raise JobFailed("The dataset's layer settings cannot be used.", f"{exc}. Nothing was changed.") from None
+
+    reporter.progress(0.02, "Fetching annotations", "Polygon annotations of the dataset")
+    try:
+        selection = select(fetch_annotations(client, settings), settings.refine_tags,
+                           batch.xy, batch.z, batch.time)
+    except NimbusAPIError as exc:
+        raise JobFailed("Could not fetch the annotations.", f"{exc}. Nothing was changed.") from None
+    if selection.duplicates:
+        reporter.warning(f"The server listed {len(selection.duplicates)} annotation(s) more than once; "
+                         "each is refined once.", _ids_text(list(selection.duplicates)))
+    if selection.without_id:
+        reporter.warning(f"{selection.without_id} annotation(s) without an id were skipped.")
+    if selection.count == 0:
+        reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
+        return EXIT_OK
+
+    predictor = _load_model(settings, reporter, load_predictor, selection)
+    failed_locations = _refine_all(settings, client, reporter, predictor, info, layers, selection, ledger)
+
+    refined = len(ledger.refined)
+    reporter.progress(0.85, "Uploading", f"Creating {refined} refined annotation(s)")
+    report = upload(client, ledger, settings.dataset_id, settings.channel, settings.output_tags)
+    _warn_kept(reporter, ledger)
+    if report.error is not None:
+        reporter.error(
+            "Uploading the refined annotations failed; no original annotation was deleted.",
+            f"{report.error}. Created {report.created} of {refined}; {report.not_created} were not "
+            "created (or not confirmed by the server). Every original annotation is still in place.")
+        return EXIT_FAILED
+
+    if settings.delete_originals and ledger.created:
+        reporter.progress(0.95, "Deleting originals", f"Deleting {len(ledger.created)} replaced original(s)")
+        error = delete_replaced(client, ledger)
+        if error is not None:
+            reporter.error("Deleting the replaced originals failed part way.",
+                           f"{error}. Deleted {len(ledger.deleted)}; {len(ledger.delete_failed)} originals "
+                           "remain next to their refined copies.")
+            return EXIT_FAILED
+
+    summary = ledger.summary()
+    elapsed = time.monotonic() - started
+    text = (f"Refined {summary['refined']} of {summary['selected']}, kept {summary['kept']}, "
+            f"deleted {summary['deleted']} ({elapsed:.1f} s)")
+    if failed_locations:
+        reporter.error(f"{len(failed_locations)} location(s) could not be processed; their annotations "
+                       "were kept.", "; ".join(failed_locations[:20]))
+        reporter.progress(1.0, "Finished with errors", text)
+        return EXIT_FAILED
+    reporter.progress(1.0, "Complete", text)
+    return EXIT_OK
+
+
+def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: PredictorLoader,
+                selection: Selection) -> BoxPredictor:
+    from sam2_refine.sam2_model import CheckpointError  # only now: imports torch
+
+    reporter.progress(0.08, "Loading model", f"{settings.model} for {selection.count} annotation(s) "
+                                              f"at {len(selection.by_location)} location(s)")
+    try:
+        predictor, untrained = load_predictor(settings.checkpoint)
+    except CheckpointError as exc:
+        raise JobFailed("The SAM2 model could not be loaded.", f"{exc}. Nothing was changed.") from None
+    if untrained:
+        reporter.warning("UNTRAINED MODEL: this checkpoint holds random weights made for tests or the "
+                         "offline demo. Its masks are meaningless.", settings.model, title="Untrained model")
+    reporter.progress(0.1, "Model ready", predictor.description)
+    return predictor
+
+
+def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Reporter, predictor: BoxPredictor,
+                info: DatasetInfo, layers: list[Layer], selection: Selection, ledger: Ledger) -> list[str]:
+    """Refine every location; returns descriptions of locations that failed."""
+    options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding)
+    span = ProgressSpan(reporter, 0.1, 0.85, "Refining")
+    total = selection.count
+    done = 0
+    failed: list[str] = []
+    locations = list(selection.by_location.items())
+    for index, (location, originals) in enumerate(locations, start=1):
+        where = f"Location {index}/{len(locations)} ({location.describe()})"
+        span.update(done / total, where)
+        if all(o.problem is not None for o in originals):  # nothing to look at: no image fetched
+            ledger.record(location, [Kept(o.id, o.problem or "no shape") for o in originals])
+            done += len(originals)
+            continue
+        try:
+            image = load_location_image(client, info, layers, location)
+        except NimbusAPIError as exc:
+            failed.append(f"{location.describe()}: {exc}")
+            for original in originals:
+                ledger.keep(original.id, location, "its image could not be read")
+            done += len(originals)
+            continue
+        base = done
+        outcomes = refine_location(predictor, image, originals, options,
+                                   on_progress=lambda n, b=base: span.update((b + n) / total, where))
+        ledger.record(location, outcomes)
+        done += len(originals)
+    span.update(1.0, f"{len(locations)} location(s) done")
+    return failed
+
+
+def _warn_kept(reporter: Reporter, ledger: Ledger) -> None:
+    for reason, ids in sorted(ledger.kept_by_reason().items()):
+        reporter.warning(f"{len(ids)} annotation(s) kept unchanged: {reason}", _ids_text(ids),
+                         title="Annotations kept")
+
+
+def _write_summary(ledger: Ledger) -> None:
+    path = os.environ.get(SUMMARY_ENV)
+    if path:
+        Path(path).write_text(json.dumps(ledger.summary(), indent=2))

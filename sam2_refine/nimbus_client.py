@@ -1,0 +1,552 @@
+"""The one HTTP client of this worker: every call it makes to the NimbusImage server.
+
+Built on :class:`girder_client.GirderClient` (token set with ``setToken``, sent as the
+``Girder-Token`` header, never in a URL) with one :class:`requests.Session` for the whole job.
+
+Errors
+    Every HTTP or network failure raises :class:`NimbusAPIError`, which names the method, the
+    endpoint (the path, without query string) and the status (``None`` when no response came
+    back). Its text never contains the token: the client scrubs it from every message.
+
+Retries
+    Transient failures are retried by urllib3's :class:`~urllib3.util.retry.Retry` mounted on the
+    session (no hand-written retry loop): connection errors, and for idempotent methods (GET,
+    DELETE, PUT, HEAD, OPTIONS) also read errors and HTTP 502/503/504, with bounded exponential
+    backoff (:class:`RetryPolicy`). ``Retry-After`` is honoured.
+
+    POST is never retried once a request may have reached the server. Creating annotations or
+    connections is not idempotent: a 502/504 from a proxy, or a connection dropped while the
+    response was on its way, can follow a request the server has already carried out, and a
+    blind retry would then create every annotation of the chunk twice. So a POST is retried
+    only on a failure to *connect* (the request was certainly never sent); any other failure
+    is surfaced to the caller, which knows what it tried to create and reports it.
+    (:class:`PartialCreateError` carries what earlier chunks did create.)
+
+Paging
+    Annotation lists are read in pages (``limit`` + ``afterId`` cursor on ``_id``, the real
+    server's cursor pagination), so a dataset with a million annotations never needs one giant
+    response. Creation and deletion are chunked (at most :data:`MAX_CHUNK` per request).
+
+Pixels
+    Frames are fetched with ``encoding=TIFF`` and decoded with tifffile, keeping the frame's own
+    dtype. Data that came over the network is never unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import girder_client
+import numpy as np
+import requests
+import tifffile
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from sam2_refine.report import scrub
+
+log = logging.getLogger(__name__)
+
+#: Largest number of annotations (or connections, or ids) sent in one request.
+MAX_CHUNK = 5000
+#: Annotations read per page.
+DEFAULT_PAGE_SIZE = 5000
+
+IDEMPOTENT_METHODS = frozenset({"GET", "DELETE", "PUT", "HEAD", "OPTIONS"})
+
+
+class NimbusAPIError(Exception):
+    """An HTTP or network failure talking to the NimbusImage server.
+
+    Attributes:
+        method: HTTP method, e.g. ``"POST"``.
+        endpoint: The path relative to the API root, without query string.
+        status: HTTP status code, or None when no response arrived (connection, timeout).
+        detail: The server's message or the network error, scrubbed of the token.
+    """
+
+    def __init__(self, method: str, endpoint: str, status: int | None, detail: str) -> None:
+        self.method = method
+        self.endpoint = endpoint
+        self.status = status
+        self.detail = detail
+        where = f"{method} {endpoint}"
+        what = f"HTTP {status}" if status is not None else "no response"
+        super().__init__(f"{where} failed: {what}: {detail}" if detail else f"{where} failed: {what}")
+
+
+class PartialCreateError(NimbusAPIError):
+    """Creating a list of documents failed part way.
+
+    Attributes:
+        created: The documents the server did create and confirm, in input order (a prefix of
+            the input: chunks are sent in order and the first failure stops the upload).
+        not_created: How many of the input documents were not (or not certainly) created.
+    """
+
+    def __init__(self, cause: NimbusAPIError, created: list[dict[str, Any]], not_created: int):
+        super().__init__(cause.method, cause.endpoint, cause.status, cause.detail)
+        self.created = created
+        self.not_created = not_created
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff for transient failures.
+
+    Sleep before retry k (k >= 2) is ``backoff_factor * 2**(k-1)`` seconds, at most
+    ``backoff_max``; at most ``total`` retries per request.
+    """
+
+    total: int = 5
+    backoff_factor: float = 0.5
+    backoff_max: float = 20.0
+    status_forcelist: tuple[int, ...] = (502, 503, 504)
+
+    def to_urllib3(self) -> Retry:
+        return Retry(
+            total=self.total,
+            connect=self.total,
+            read=self.total,
+            status=self.total,
+            other=0,
+            backoff_factor=self.backoff_factor,
+            backoff_max=self.backoff_max,
+            status_forcelist=self.status_forcelist,
+            allowed_methods=IDEMPOTENT_METHODS,
+            raise_on_status=False,
+            respect_retry_after_header=True,
+        )
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for a connection, and for each read of a response."""
+
+    connect: float = 10.0
+    read: float = 300.0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's image and frame layout.
+
+    Attributes:
+        dataset_id: The dataset folder id.
+        item_id: The large-image item holding the pixels.
+        width: Frame width in pixels (``sizeX``: number of columns).
+        height: Frame height in pixels (``sizeY``: number of rows).
+        dtype: The pixel dtype the tile metadata names, or None if it names none.
+        frames: Frame number for each (C, T, Z, XY) index, shape (C, T, Z, XY), int64;
+            -1 where the dataset has no frame for that index.
+        channel_names: Channel names from the metadata, possibly empty.
+    """
+
+    dataset_id: str
+    item_id: str
+    width: int
+    height: int
+    dtype: str | None
+    frames: np.ndarray
+    channel_names: tuple[str, ...] = ()
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def num_time(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def num_z(self) -> int:
+        return int(self.frames.shape[2])
+
+    @property
+    def num_xy(self) -> int:
+        return int(self.frames.shape[3])
+
+    def frame_number(self, channel: int, xy: int, z: int, time: int) -> int:
+        """The frame holding ``channel`` at location (XY, Z, Time); 0-based indices.
+
+        Raises:
+            KeyError: the dataset has no such frame.
+        """
+        c, t, zz, x = self.frames.shape
+        if not (0 <= channel < c and 0 <= time < t and 0 <= z < zz and 0 <= xy < x):
+            raise KeyError(f"no frame for channel {channel} at XY {xy}, Z {z}, Time {time}")
+        frame = int(self.frames[channel, time, z, xy])
+        if frame < 0:
+            raise KeyError(f"no frame for channel {channel} at XY {xy}, Z {z}, Time {time}")
+        return frame
+
+
+def frame_map_from_tiles(tiles: dict[str, Any]) -> np.ndarray:
+    """Build the (C, T, Z, XY) -> frame number table from large_image tile metadata.
+
+    Axes missing from ``IndexRange`` and from the frames have size 1 (index 0). No ``frames``
+    at all means a single frame 0.
+
+    Returns:
+        int64 array of shape (C, T, Z, XY); -1 where no frame exists.
+    """
+    frames = tiles.get("frames") or []
+    index_range = tiles.get("IndexRange") or {}
+    keys = ("IndexC", "IndexT", "IndexZ", "IndexXY")
+    sizes = [max(1, int(index_range.get(k, 1) or 1)) for k in keys]
+    for fr in frames:
+        for i, k in enumerate(keys):
+            sizes[i] = max(sizes[i], int(fr.get(k, 0) or 0) + 1)
+    table = np.full(sizes, -1, dtype=np.int64)
+    if not frames:
+        table[0, 0, 0, 0] = 0
+        return table
+    for position, fr in enumerate(frames):
+        idx = tuple(int(fr.get(k, 0) or 0) for k in keys)
+        table[idx] = int(fr.get("Frame", position))
+    return table
+
+
+def _server_message(response: requests.Response | None) -> str:
+    if response is None:
+        return ""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and "message" in body:
+        return str(body["message"])[:300]
+    return str(body)[:300]
+
+
+class NimbusClient:
+    """Speaks the NimbusImage REST API (contract section 5) for one job.
+
+    Use as a context manager, or call :meth:`close`, to release the HTTP session.
+
+    Args:
+        api_url: The API root, e.g. ``http://host/api/v1``.
+        token: The Girder token. It is sent as a header and scrubbed from every error text.
+        retry: Backoff for transient failures.
+        timeouts: Connect and read timeouts, applied to every request.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self._token = token
+        self.timeouts = timeouts or Timeouts()
+        self._gc = girder_client.GirderClient(apiUrl=api_url)
+        self._gc.setToken(token)
+        self._stack = ExitStack()
+        session = requests.Session()
+        adapter = HTTPAdapter(max_retries=(retry or RetryPolicy()).to_urllib3())
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self._stack.enter_context(self._gc.session(session))
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> NimbusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, (self._token,))
+
+    def _request(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        raw: bool = False,
+    ) -> Any:
+        """Send one request; return parsed JSON (or the response when ``raw``).
+
+        Raises:
+            NimbusAPIError: on any HTTP error status or network failure.
+        """
+        try:
+            result = self._gc.sendRestRequest(
+                method,
+                endpoint,
+                parameters=params,
+                json=json_body,
+                jsonResp=not raw,
+                timeout=(self.timeouts.connect, self.timeouts.read),
+            )
+        except girder_client.HttpError as exc:
+            detail = self._scrub(_server_message(exc.response))
+            raise NimbusAPIError(method, endpoint, exc.status, detail) from None
+        except requests.RequestException as exc:
+            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise NimbusAPIError(method, endpoint, None, detail) from None
+        except ValueError as exc:  # a 2xx whose body is not JSON
+            raise NimbusAPIError(method, endpoint, None, f"invalid JSON response: {exc}") from None
+        return result
+
+    # -- dataset and pixels -------------------------------------------------------------------
+
+    def get_folder(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"folder/{dataset_id}")
+
+    def find_image_item(self, dataset_id: str) -> dict[str, Any]:
+        """The dataset's large-image item: ``meta.selectedLargeImageId``, else the first item
+        with a ``largeImage`` key.
+
+        Raises:
+            NimbusAPIError: the folder has no large image (status None, explained in detail).
+        """
+        folder = self.get_folder(dataset_id)
+        selected = (folder.get("meta") or {}).get("selectedLargeImageId")
+        items = self._request("GET", "item", params={"folderId": dataset_id, "limit": 0})
+        if selected:
+            for item in items:
+                if item.get("_id") == selected:
+                    return item
+        for item in items:
+            if "largeImage" in item:
+                return item
+        raise NimbusAPIError("GET", "item", None, f"dataset {dataset_id} holds no large image")
+
+    def get_tiles(self, item_id: str) -> dict[str, Any]:
+        return self._request("GET", f"item/{item_id}/tiles")
+
+    def get_internal_metadata(self, item_id: str) -> dict[str, Any]:
+        return self._request("GET", f"item/{item_id}/tiles/internal_metadata")
+
+    def get_dataset_info(self, dataset_id: str) -> DatasetInfo:
+        """Folder -> image item -> tile metadata -> :class:`DatasetInfo`."""
+        item = self.find_image_item(dataset_id)
+        tiles = self.get_tiles(item["_id"])
+        names = tiles.get("channels") or []
+        return DatasetInfo(
+            dataset_id=dataset_id,
+            item_id=item["_id"],
+            width=int(tiles["sizeX"]),
+            height=int(tiles["sizeY"]),
+            dtype=tiles.get("dtype"),
+            frames=frame_map_from_tiles(tiles),
+            channel_names=tuple(str(n) for n in names),
+        )
+
+    def get_frame(
+        self,
+        item_id: str,
+        frame: int,
+        window: tuple[int, int, int, int] | None = None,
+    ) -> np.ndarray:
+        """One frame's pixels, in the frame's own dtype.
+
+        Args:
+            item_id: The large-image item.
+            frame: Frame number (see :meth:`DatasetInfo.frame_number`).
+            window: Optional (left, top, right, bottom) in pixels; right/bottom exclusive.
+
+        Returns:
+            2-D array of shape (rows, columns) = (height, width) of the frame or window.
+        """
+        endpoint = f"item/{item_id}/tiles/region"
+        params: dict[str, Any] = {"frame": int(frame), "encoding": "TIFF"}
+        if window is not None:
+            left, top, right, bottom = (int(v) for v in window)
+            params.update(left=left, top=top, right=right, bottom=bottom)
+        response = self._request("GET", endpoint, params=params, raw=True)
+        try:
+            pixels = tifffile.imread(io.BytesIO(response.content))
+        except Exception as exc:  # tifffile raises several types for a malformed body
+            raise NimbusAPIError("GET", endpoint, response.status_code,
+                                 f"frame {frame}: not a readable TIFF ({type(exc).__name__})") from None
+        pixels = np.asarray(pixels)
+        if pixels.ndim == 3 and pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+        elif pixels.ndim == 3 and pixels.shape[0] == 1:
+            pixels = pixels[0]
+        if pixels.ndim != 2:
+            raise NimbusAPIError("GET", endpoint, response.status_code,
+                                 f"frame {frame}: expected one 2-D plane, got shape {pixels.shape}")
+        return pixels
+
+    def get_layers(self, dataset_id: str) -> list[dict[str, Any]] | None:
+        """The layer settings of the dataset's first view, or None if it has none."""
+        views = self._request("GET", "dataset_view", params={"datasetId": dataset_id})
+        if not views:
+            return None
+        config_id = views[0].get("configurationId")
+        if not config_id:
+            return None
+        collection = self._request("GET", f"upenn_collection/{config_id}")
+        layers = (collection.get("meta") or {}).get("layers")
+        return list(layers) if layers else None
+
+    # -- annotations --------------------------------------------------------------------------
+
+    def iter_annotation_pages(
+        self,
+        dataset_id: str,
+        shape: str,
+        tags: Sequence[str] | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Yield the dataset's annotations of one shape, a page at a time, in ``_id`` order.
+
+        Args:
+            tags: If given, only annotations carrying ALL of them (the server's filter).
+            page_size: Annotations per request (> 0).
+        """
+        if page_size <= 0:
+            raise ValueError("page_size must be positive")
+        params: dict[str, Any] = {
+            "datasetId": dataset_id, "shape": shape, "limit": page_size,
+            "sort": "_id", "sortdir": 1,
+        }
+        if tags:
+            params["tags"] = json.dumps(list(tags))
+        after: str | None = None
+        offset = 0
+        cursor_ok = True
+        while True:
+            page_params = dict(params)
+            if cursor_ok and after is not None:
+                page_params["afterId"] = after
+            elif offset:
+                page_params["offset"] = offset
+            page = self._request("GET", "upenn_annotation", params=page_params)
+            if not isinstance(page, list):
+                raise NimbusAPIError("GET", "upenn_annotation", None, "expected a JSON list")
+            if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
+                # A server without cursor support ignores afterId and restarts: page by offset.
+                cursor_ok = False
+                page_params.pop("afterId", None)
+                page_params["offset"] = offset
+                page = self._request("GET", "upenn_annotation", params=page_params)
+            if page:
+                yield page
+            offset += len(page)
+            if len(page) < page_size:
+                return
+            after = str(page[-1].get("_id", ""))
+
+    def list_annotations(
+        self, dataset_id: str, shape: str, tags: Sequence[str] | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> list[dict[str, Any]]:
+        """All annotations of one shape (see :meth:`iter_annotation_pages`)."""
+        return [a for page in self.iter_annotation_pages(dataset_id, shape, tags, page_size) for a in page]
+
+    def create_annotations(
+        self, annotations: Sequence[dict[str, Any]], chunk_size: int = MAX_CHUNK,
+    ) -> list[dict[str, Any]]:
+        """Create annotations, at most ``chunk_size`` per request, in order.
+
+        Returns:
+            The created documents (each with ``_id``), in input order.
+
+        Raises:
+            PartialCreateError: a chunk failed or its response did not confirm it; ``created``
+                holds what earlier chunks created, and no later chunk was sent.
+        """
+        return self._create_many("upenn_annotation/multiple", annotations, chunk_size)
+
+    def delete_annotations(self, ids: Sequence[str], chunk_size: int = MAX_CHUNK) -> int:
+        """Delete annotations by id (the server also deletes their connections).
+
+        Returns:
+            How many ids were sent for deletion (all of them, or an exception is raised).
+        """
+        for start in range(0, len(ids), _checked_chunk(chunk_size)):
+            chunk = [str(i) for i in ids[start:start + chunk_size]]
+            self._request("DELETE", "upenn_annotation/multiple", json_body=chunk)
+        return len(ids)
+
+    # -- connections --------------------------------------------------------------------------
+
+    def list_connections(
+        self,
+        dataset_id: str,
+        parent_id: str | None = None,
+        child_id: str | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> list[dict[str, Any]]:
+        """Connections of a dataset, optionally only those of one parent and/or child."""
+        params: dict[str, Any] = {"datasetId": dataset_id, "limit": page_size, "sort": "_id", "sortdir": 1}
+        if parent_id:
+            params["parentId"] = parent_id
+        if child_id:
+            params["childId"] = child_id
+        out: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = self._request("GET", "annotation_connection", params={**params, "offset": offset})
+            out.extend(page)
+            offset += len(page)
+            if len(page) < page_size:
+                return out
+
+    def create_connections(
+        self, connections: Sequence[dict[str, Any]], chunk_size: int = MAX_CHUNK,
+    ) -> list[dict[str, Any]]:
+        """Create connections ``{parentId, childId, datasetId, label, tags}``, chunked, in order."""
+        return self._create_many("annotation_connection/multiple", connections, chunk_size)
+
+    def delete_connections(self, ids: Sequence[str], chunk_size: int = MAX_CHUNK) -> int:
+        for start in range(0, len(ids), _checked_chunk(chunk_size)):
+            self._request("DELETE", "annotation_connection/multiple",
+                          json_body=[str(i) for i in ids[start:start + chunk_size]])
+        return len(ids)
+
+    def _create_many(
+        self, endpoint: str, docs: Sequence[dict[str, Any]], chunk_size: int,
+    ) -> list[dict[str, Any]]:
+        created: list[dict[str, Any]] = []
+        for start in range(0, len(docs), _checked_chunk(chunk_size)):
+            chunk = list(docs[start:start + chunk_size])
+            try:
+                response = self._request("POST", endpoint, json_body=chunk)
+                confirmed = _confirm_created(endpoint, chunk, response)
+            except NimbusAPIError as exc:
+                raise PartialCreateError(exc, created, len(docs) - len(created)) from None
+            created.extend(confirmed)
+        return created
+
+    # -- worker interface ---------------------------------------------------------------------
+
+    def post_interface(self, image: str, interface: dict[str, Any]) -> Any:
+        """Publish the worker's UI description for the Docker image ``image``."""
+        return self._request("POST", "worker_interface", params={"image": image}, json_body=interface)
+
+
+def _checked_chunk(chunk_size: int) -> int:
+    if not 0 < chunk_size <= MAX_CHUNK:
+        raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK}, got {chunk_size}")
+    return chunk_size
+
+
+def _confirm_created(endpoint: str, sent: list[dict[str, Any]], response: Any) -> list[dict[str, Any]]:
+    """Check that a create response confirms every sent document, in order."""
+    if not isinstance(response, list) or len(response) != len(sent):
+        got = len(response) if isinstance(response, list) else type(response).__name__
+        raise NimbusAPIError("POST", endpoint, None,
+                             f"the server confirmed {got} of {len(sent)} documents")
+    for doc in response:
+        if not isinstance(doc, dict) or not doc.get("_id"):
+            raise NimbusAPIError("POST", endpoint, None, "a created document came back without _id")
+    return response

@@ -1,0 +1,51 @@
+"""What the engine needs from a segmentation model: embed an image, decode box prompts.
+
+The real implementation is :class:`sam2_refine.sam2_model.Sam2BoxPredictor`; tests use stand-ins
+(:mod:`sam2_refine.testing.stand_in`) that satisfy the same protocol. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The model's answer to N prompts on the embedded image.
+
+    Attributes:
+        logits: float32 (N, C, h, w) mask logits on a grid that covers the whole embedded image
+            (stretched: grid row i spans image rows [i*H/h, (i+1)*H/h)). Positive = object.
+            Upsampling to the image is bilinear with ``align_corners=False``
+            (:func:`sam2_refine.logits.upsample_window`).
+        scores: float32 (N, C) the model's own quality estimate of each mask.
+    """
+
+    logits: np.ndarray
+    scores: np.ndarray
+
+
+class BoxPredictor(Protocol):
+    """A promptable segmenter holding one embedded image at a time (not thread-safe)."""
+
+    #: Short description for messages, e.g. ``"SAM2.1 tiny (cpu, float32)"``.
+    description: str
+    #: The most prompts :meth:`decode` should be given in one call (bounds memory).
+    max_batch: int
+
+    def embed(self, image: np.ndarray) -> None:
+        """Compute and keep the embedding of ``image``: (H, W, 3) float32 RGB in [0, 1]."""
+
+    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False) -> Decoded:
+        """Masks for box prompts on the embedded image.
+
+        Args:
+            boxes: float (N, 4) boxes (x0, y0, x1, y1) in the embedded image's pixel coordinates
+                (x = column, y = row, pixel centres at integers).
+            mask_inputs: Optional float32 (N, 1, 256, 256) mask logits given as an extra prompt.
+            multimask: Ask for three masks per prompt instead of one.
+        """

@@ -1,0 +1,138 @@
+"""Replace originals safely: upload the refined shapes, confirm them, only then delete.
+
+One :class:`Ledger` maps every selected original id to its outcome and drives the upload, the
+deletion and the summary, so an original can be deleted only if the server confirmed the
+creation of its own replacement:
+
+- a refined shape is uploaded as a new polygon annotation (the tool's channel and tags, the
+  original's location and dataset);
+- the server's answer must confirm each document of a chunk (one ``_id`` per document, in order);
+- any upload failure stops the upload and deletes nothing at all;
+- deletion (if asked) sends exactly the originals whose replacement was confirmed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from sam2_refine.geometry import polygon_coordinates
+from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
+from sam2_refine.refine import Kept, Outcome, Refined
+from sam2_refine.settings import Location
+
+
+@dataclass
+class Ledger:
+    """Every selected original and what became of it.
+
+    Attributes:
+        locations: original id -> its location.
+        outcomes: original id -> :class:`Refined` or :class:`Kept`.
+        created: original id -> id of its confirmed replacement.
+        not_created: original ids whose refined shape was not (certainly) created.
+        deleted: original ids deleted after their replacement was confirmed.
+        delete_failed: original ids whose deletion was attempted and failed.
+    """
+
+    locations: dict[str, Location] = field(default_factory=dict)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    created: dict[str, str] = field(default_factory=dict)
+    not_created: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    delete_failed: list[str] = field(default_factory=list)
+
+    def record(self, location: Location, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            self.locations[outcome.original_id] = location
+            self.outcomes[outcome.original_id] = outcome
+
+    def keep(self, original_id: str, location: Location, reason: str) -> None:
+        self.record(location, [Kept(original_id, reason)])
+
+    @property
+    def refined(self) -> list[Refined]:
+        return [o for o in self.outcomes.values() if isinstance(o, Refined)]
+
+    def kept_by_reason(self) -> dict[str, list[str]]:
+        """reason -> original ids kept for it (upload failures included)."""
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for outcome in self.outcomes.values():
+            if isinstance(outcome, Kept):
+                reasons[outcome.reason].append(outcome.original_id)
+        for original_id in self.not_created:
+            reasons["its refined shape was not uploaded"].append(original_id)
+        return dict(reasons)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready account of every original."""
+        kept = self.kept_by_reason()
+        return {
+            "selected": len(self.outcomes),
+            "refined": len(self.created),
+            "kept": sum(len(v) for v in kept.values()),
+            "deleted": len(self.deleted),
+            "kept_reasons": kept,
+            "replacements": dict(self.created),
+            "deleted_ids": list(self.deleted),
+            "delete_failed_ids": list(self.delete_failed),
+        }
+
+
+def new_annotation(refined: Refined, location: Location, dataset_id: str, channel: int,
+                   tags: tuple[str, ...]) -> dict[str, Any]:
+    """The annotation document for a refined shape (every field the server requires)."""
+    return {
+        "datasetId": dataset_id,
+        "shape": "polygon",
+        "tags": list(tags),
+        "channel": channel,
+        "location": location.as_json(),
+        "coordinates": polygon_coordinates(refined.polygon),
+    }
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    """What an upload did. ``error`` is None when every refined shape was created."""
+
+    created: int
+    not_created: int
+    error: NimbusAPIError | None
+
+
+def upload(client: NimbusClient, ledger: Ledger, dataset_id: str, channel: int,
+           tags: tuple[str, ...], chunk_size: int = MAX_CHUNK, only: list[str] | None = None) -> UploadReport:
+    """Create the refined annotations not created yet; record confirmed ones in the ledger.
+
+    Args:
+        only: Upload only these original ids (default: every refined one not yet created).
+    """
+    pending = [r for r in ledger.refined if r.original_id not in ledger.created
+               and (only is None or r.original_id in only)]
+    docs = [new_annotation(r, ledger.locations[r.original_id], dataset_id, channel, tags) for r in pending]
+    try:
+        created = client.create_annotations(docs, chunk_size=chunk_size)
+        error = None
+    except PartialCreateError as exc:
+        created, error = exc.created, exc
+    for refined, doc in zip(pending, created):
+        ledger.created[refined.original_id] = str(doc["_id"])
+    missing = [r.original_id for r in pending[len(created):]]
+    ledger.not_created.extend(missing)
+    return UploadReport(len(created), len(missing), error)
+
+
+def delete_replaced(client: NimbusClient, ledger: Ledger, chunk_size: int = MAX_CHUNK) -> NimbusAPIError | None:
+    """Delete exactly the originals whose replacement was confirmed; record what happened."""
+    doomed = [original_id for original_id in ledger.created if original_id not in ledger.deleted]
+    for start in range(0, len(doomed), chunk_size):
+        chunk = doomed[start:start + chunk_size]
+        try:
+            client.delete_annotations(chunk, chunk_size=chunk_size)
+        except NimbusAPIError as exc:
+            ledger.delete_failed.extend(doomed[start:])
+            return exc
+        ledger.deleted.extend(chunk)
+    return None

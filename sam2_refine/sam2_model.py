@@ -1,0 +1,217 @@
+"""SAM2 behind the :class:`~sam2_refine.predictor.BoxPredictor` protocol.
+
+The only module that imports torch and sam2. It
+
+- builds the model once per job with sam2's own ``build_sam2`` from a checkpoint file (never
+  without one: a missing, corrupt or mismatched checkpoint raises :class:`CheckpointError`);
+  checkpoints are read with ``torch.load(..., weights_only=True)``;
+- runs on CUDA when available (bfloat16 autocast and TF32 on compute capability >= 8, both
+  entered only around inference and restored afterwards), else on the CPU in float32;
+- embeds an image once (resized to the model's 1024x1024 input here, with area averaging, so
+  a huge frame is never copied into a full-size tensor), and decodes batches of box prompts
+  straight through the prompt encoder and mask decoder, returning the 256x256 low-resolution
+  logits. It does not upsample masks to the frame: the engine does that only around each
+  object (:mod:`sam2_refine.logits`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
+from sam2_refine.predictor import Decoded
+
+log = logging.getLogger(__name__)
+
+#: Key that marks a checkpoint made by this project's tests or offline demo (random weights).
+UNTRAINED_MARKER = "sam2_refine_untrained"
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be loaded into the model its name implies."""
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where and how the model runs.
+
+    Attributes:
+        device: ``"cuda"`` or ``"cpu"``.
+        bfloat16: Run inference under bfloat16 autocast (CUDA, compute capability >= 8).
+        tf32: Allow TF32 matrix maths during inference (CUDA, compute capability >= 8).
+    """
+
+    device: str
+    bfloat16: bool
+    tf32: bool
+
+    def describe(self) -> str:
+        if self.device == "cpu":
+            return "cpu, float32"
+        return f"cuda, {'bfloat16' if self.bfloat16 else 'float32'}{', TF32' if self.tf32 else ''}"
+
+
+def choose_device(prefer: str | None = None) -> DeviceChoice:
+    """CUDA when available (and not ``prefer == "cpu"``), else the CPU."""
+    if prefer != "cpu" and torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability(0)
+        return DeviceChoice("cuda", bfloat16=major >= 8, tf32=major >= 8)
+    return DeviceChoice("cpu", bfloat16=False, tf32=False)
+
+
+@contextlib.contextmanager
+def inference_mode(choice: DeviceChoice) -> Iterator[None]:
+    """No gradients; bfloat16 autocast and TF32 only inside, as ``choice`` says."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if choice.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        with torch.inference_mode():
+            if choice.bfloat16:
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def inspect_checkpoint(path: Path) -> bool:
+    """Check that ``path`` is a SAM2 checkpoint readable with ``weights_only=True``.
+
+    Returns:
+        True when the checkpoint carries the :data:`UNTRAINED_MARKER` (random weights).
+
+    Raises:
+        CheckpointError: missing, unreadable, not a ``{"model": state_dict}`` checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path.name} is missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"checkpoint {path.name} is corrupt or not a PyTorch checkpoint "
+                              f"({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path.name} holds no 'model' state dict")
+    return bool(state.get(UNTRAINED_MARKER, False))
+
+
+def build_model(checkpoint: Path, choice: DeviceChoice) -> torch.nn.Module:
+    """sam2's ``build_sam2`` for the config the checkpoint's file name implies.
+
+    Raises:
+        CheckpointError: unknown name, or the weights do not fit the architecture.
+    """
+    from sam2.build_sam import build_sam2  # heavy: Hydra, the model zoo
+
+    config = CHECKPOINT_CONFIGS.get(checkpoint.name)
+    if config is None:
+        raise CheckpointError(f"no SAM2 config known for {checkpoint.name}")
+    try:
+        return build_sam2(config, ckpt_path=str(checkpoint), device=choice.device, mode="eval",
+                          apply_postprocessing=True)
+    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.name} does not fit the {config.rsplit('/', 1)[-1]} "
+            f"architecture ({type(exc).__name__}: {str(exc)[:200] or 'missing or unexpected weights'})"
+        ) from None
+
+
+class Sam2BoxPredictor:
+    """SAM2 image predictor for batches of box prompts (see the module docstring).
+
+    Args:
+        model: A built SAM2 model (``SAM2Base``).
+        choice: Device and precision.
+        name: For messages, e.g. ``"sam2.1_hiera_tiny.pt"``.
+        max_batch: Prompts per decoder call.
+    """
+
+    def __init__(self, model: torch.nn.Module, choice: DeviceChoice, name: str = "SAM2",
+                 max_batch: int = 64) -> None:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.model = model
+        self.choice = choice
+        self.max_batch = max_batch
+        self.description = f"{name} ({choice.describe()})"
+        self._predictor = SAM2ImagePredictor(model)
+        self.input_size = int(model.image_size)
+        self._image_hw: tuple[int, int] | None = None
+
+    @classmethod
+    def load(cls, checkpoint: Path, choice: DeviceChoice | None = None, max_batch: int = 64,
+             ) -> tuple[Sam2BoxPredictor, bool]:
+        """Build from a checkpoint file.
+
+        Returns:
+            (predictor, untrained): ``untrained`` is True for a checkpoint made by this
+            project's tests or offline demo (random weights); callers must say so.
+
+        Raises:
+            CheckpointError: missing, corrupt or mismatched checkpoint.
+        """
+        choice = choice or choose_device()
+        untrained = inspect_checkpoint(checkpoint)
+        model = build_model(checkpoint, choice)
+        return cls(model, choice, checkpoint.name, max_batch), untrained
+
+    def embed(self, image: np.ndarray) -> None:
+        """Embed an (H, W, 3) float32 RGB image in [0, 1] (kept until the next call)."""
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+        height, width = image.shape[:2]
+        size = self.input_size
+        shrinking = height > size or width > size
+        resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size),
+                             interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        with inference_mode(self.choice):
+            self._predictor.set_image(np.clip(resized, 0.0, 1.0))
+        self._image_hw = (height, width)
+
+    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False) -> Decoded:
+        """Decode box prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
+
+        Returns:
+            logits (N, C, 256, 256) clamped to [-32, 32] as sam2 does, scores (N, C); C = 3
+            with ``multimask``, else 1.
+        """
+        if self._image_hw is None:
+            raise RuntimeError("embed() an image before decode()")
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        height, width = self._image_hw
+        scale = np.array([width, height, width, height], dtype=np.float32)
+        model_boxes = (boxes + 0.5) / scale * self.input_size  # pixel centres -> model input space
+        features = self._predictor._features
+        device = self.choice.device
+        with inference_mode(self.choice):
+            coords = torch.as_tensor(model_boxes, device=device).reshape(-1, 2, 2)
+            labels = torch.tensor([[2, 3]], dtype=torch.int, device=device).repeat(len(boxes), 1)
+            masks = None
+            if mask_inputs is not None:
+                masks = torch.as_tensor(np.asarray(mask_inputs, dtype=np.float32), device=device)
+            sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+            low_res, scores, _, _ = self.model.sam_mask_decoder(
+                image_embeddings=features["image_embed"],
+                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+                repeat_image=len(boxes) > 1,
+                high_res_features=list(features["high_res_feats"]),
+            )
+            low_res = torch.clamp(low_res.float(), -32.0, 32.0)
+        return Decoded(low_res.cpu().numpy(), scores.float().cpu().numpy())

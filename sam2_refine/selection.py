@@ -1,0 +1,144 @@
+"""Which annotations a job refines: kept by tag and batch range, grouped by location.
+
+Annotations arrive as the server's JSON documents. Each one is turned into an
+:class:`Original` once; a document that cannot be refined (bad coordinates, no area) is still an
+``Original``, carrying its ``problem``, so that the job accounts for it and never deletes it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from sam2_refine.geometry import AnnotationProblem, polygon_from_ring, ring_from_coordinates
+from sam2_refine.settings import Location
+
+
+@dataclass(frozen=True)
+class Original:
+    """One annotation to refine.
+
+    Attributes:
+        id: The annotation's ``_id``.
+        location: Its (XY, Z, Time), 0-based.
+        tags: Its own tags.
+        shape: The area it outlines, made valid (None when ``problem`` is set).
+        problem: Why it cannot be refined, or None.
+        doc: The server's document, as fetched.
+    """
+
+    id: str
+    location: Location
+    tags: tuple[str, ...]
+    shape: BaseGeometry | None
+    problem: str | None
+    doc: dict[str, Any]
+
+
+def _location(doc: dict[str, Any]) -> Location | None:
+    loc = doc.get("location")
+    if loc is None:
+        return Location(0, 0, 0)
+    if not isinstance(loc, dict):
+        return None
+    values = []
+    for key in ("XY", "Z", "Time"):
+        value = loc.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            return None
+        values.append(int(value))
+    return Location(*values)
+
+
+def annotation_tags(doc: dict[str, Any]) -> tuple[str, ...]:
+    tags = doc.get("tags")
+    if not isinstance(tags, list):
+        return ()
+    return tuple(t for t in tags if isinstance(t, str))
+
+
+def has_any_tag(doc: dict[str, Any], tags: Sequence[str]) -> bool:
+    """True when ``tags`` is empty or the annotation carries at least one of them."""
+    return not tags or bool(set(annotation_tags(doc)) & set(tags))
+
+
+def to_original(doc: dict[str, Any]) -> Original:
+    """Check one annotation document and prepare its shape (see :class:`Original`)."""
+    ann_id = str(doc.get("_id", ""))
+    location = _location(doc) or Location(-1, -1, -1)
+    tags = annotation_tags(doc)
+    if location.xy < 0:
+        return Original(ann_id, location, tags, None, "its location is not whole numbers", doc)
+    try:
+        shape = polygon_from_ring(ring_from_coordinates(doc.get("coordinates")))
+    except AnnotationProblem as exc:
+        return Original(ann_id, location, tags, None, exc.reason, doc)
+    return Original(ann_id, location, tags, shape, None, doc)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The annotations of one job.
+
+    Attributes:
+        by_location: Location -> originals there, locations sorted (XY, then Z, then Time).
+        duplicates: Ids listed more than once by the server (refined once).
+        without_id: How many documents had no ``_id`` (they cannot be refined or deleted).
+    """
+
+    by_location: dict[Location, list[Original]]
+    duplicates: tuple[str, ...] = ()
+    without_id: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.by_location.values())
+
+
+def select(
+    docs: Iterable[dict[str, Any]],
+    refine_tags: Sequence[str],
+    xy: Iterable[int],
+    z: Iterable[int],
+    time: Iterable[int],
+) -> Selection:
+    """Keep annotations with any of ``refine_tags`` (all if empty) inside the batch ranges.
+
+    Args:
+        docs: Annotation documents (may repeat an id; each id is kept once).
+        refine_tags: Tags of objects to refine.
+        xy, z, time: 0-based positions of the batch, per axis.
+    """
+    xy_set, z_set, t_set = set(xy), set(z), set(time)
+    grouped: dict[Location, list[Original]] = defaultdict(list)
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    without_id = 0
+    for doc in docs:
+        if not isinstance(doc, dict) or not has_any_tag(doc, refine_tags):
+            continue
+        ann_id = doc.get("_id")
+        if not isinstance(ann_id, str) or not ann_id:
+            without_id += 1
+            continue
+        if ann_id in seen:
+            duplicates.append(ann_id)
+            continue
+        location = _location(doc)
+        if location is not None and not (location.xy in xy_set and location.z in z_set and location.time in t_set):
+            continue
+        seen.add(ann_id)
+        original = to_original(doc)
+        grouped[original.location].append(original)
+    ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda l: (l.xy, l.z, l.time))}
+    return Selection(ordered, tuple(duplicates), without_id)
+
+
+def ring_array(original: Original) -> np.ndarray:
+    """The original's outline as (K, 2) float64 (x, y) (for drawing)."""
+    return ring_from_coordinates(original.doc.get("coordinates"))

@@ -1,0 +1,193 @@
+"""Compute parameters -> one validated, immutable :class:`RefineSettings`.
+
+Every input is checked here, before the job touches the server's data. Each bad value becomes
+a :class:`SettingError` naming the field and what it accepts; :func:`parse_settings` collects all
+of them so the user sees every problem at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sam2_refine import interface as ui
+from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
+from sam2_refine.checkpoints import CheckpointChoiceError, resolve_checkpoint
+
+
+class SettingError(ValueError):
+    """One bad input. ``field`` is the interface field (or parameter) it concerns."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class SettingsErrors(ValueError):
+    """Every bad input of one job."""
+
+    def __init__(self, errors: list[SettingError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Location:
+    """A position in the dataset, 0-based: XY position, Z slice, Time point."""
+
+    xy: int
+    z: int
+    time: int
+
+    def as_json(self) -> dict[str, int]:
+        return {"XY": self.xy, "Z": self.z, "Time": self.time}
+
+    def describe(self) -> str:
+        """1-based, as the UI shows positions."""
+        return f"XY {self.xy + 1}, Z {self.z + 1}, Time {self.time + 1}"
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Everything one compute job needs to know, validated.
+
+    Attributes:
+        dataset_id: The dataset (folder) id.
+        model: Checkpoint file name, e.g. ``sam2.1_hiera_small.pt``.
+        checkpoint: Its path, an existing file in the checkpoint directory.
+        padding: Pixels to grow (or, negative, shrink) each refined polygon, in [-20, 20].
+        smoothing: Simplification tolerance in pixels, in [0, 3].
+        refine_tags: Refine annotations carrying any of these; empty = every polygon.
+        delete_originals: Delete each original once its replacement is confirmed.
+        batch_xy, batch_z, batch_time: The batch fields, parsed (positions 0-based).
+        tile: The position the tool was launched from (used for blank batch fields).
+        channel: Channel assigned to the new annotations.
+        output_tags: Tags of the new annotations (may be empty).
+    """
+
+    dataset_id: str
+    model: str
+    checkpoint: Path
+    padding: float
+    smoothing: float
+    refine_tags: tuple[str, ...]
+    delete_originals: bool
+    batch_xy: AxisSelection
+    batch_z: AxisSelection
+    batch_time: AxisSelection
+    tile: Location
+    channel: int
+    output_tags: tuple[str, ...]
+
+
+def _number(field: str, value: Any, low: float, high: float, default: float) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return float(default)
+    if isinstance(value, bool):
+        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {value!r}") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {value!r}")
+    return number
+
+
+def _tags(field: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise SettingError(field, f"expected a list of tag strings, got {value!r}")
+    return tuple(dict.fromkeys(t for t in value if t.strip()))
+
+
+def _bool(field: str, value: Any) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise SettingError(field, f"expected true or false, got {value!r}")
+    return value
+
+
+def _int(field: str, value: Any, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise SettingError(field, f"expected a whole number, got {value!r}")
+    if value < minimum:
+        raise SettingError(field, f"expected a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _tile(value: Any) -> Location:
+    if not isinstance(value, dict):
+        raise SettingError("tile", f"expected {{'XY': int, 'Z': int, 'Time': int}}, got {value!r}")
+    return Location(*(_int(f"tile.{k}", value.get(k, 0)) for k in ("XY", "Z", "Time")))
+
+
+def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) -> RefineSettings:
+    """Check every compute input and build the settings.
+
+    Args:
+        params: The ``--parameters`` JSON (contract section 2).
+        dataset_id: ``--datasetId``, or None to take ``params["datasetId"]``.
+        checkpoint_dir: Where the Model field's checkpoint must be.
+
+    Raises:
+        SettingsErrors: one :class:`SettingError` per bad input.
+    """
+    errors: list[SettingError] = []
+    if not isinstance(params, dict):
+        raise SettingsErrors([SettingError("parameters", "expected a JSON object")])
+    values = params.get("workerInterface")
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise SettingsErrors([SettingError("workerInterface", "expected a JSON object")])
+
+    def attempt(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except SettingError as exc:
+            errors.append(exc)
+        except BatchRangeError as exc:
+            errors.append(SettingError(exc.field, str(exc).split(": ", 1)[1]))
+        except CheckpointChoiceError as exc:
+            errors.append(SettingError(ui.MODEL, str(exc)))
+        return None
+
+    dataset = dataset_id or params.get("datasetId")
+    if not isinstance(dataset, str) or not dataset.strip():
+        errors.append(SettingError("datasetId", "no dataset id given (--datasetId)"))
+    model = values.get(ui.MODEL)
+    checkpoint = attempt(resolve_checkpoint, checkpoint_dir, model)
+    padding = attempt(_number, ui.PADDING, values.get(ui.PADDING), *ui.PADDING_RANGE, ui.PADDING_DEFAULT)
+    smoothing = attempt(_number, ui.SMOOTHING, values.get(ui.SMOOTHING), *ui.SMOOTHING_RANGE,
+                        ui.SMOOTHING_DEFAULT)
+    refine_tags = attempt(_tags, ui.REFINE_TAGS, values.get(ui.REFINE_TAGS))
+    delete = attempt(_bool, ui.DELETE_ORIGINALS, values.get(ui.DELETE_ORIGINALS))
+    batches = [attempt(parse_batch, name, values.get(name)) for name in (ui.BATCH_XY, ui.BATCH_Z, ui.BATCH_TIME)]
+    tile = attempt(_tile, params.get("tile", params.get("assignment")))
+    channel = attempt(_int, "channel", params.get("channel", 0))
+    output_tags = attempt(_tags, "tags", params.get("tags"))
+    if errors:
+        raise SettingsErrors(errors)
+    return RefineSettings(
+        dataset_id=str(dataset).strip(),
+        model=str(model),
+        checkpoint=checkpoint,
+        padding=padding,
+        smoothing=smoothing,
+        refine_tags=refine_tags,
+        delete_originals=delete,
+        batch_xy=batches[0],
+        batch_z=batches[1],
+        batch_time=batches[2],
+        tile=tile,
+        channel=channel,
+        output_tags=output_tags,
+    )

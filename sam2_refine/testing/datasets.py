@@ -1,0 +1,139 @@
+"""Synthetic microscopy-like datasets with ground truth, and rough annotations made from it.
+
+:func:`cell_scene` draws non-overlapping elliptical cells (a nucleus channel and a cytoplasm
+channel, blurred, with shot noise and a background gradient) and returns the ground-truth label
+image with it. :func:`rough_polygon` makes the kind of rough outline a user draws quickly:
+dilated, eroded, jittered, or just the box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from skimage.measure import find_contours
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A synthetic image with ground truth.
+
+    Attributes:
+        channels: (C, H, W) pixels (uint16 unless asked otherwise).
+        labels: (H, W) int32 nucleus labels (the bright channel-0 objects): 0 = background,
+            k = object k (1..N).
+    """
+
+    channels: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.labels.max())
+
+
+def cell_scene(
+    height: int,
+    width: int,
+    count: int,
+    radius: tuple[float, float] = (8.0, 16.0),
+    seed: int = 0,
+    dtype: type = np.uint16,
+    noise: bool = True,
+) -> Scene:
+    """Draw up to ``count`` non-overlapping cells (fewer if they do not fit).
+
+    Channel 0 holds the nuclei (the segmentation targets: bright ellipses on a dark background),
+    channel 1 a dimmer, larger cytoplasm around each.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((height, width), dtype=np.int32)
+    cyto = np.zeros((height, width), dtype=np.int32)
+    placed = 0
+    for _ in range(count * 30):
+        if placed == count:
+            break
+        a = rng.uniform(*radius)
+        b = a * rng.uniform(0.6, 1.0)
+        cx, cy = rng.uniform(a + 2, width - a - 2), rng.uniform(a + 2, height - a - 2)
+        angle = rng.uniform(0, 180)
+        trial = np.zeros_like(labels, dtype=np.uint8)
+        cv2.ellipse(trial, (int(round(cx * 16)), int(round(cy * 16))),
+                    (int(round(a * 16)), int(round(b * 16))), angle, 0, 360, 1, -1, cv2.LINE_8, 4)
+        halo = cv2.dilate(trial, np.ones((7, 7), np.uint8))
+        if np.any(labels[halo > 0]):
+            continue
+        placed += 1
+        labels[trial > 0] = placed
+        ring = cv2.dilate(trial, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
+        cyto[(ring > 0) & (cyto == 0)] = placed
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = 0.04 + 0.03 * (xx / max(width, 1)) + 0.02 * (yy / max(height, 1))
+    texture = cv2.GaussianBlur(rng.random((height, width)).astype(np.float32), (0, 0), 2.0)
+    nucleus = np.where(labels > 0, 0.75 + 0.2 * texture, 0.0).astype(np.float32)
+    nucleus = cv2.GaussianBlur(nucleus, (0, 0), 0.8) + background
+    cytoplasm = cv2.GaussianBlur(np.where(cyto > 0, 0.35, 0.0).astype(np.float32), (0, 0), 1.5) + background
+    planes = np.stack([nucleus, cytoplasm])
+    if noise:
+        planes = rng.poisson(planes * 2000.0).astype(np.float32) / 2000.0
+    planes = np.clip(planes, 0, 1)
+    if dtype == np.uint16:
+        out = (planes * 60000).astype(np.uint16)
+    elif dtype == np.uint8:
+        out = (planes * 250).astype(np.uint8)
+    else:
+        out = planes.astype(np.float32)
+    return Scene(out, labels)
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The outer boundary of a bool mask as (K, 2) (x, y) points (marching squares at 0.5)."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = find_contours(padded, 0.5, fully_connected="high")
+    best = max(contours, key=len)
+    return best[:-1, ::-1] - 1.0
+
+
+def rough_polygon(mask: np.ndarray, kind: str, rng: np.random.Generator, amount: float = 3.0) -> np.ndarray:
+    """A rough outline of one object, as a user might draw it.
+
+    Args:
+        mask: bool (H, W), the object.
+        kind: ``"dilated"`` (``amount`` px too big), ``"eroded"`` (too small), ``"jittered"``
+            (every vertex moved by up to ``amount`` px, few vertices), or ``"box"`` (its
+            bounding box).
+        rng: Random source for ``"jittered"``.
+
+    Returns:
+        (K, 2) float64 (x, y) points, K >= 3.
+    """
+    r = int(round(amount))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    if kind == "dilated":
+        return outline(cv2.dilate(mask.astype(np.uint8), kernel) > 0)
+    if kind == "eroded":
+        eroded = cv2.erode(mask.astype(np.uint8), kernel) > 0
+        return outline(eroded if eroded.any() else mask)
+    if kind == "box":
+        rows, cols = np.nonzero(mask)
+        x0, x1, y0, y1 = cols.min() - 0.5, cols.max() + 0.5, rows.min() - 0.5, rows.max() + 0.5
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
+    if kind == "jittered":
+        points = outline(mask)
+        step = max(1, len(points) // 12)
+        sparse = points[::step]
+        return sparse + rng.uniform(-amount, amount, size=sparse.shape)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def annotation_doc(points: np.ndarray, xy: int = 0, z: int = 0, time: int = 0,
+                   tags: list[str] | None = None, channel: int = 0) -> dict:
+    """A polygon annotation document for the test server (``datasetId`` set on insertion)."""
+    return {
+        "shape": "polygon",
+        "tags": list(tags or []),
+        "channel": channel,
+        "location": {"XY": xy, "Z": z, "Time": time},
+        "coordinates": [{"x": float(x), "y": float(y)} for x, y in points],
+    }

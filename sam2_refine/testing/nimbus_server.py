@@ -1,0 +1,722 @@
+"""A local NimbusImage server for tests, the demo and the benchmarks.
+
+A real HTTP server on 127.0.0.1 (a free port) that speaks the endpoints and JSON shapes of the
+NimbusImage API (contract section 5) that this worker uses, with everything held in memory:
+
+- datasets built from numpy arrays of shape (XY, T, Z, C, H, W) in uint8, uint16 or float32;
+  tile metadata and frames listed as large_image lists them (axes of size 1 absent from
+  ``IndexRange`` and from the frames; no ``frames`` key for a single-frame image);
+- region requests encoded as TIFF (``encoding=TIFF``) or pickle (``encoding=pickle:5``, what the
+  upstream annotation client asks for), cropped by ``left/top/right/bottom``;
+- layer settings (``dataset_view`` -> ``upenn_collection``), annotations and connections;
+- the ``Girder-Token`` header checked on every request (401 otherwise);
+- created annotations validated as the real server validates them (required ``coordinates,
+  tags, channel, location, shape, datasetId``; shape one of point/line/polygon/rectangle;
+  all-or-nothing per request, 400 with a message); ``shape=blob`` lists nothing; deleting an
+  annotation deletes its connections; non-finite numbers are served as ``null`` (as orjson does);
+- every request recorded (:attr:`NimbusTestServer.requests`), and faults on demand
+  (:meth:`NimbusTestServer.fail`): a status on the k-th call to an endpoint or always, a dropped
+  connection (before or after the server acted), or a delay.
+
+Usage::
+
+    with NimbusTestServer(token="secret") as server:
+        ds = server.add_dataset(pixels)            # pixels: (XY, T, Z, C, H, W)
+        server.add_annotations(ds.dataset_id, [...])
+        ... run the worker with --apiUrl server.api_url --token secret ...
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import pickle
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+import tifffile
+
+API_ROOT = "/api/v1/"
+REQUIRED_ANNOTATION_KEYS = ("coordinates", "tags", "channel", "location", "shape", "datasetId")
+ANNOTATION_SHAPES = ("point", "line", "polygon", "rectangle")
+AXES = ("XY", "T", "Z", "C")
+
+
+class _ObjectIds:
+    """24-hex-digit ids that increase with creation order, like MongoDB ObjectIds."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        with self._lock:
+            return f"{0x650000000000000000000000 + next(self._counter):024x}"
+
+
+@dataclass
+class TestDataset:
+    """A dataset held by the server.
+
+    Attributes:
+        dataset_id: Folder id (what the worker gets as ``--datasetId``).
+        item_id: The large-image item.
+        pixels: Shape (XY, T, Z, C, H, W).
+        frame_of: (xy, t, z, c) -> frame number.
+        layers: The view's layer settings, or None for a dataset without a view.
+    """
+
+    dataset_id: str
+    item_id: str
+    pixels: np.ndarray
+    frame_of: dict[tuple[int, int, int, int], int]
+    layers: list[dict[str, Any]] | None
+    view_id: str | None = None
+    collection_id: str | None = None
+    channel_names: tuple[str, ...] = ()
+    #: The frames in the order the tile metadata lists them: ((xy, t, z, c), frame number).
+    frame_list: list[tuple[tuple[int, int, int, int], int]] = field(default_factory=list)
+
+    def frame_pixels(self, frame: int) -> np.ndarray:
+        """The (H, W) plane of frame number ``frame``."""
+        xy, t, z, c = self._index_of_frame[frame]
+        return self.pixels[xy, t, z, c]
+
+    @cached_property
+    def _index_of_frame(self) -> dict[int, tuple[int, int, int, int]]:
+        return {number: key for key, number in self.frame_of.items()}
+
+
+@dataclass
+class Fault:
+    """A failure the server injects for requests matching ``method`` and ``path``.
+
+    ``path`` is a regular expression matched against the path after ``/api/v1/``. ``calls`` are
+    the 1-based numbers of the matching calls that fail (None = every call).
+    ``action``: ``"status"`` answers ``status``; ``"drop_before"`` closes the connection without
+    acting; ``"drop_after"`` acts (creates, deletes) and then closes the connection without an
+    answer; ``"delay"`` sleeps ``delay`` seconds and then answers normally.
+    """
+
+    method: str
+    path: str
+    status: int = 500
+    calls: frozenset[int] | None = None
+    action: str = "status"
+    delay: float = 0.0
+    seen: int = 0
+    fired: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and re.fullmatch(self.path, path) is not None
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server received (the token itself is not kept)."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    body: Any
+    authorized: bool
+    status: int = 0
+
+
+def _finite(obj: Any) -> Any:
+    """Replace non-finite floats by None, as the real server's JSON encoder (orjson) does."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Dropped(Exception):
+    """Close the connection without an answer."""
+
+
+@dataclass
+class _State:
+    datasets: dict[str, TestDataset] = field(default_factory=dict)
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    collections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    connections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    interfaces: dict[str, Any] = field(default_factory=dict)
+
+
+class NimbusTestServer:
+    """An in-memory NimbusImage API on 127.0.0.1 (see the module docstring).
+
+    Args:
+        token: The only token the server accepts.
+        port: 0 picks a free port.
+    """
+
+    def __init__(self, token: str = "test-token", port: int = 0) -> None:
+        self.token = token
+        self._ids = _ObjectIds()
+        self._lock = threading.RLock()
+        self.state = _State()
+        self.requests: list[RecordedRequest] = []
+        self.faults: list[Fault] = []
+        self._calls: Counter[tuple[str, str]] = Counter()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def start(self) -> NimbusTestServer:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name="nimbus-test-server",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> NimbusTestServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- building state -----------------------------------------------------------------------
+
+    def new_id(self) -> str:
+        return self._ids.new()
+
+    def add_dataset(
+        self,
+        pixels: np.ndarray,
+        *,
+        name: str = "dataset",
+        layers: list[dict[str, Any]] | None = None,
+        channel_names: Sequence[str] | None = None,
+        shuffle_frames: bool = False,
+        select_image: bool = True,
+        extra_items: int = 1,
+    ) -> TestDataset:
+        """Add a dataset (folder + large-image item + optional view with layer settings).
+
+        Args:
+            pixels: Shape (XY, T, Z, C, H, W); uint8, uint16 or float32.
+            layers: Layer settings for the dataset's view; None gives a dataset without a view.
+            shuffle_frames: List frames in a scrambled order (frame numbers stay consistent),
+                so that clients must use ``Frame``, not list positions.
+            select_image: Set ``meta.selectedLargeImageId`` on the folder.
+            extra_items: Plain (non-image) items listed before the image item.
+        """
+        pixels = np.asarray(pixels)
+        if pixels.ndim != 6:
+            raise ValueError("pixels must have shape (XY, T, Z, C, H, W)")
+        if pixels.dtype not in (np.uint8, np.uint16, np.float32):
+            raise ValueError(f"unsupported dtype {pixels.dtype}")
+        n_xy, n_t, n_z, n_c = pixels.shape[:4]
+        order = [(xy, t, z, c) for xy in range(n_xy) for t in range(n_t) for z in range(n_z) for c in range(n_c)]
+        frame_of = {key: number for number, key in enumerate(order)}
+        with self._lock:
+            folder_id, item_id = self.new_id(), self.new_id()
+            folder = {"_id": folder_id, "name": name, "_modelType": "folder",
+                      "meta": {"subtype": "contrastDataset"}}
+            if select_image:
+                folder["meta"]["selectedLargeImageId"] = item_id
+            self.state.folders[folder_id] = folder
+            for k in range(extra_items):
+                extra = self.new_id()
+                self.state.items[extra] = {"_id": extra, "name": f"notes-{k}.txt", "folderId": folder_id}
+            self.state.items[item_id] = {"_id": item_id, "name": f"{name}.tiff", "folderId": folder_id,
+                                         "largeImage": {"fileId": self.new_id()}}
+            frame_list = list(frame_of.items())
+            if shuffle_frames:
+                perm = np.random.default_rng(len(order)).permutation(len(order))
+                frame_list = [frame_list[i] for i in perm]
+            ds = TestDataset(folder_id, item_id, pixels, frame_of, layers,
+                             channel_names=tuple(channel_names or (f"Channel {c}" for c in range(n_c))),
+                             frame_list=frame_list)
+            if layers is not None:
+                ds.collection_id, ds.view_id = self.new_id(), self.new_id()
+                self.state.collections[ds.collection_id] = {
+                    "_id": ds.collection_id, "name": f"{name} configuration",
+                    "meta": {"layers": layers}}
+                self.state.views[ds.view_id] = {"_id": ds.view_id, "datasetId": folder_id,
+                                                "configurationId": ds.collection_id}
+            self.state.datasets[folder_id] = ds
+        return ds
+
+    def add_annotations(self, dataset_id: str, annotations: Iterable[dict[str, Any]]) -> list[str]:
+        """Store annotations as given (no validation: tests may seed odd documents).
+
+        ``datasetId`` is set to ``dataset_id``; an ``_id`` is assigned unless the document has one.
+        """
+        ids = []
+        with self._lock:
+            for ann in annotations:
+                doc = dict(ann)
+                doc["datasetId"] = dataset_id
+                doc.setdefault("_id", self.new_id())
+                self.state.annotations[doc["_id"]] = doc
+                ids.append(doc["_id"])
+        return ids
+
+    def add_connections(self, connections: Iterable[dict[str, Any]]) -> list[str]:
+        ids = []
+        with self._lock:
+            for con in connections:
+                doc = dict(con)
+                doc.setdefault("_id", self.new_id())
+                doc.setdefault("tags", [])
+                doc.setdefault("label", "")
+                self.state.connections[doc["_id"]] = doc
+                ids.append(doc["_id"])
+        return ids
+
+    def annotations(self, dataset_id: str | None = None) -> list[dict[str, Any]]:
+        """A snapshot of the stored annotations (of one dataset, if given), in id order."""
+        with self._lock:
+            docs = [dict(a) for a in self.state.annotations.values()
+                    if dataset_id is None or a.get("datasetId") == dataset_id]
+        return sorted(docs, key=lambda a: a["_id"])
+
+    def connections(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(c) for c in self.state.connections.values()]
+
+    def interface(self, image: str) -> Any:
+        with self._lock:
+            return self.state.interfaces.get(image)
+
+    # -- faults and records -------------------------------------------------------------------
+
+    def fail(
+        self,
+        method: str,
+        path: str,
+        *,
+        status: int = 500,
+        calls: Iterable[int] | None = None,
+        action: str = "status",
+        delay: float = 0.0,
+    ) -> Fault:
+        """Inject a fault (see :class:`Fault`). ``calls=None`` fails every matching call."""
+        if action not in ("status", "drop_before", "drop_after", "delay"):
+            raise ValueError(action)
+        fault = Fault(method.upper(), path, status, None if calls is None else frozenset(calls), action, delay)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def requests_to(self, method: str, path_regex: str) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.method == method and re.fullmatch(path_regex, r.path)]
+
+    # -- request handling ---------------------------------------------------------------------
+
+    def _fault_for(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.seen += 1
+                    if fault.calls is None or fault.seen in fault.calls:
+                        fault.fired += 1
+                        return fault
+        return None
+
+    def handle(self, method: str, path: str, params: dict[str, str], body: Any, token: str | None,
+               ) -> tuple[int, bytes, str, dict[str, str]]:
+        """Answer one request: (status, body bytes, content type, extra headers)."""
+        authorized = token == self.token
+        record = RecordedRequest(method, path, params, body, authorized)
+        with self._lock:
+            self.requests.append(record)
+        fault = self._fault_for(method, path)
+        if fault is not None and fault.action == "delay":
+            time.sleep(fault.delay)
+            fault = None
+        if fault is not None and fault.action == "drop_before":
+            record.status = -1
+            raise _Dropped()
+        if fault is not None and fault.action == "status":
+            record.status = fault.status
+            return _json_response(fault.status, {"message": f"injected failure {fault.status}", "type": "rest"})
+        try:
+            if not authorized:
+                raise _BadRequest(401, "You must be logged in.")
+            status, payload, ctype, headers = self._route(method, path, params, body)
+        except _BadRequest as exc:
+            record.status = exc.status
+            return _json_response(exc.status, {"message": exc.message, "type": "rest"})
+        if fault is not None and fault.action == "drop_after":
+            record.status = -1
+            raise _Dropped()
+        record.status = status
+        if ctype == "application/json":
+            return status, json.dumps(_finite(payload)).encode(), ctype, headers
+        return status, payload, ctype, headers
+
+    def _route(self, method: str, path: str, params: dict[str, str], body: Any,
+               ) -> tuple[int, Any, str, dict[str, str]]:
+        json_ok = "application/json"
+        m = re.fullmatch(r"folder/(\w+)", path)
+        if method == "GET" and m:
+            return 200, self._get(self.state.folders, m.group(1), "folder"), json_ok, {}
+        if method == "GET" and path == "item":
+            folder_id = _required(params, "folderId")
+            with self._lock:
+                items = [i for i in self.state.items.values() if i.get("folderId") == folder_id]
+            return 200, items, json_ok, {}
+        m = re.fullmatch(r"item/(\w+)/tiles", path)
+        if method == "GET" and m:
+            return 200, self._tiles(m.group(1)), json_ok, {}
+        m = re.fullmatch(r"item/(\w+)/tiles/internal_metadata", path)
+        if method == "GET" and m:
+            ds = self._dataset_of_item(m.group(1))
+            return 200, {"format": "numpy", "dtype": str(ds.pixels.dtype)}, json_ok, {}
+        m = re.fullmatch(r"item/(\w+)/tiles/region", path)
+        if method == "GET" and m:
+            return self._region(m.group(1), params)
+        if method == "GET" and path == "dataset_view":
+            dataset_id = _required(params, "datasetId")
+            with self._lock:
+                views = [v for v in self.state.views.values() if v["datasetId"] == dataset_id]
+            return 200, views, json_ok, {}
+        m = re.fullmatch(r"upenn_collection/(\w+)", path)
+        if method == "GET" and m:
+            return 200, self._get(self.state.collections, m.group(1), "collection"), json_ok, {}
+        if method == "GET" and path == "upenn_annotation":
+            docs, total = self._find_annotations(params)
+            return 200, docs, json_ok, {"Girder-Total-Count": str(total)}
+        if method == "POST" and path == "upenn_annotation/multiple":
+            return 200, self._create_annotations(body), json_ok, {}
+        if method == "DELETE" and path == "upenn_annotation/multiple":
+            self._delete_annotations(body)
+            return 200, None, json_ok, {}
+        if method == "GET" and path == "annotation_connection":
+            return 200, self._find_connections(params), json_ok, {}
+        if method == "POST" and path == "annotation_connection/multiple":
+            return 200, self._create_connections(body), json_ok, {}
+        if method == "DELETE" and path == "annotation_connection/multiple":
+            self._delete_connections(body)
+            return 200, None, json_ok, {}
+        if method == "POST" and path == "worker_interface":
+            image = _required(params, "image")
+            if not isinstance(body, dict):
+                raise _BadRequest(400, "The interface must be a JSON object.")
+            with self._lock:
+                self.state.interfaces[image] = body
+            return 200, body, json_ok, {}
+        raise _BadRequest(404, f"No matching route for \"{method} {path}\"")
+
+    def _get(self, table: dict[str, dict[str, Any]], key: str, kind: str) -> dict[str, Any]:
+        with self._lock:
+            if key not in table:
+                raise _BadRequest(400, f"Invalid {kind} id ({key}).")
+            return table[key]
+
+    def _dataset_of_item(self, item_id: str) -> TestDataset:
+        with self._lock:
+            for ds in self.state.datasets.values():
+                if ds.item_id == item_id:
+                    return ds
+        raise _BadRequest(400, f"Invalid item id ({item_id}).")
+
+    def _tiles(self, item_id: str) -> dict[str, Any]:
+        ds = self._dataset_of_item(item_id)
+        n_xy, n_t, n_z, n_c, height, width = ds.pixels.shape
+        sizes = {"IndexXY": n_xy, "IndexT": n_t, "IndexZ": n_z, "IndexC": n_c}
+        meta: dict[str, Any] = {
+            "sizeX": width, "sizeY": height, "tileWidth": 256, "tileHeight": 256,
+            "levels": max(1, math.ceil(math.log2(max(width, height) / 256)) + 1),
+            "magnification": None, "mm_x": None, "mm_y": None,
+            "dtype": str(ds.pixels.dtype), "bandCount": 1,
+        }
+        if len(ds.frame_of) > 1:
+            frames = []
+            for (xy, t, z, c), number in ds.frame_list:
+                frame: dict[str, Any] = {"Frame": number, "Index": number}
+                for key, value in (("IndexXY", xy), ("IndexT", t), ("IndexZ", z), ("IndexC", c)):
+                    if sizes[key] > 1:
+                        frame[key] = value
+                frames.append(frame)
+            meta["frames"] = frames
+            meta["IndexRange"] = {k: v for k, v in sizes.items() if v > 1}
+            meta["channels"] = list(ds.channel_names)
+        return meta
+
+    def _region(self, item_id: str, params: dict[str, str]) -> tuple[int, bytes, str, dict[str, str]]:
+        ds = self._dataset_of_item(item_id)
+        try:
+            frame = int(params.get("frame", "0"))
+            plane = ds.frame_pixels(frame)
+        except (KeyError, ValueError):
+            raise _BadRequest(400, f"Frame number {params.get('frame')} is invalid.") from None
+        height, width = plane.shape
+        try:
+            left = max(0, int(float(params.get("left", 0))))
+            top = max(0, int(float(params.get("top", 0))))
+            right = min(width, int(float(params.get("right", width))))
+            bottom = min(height, int(float(params.get("bottom", height))))
+        except ValueError:
+            raise _BadRequest(400, "Region bounds must be numbers.") from None
+        if right <= left or bottom <= top:
+            raise _BadRequest(400, "Empty region.")
+        region = np.ascontiguousarray(plane[top:bottom, left:right])
+        encoding = params.get("encoding", "JPEG")
+        if encoding.upper() in ("TIFF", "TILED"):
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, region)
+            return 200, buf.getvalue(), "image/tiff", {}
+        if encoding.startswith("pickle"):
+            protocol = int(encoding.split(":", 1)[1]) if ":" in encoding else 4
+            return 200, pickle.dumps(region, protocol=protocol), "application/octet-stream", {}
+        raise _BadRequest(400, f"Unsupported encoding {encoding!r} in this test server.")
+
+    def _find_annotations(self, params: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+        dataset_id = _required(params, "datasetId")
+        if dataset_id not in self.state.folders:
+            raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
+        shape = params.get("shape")
+        tags = None
+        if params.get("tags"):
+            try:
+                tags = json.loads(params["tags"])
+            except ValueError:
+                raise _BadRequest(400, "Parameter tags must be valid JSON.") from None
+            if not isinstance(tags, list):
+                raise _BadRequest(400, "Parameter tags must be a JSON list.")
+        limit = int(params.get("limit", 50))
+        offset = int(params.get("offset", 0))
+        after = params.get("afterId")
+        with self._lock:
+            docs = [a for a in self.state.annotations.values() if a.get("datasetId") == dataset_id]
+        if shape is not None:
+            docs = [a for a in docs if a.get("shape") == shape]
+        if tags:
+            docs = [a for a in docs if all(t in (a.get("tags") or []) for t in tags)]
+        docs.sort(key=lambda a: a["_id"], reverse=params.get("sortdir") == "-1")
+        total = len(docs)
+        if after:
+            docs = [a for a in docs if a["_id"] > after]
+            offset = 0
+        docs = docs[offset:]
+        if limit > 0:
+            docs = docs[:limit]
+        return docs, total
+
+    def _create_annotations(self, body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, list):
+            raise _BadRequest(400, "Request body must be a JSON array.")
+        for index, ann in enumerate(body):
+            problem = _annotation_problem(ann, self.state.folders)
+            if problem:
+                raise _BadRequest(400, f"Validation Error: annotation {index}: {problem}")
+        created = []
+        with self._lock:
+            for ann in body:
+                doc = {k: v for k, v in ann.items() if k != "_id"}
+                doc["_id"] = self.new_id()
+                self.state.annotations[doc["_id"]] = doc
+                created.append(doc)
+        return created
+
+    def _delete_annotations(self, body: Any) -> None:
+        if not isinstance(body, list) or not all(isinstance(i, str) for i in body):
+            raise _BadRequest(400, "Request body must be a JSON array of id strings.")
+        doomed = set(body)
+        with self._lock:
+            for ann_id in doomed:
+                self.state.annotations.pop(ann_id, None)
+            for con_id in [c for c, con in self.state.connections.items()
+                           if con.get("parentId") in doomed or con.get("childId") in doomed]:
+                del self.state.connections[con_id]
+
+    def _find_connections(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        dataset_id = _required(params, "datasetId")
+        with self._lock:
+            docs = [c for c in self.state.connections.values() if c.get("datasetId") == dataset_id]
+        for key in ("parentId", "childId"):
+            if params.get(key):
+                docs = [c for c in docs if c.get(key) == params[key]]
+        docs.sort(key=lambda c: c["_id"])
+        offset = int(params.get("offset", 0))
+        limit = int(params.get("limit", 50))
+        docs = docs[offset:]
+        return docs[:limit] if limit > 0 else docs
+
+    def _create_connections(self, body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, list):
+            raise _BadRequest(400, "Request body must be a JSON array.")
+        for index, con in enumerate(body):
+            if not isinstance(con, dict):
+                raise _BadRequest(400, f"Validation Error: connection {index} is not an object")
+            for key in ("parentId", "childId", "datasetId"):
+                if not isinstance(con.get(key), str):
+                    raise _BadRequest(400, f"Validation Error: connection {index}: '{key}' is a required property")
+        created = []
+        with self._lock:
+            for con in body:
+                doc = {"label": "", "tags": [], **{k: v for k, v in con.items() if k != "_id"}}
+                doc["_id"] = self.new_id()
+                self.state.connections[doc["_id"]] = doc
+                created.append(doc)
+        return created
+
+    def _delete_connections(self, body: Any) -> None:
+        if not isinstance(body, list):
+            raise _BadRequest(400, "Request body must be a JSON array.")
+        with self._lock:
+            for con_id in body:
+                self.state.connections.pop(str(con_id), None)
+
+
+def _required(params: dict[str, str], key: str) -> str:
+    value = params.get(key)
+    if not value:
+        raise _BadRequest(400, f"Parameter '{key}' is required.")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _annotation_problem(ann: Any, folders: dict[str, Any]) -> str | None:
+    """What the real server's schema would reject in ``ann``, or None."""
+    if not isinstance(ann, dict):
+        return "data must be object"
+    for key in REQUIRED_ANNOTATION_KEYS:
+        if key not in ann:
+            return f"data must contain {list(REQUIRED_ANNOTATION_KEYS)} properties ('{key}' missing)"
+    coords = ann["coordinates"]
+    if not isinstance(coords, list) or not coords:
+        return "data.coordinates must be a non-empty array"
+    for point in coords:
+        if not isinstance(point, dict) or not _is_number(point.get("x")) or not _is_number(point.get("y")):
+            return "data.coordinates[] must be objects with numeric x and y"
+        if "z" in point and not _is_number(point["z"]):
+            return "data.coordinates[].z must be number"
+    if not isinstance(ann["tags"], list) or not all(isinstance(t, str) for t in ann["tags"]):
+        return "data.tags must be an array of strings"
+    if not _is_int(ann["channel"]):
+        return "data.channel must be integer"
+    location = ann["location"]
+    if not isinstance(location, dict) or not all(_is_int(location[k]) for k in ("XY", "Z", "Time") if k in location):
+        return "data.location must be an object with integer XY, Z, Time"
+    if ann["shape"] not in ANNOTATION_SHAPES:
+        return f"data.shape must be one of {list(ANNOTATION_SHAPES)}"
+    if ann["datasetId"] not in folders:
+        return "Annotation dataset ID is invalid"
+    if "name" in ann and not isinstance(ann["name"], str):
+        return "data.name must be string"
+    if "color" in ann and ann["color"] is not None and not isinstance(ann["color"], str):
+        return "data.color must be string or null"
+    return None
+
+
+def _json_response(status: int, payload: Any) -> tuple[int, bytes, str, dict[str, str]]:
+    return status, json.dumps(payload).encode(), "application/json", {}
+
+
+def _make_handler(server: NimbusTestServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            pass  # quiet: the server records requests itself
+
+        def _serve(self, method: str) -> None:
+            url = urlsplit(self.path)
+            if not url.path.startswith(API_ROOT):
+                self._send(*_json_response(404, {"message": "Not under /api/v1"}))
+                return
+            path = unquote(url.path[len(API_ROOT):]).strip("/")
+            params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body: Any = None
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    self._send(*_json_response(400, {"message": "Invalid JSON passed in request body."}))
+                    return
+            try:
+                status, payload, ctype, headers = server.handle(
+                    method, path, params, body, self.headers.get("Girder-Token"))
+            except _Dropped:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+            self._send(status, payload, ctype, headers)
+
+        def _send(self, status: int, payload: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+            self._serve("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._serve("POST")
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._serve("DELETE")
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self._serve("PUT")
+
+    return Handler

@@ -1,0 +1,131 @@
+"""Stand-in predictors with known answers, for geometry, accuracy and load tests.
+
+They satisfy :class:`sam2_refine.predictor.BoxPredictor`, so the engine runs them exactly as it
+runs SAM2.
+
+- :class:`KnownMaskPredictor` returns, for each box, the bright object of the embedded image
+  that fills most of the box: the "known mask", at full resolution (or on a coarse grid, like
+  SAM2's 256x256 logits).
+- :class:`ModelResolutionPredictor` segments like a model that sees only its 1024x1024 input:
+  it thresholds the image after resizing it to the model input, so objects only a few pixels
+  wide in a large frame come out coarse or lost.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from sam2_refine.predictor import Decoded
+
+#: Logit magnitude of a known mask: inside +LOGIT, outside -LOGIT.
+LOGIT = 8.0
+
+
+def _labels(image: np.ndarray, threshold: float) -> np.ndarray:
+    bright = (image.max(axis=2) > threshold).astype(np.uint8)
+    _, labels = cv2.connectedComponents(bright, connectivity=8)
+    return labels
+
+
+def _box_slices(box: np.ndarray, height: int, width: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = box
+    c0 = int(np.clip(np.ceil(x0), 0, width - 1))
+    c1 = int(np.clip(np.floor(x1), c0, width - 1)) + 1
+    r0 = int(np.clip(np.ceil(y0), 0, height - 1))
+    r1 = int(np.clip(np.floor(y1), r0, height - 1)) + 1
+    return slice(r0, r1), slice(c0, c1)
+
+
+def _to_grid(mask: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    if grid is None:
+        return np.where(mask, LOGIT, -LOGIT).astype(np.float32)
+    frac = cv2.resize(mask.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+    return ((frac - 0.5) * 2.0 * LOGIT).astype(np.float32)
+
+
+class KnownMaskPredictor:
+    """Each box gets the connected bright object that covers most of it.
+
+    Args:
+        threshold: An object is where the image's brightest band exceeds this.
+        grid: (h, w) of the logit grid, or None for full resolution (grid = image).
+        max_batch: Prompts per decode call.
+    """
+
+    description = "known-mask stand-in"
+
+    def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16) -> None:
+        self.threshold = threshold
+        self.grid = grid
+        self.max_batch = max_batch
+        self.embed_calls = 0
+        self.decode_calls = 0
+        self.prompts = 0
+        self._labels: np.ndarray | None = None
+
+    def embed(self, image: np.ndarray) -> None:
+        self.embed_calls += 1
+        self._labels = _labels(image, self.threshold)
+
+    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False) -> Decoded:
+        assert self._labels is not None, "embed() first"
+        self.decode_calls += 1
+        self.prompts += len(boxes)
+        height, width = self._labels.shape
+        out = []
+        for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+            rows, cols = _box_slices(box, height, width)
+            counts = np.bincount(self._labels[rows, cols].ravel())
+            counts[0] = 0
+            label = int(np.argmax(counts)) if counts.size > 1 and counts.max() > 0 else 0
+            mask = (self._labels == label) if label else np.zeros((height, width), dtype=bool)
+            out.append(_to_grid(mask, self.grid))
+        logits = np.stack(out)[:, None]
+        channels = 3 if multimask else 1
+        logits = np.repeat(logits, channels, axis=1)
+        return Decoded(logits, np.ones((len(out), channels), dtype=np.float32))
+
+
+class ModelResolutionPredictor:
+    """Segments at the model's input resolution, as SAM2 effectively does on a whole frame.
+
+    The embedded image is resized (area averaging) to ``input_size`` x ``input_size``; objects
+    are thresholded there, and each box gets the object covering most of it, as logits on a
+    ``grid`` x ``grid`` map (SAM2: 256), upsampled back by the engine.
+    """
+
+    description = "model-resolution stand-in"
+
+    def __init__(self, threshold: float = 0.5, input_size: int = 1024, grid: int = 256,
+                 max_batch: int = 16) -> None:
+        self.threshold = threshold
+        self.input_size = input_size
+        self.grid = grid
+        self.max_batch = max_batch
+        self._labels: np.ndarray | None = None
+        self._hw: tuple[int, int] = (0, 0)
+
+    def embed(self, image: np.ndarray) -> None:
+        self._hw = image.shape[:2]
+        small = cv2.resize(image, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
+        self._labels = _labels(small, self.threshold)
+
+    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False) -> Decoded:
+        assert self._labels is not None, "embed() first"
+        height, width = self._hw
+        scale = np.array([self.input_size / width, self.input_size / height] * 2)
+        out = []
+        for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+            model_box = (box + 0.5) * scale - 0.5
+            rows, cols = _box_slices(model_box, self.input_size, self.input_size)
+            counts = np.bincount(self._labels[rows, cols].ravel())
+            counts[0] = 0
+            label = int(np.argmax(counts)) if counts.size > 1 and counts.max() > 0 else 0
+            mask = (self._labels == label) if label else np.zeros(self._labels.shape, dtype=bool)
+            out.append(_to_grid(mask, (self.grid, self.grid)))
+        logits = np.stack(out)[:, None]
+        channels = 3 if multimask else 1
+        return Decoded(np.repeat(logits, channels, axis=1), np.ones((len(out), channels), dtype=np.float32))
