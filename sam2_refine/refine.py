@@ -132,7 +132,7 @@ def mask_to_polygon(
         area = int(np.count_nonzero(component))
         if area > MAX_AREA_RATIO * box_area:
             raise AnnotationProblem(
-                f"the mask is far larger than the original ({area / box_area:.1f}x its box area)")
+                f"the mask is far larger than the original (over {MAX_AREA_RATIO:g}x its box area)")
         top, left, bottom, right = touches_edges(component)
         open_sides = ((top and window.top > 0) or (left and window.left > 0)
                       or (bottom and window.bottom < height) or (right and window.right < width))

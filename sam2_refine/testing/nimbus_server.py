@@ -184,6 +184,8 @@ class NimbusTestServer:
         self.state = _State()
         self.requests: list[RecordedRequest] = []
         self.faults: list[Fault] = []
+        #: Honour ``afterId`` on annotation lists (set False to act like an older server).
+        self.cursor_paging = True
         self._calls: Counter[tuple[str, str]] = Counter()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -537,7 +539,7 @@ class NimbusTestServer:
             docs = [a for a in docs if all(t in (a.get("tags") or []) for t in tags)]
         docs.sort(key=lambda a: a["_id"], reverse=params.get("sortdir") == "-1")
         total = len(docs)
-        if after:
+        if after and self.cursor_paging:
             docs = [a for a in docs if a["_id"] > after]
             offset = 0
         docs = docs[offset:]
@@ -705,7 +707,10 @@ def _make_handler(server: NimbusTestServer) -> type[BaseHTTPRequestHandler]:
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(payload)
+            try:
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
+                self.close_connection = True
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib naming
             self._serve("GET")

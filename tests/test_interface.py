@@ -1,0 +1,172 @@
+"""The UI description (contract section 3), the checkpoint list, and a torch-free interface path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sam2_refine import interface as ui
+from sam2_refine.interface import build_interface, checkpoint_dir, default_model, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPECTED_ORDER = [
+    "SAM2 Refiner",
+    "Batch XY",
+    "Batch Z",
+    "Batch Time",
+    "Tag of objects to refine",
+    "Model",
+    "Delete original annotations",
+    "Padding",
+    "Smoothing",
+]
+MODELS = ["sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_tiny.pt"]
+
+
+def test_fields_names_and_order() -> None:
+    spec = build_interface(MODELS)
+    assert list(spec) == EXPECTED_ORDER
+    assert [spec[name]["displayOrder"] for name in EXPECTED_ORDER] == list(range(9))
+
+
+def test_field_types() -> None:
+    spec = build_interface(MODELS)
+    assert {name: field["type"] for name, field in spec.items()} == {
+        "SAM2 Refiner": "notes",
+        "Batch XY": "text",
+        "Batch Z": "text",
+        "Batch Time": "text",
+        "Tag of objects to refine": "tags",
+        "Model": "select",
+        "Delete original annotations": "checkbox",
+        "Padding": "number",
+        "Smoothing": "number",
+    }
+
+
+def test_module_constants_match_field_names() -> None:
+    assert [ui.NOTES, ui.BATCH_XY, ui.BATCH_Z, ui.BATCH_TIME, ui.REFINE_TAGS, ui.MODEL,
+            ui.DELETE_ORIGINALS, ui.PADDING, ui.SMOOTHING] == EXPECTED_ORDER
+
+
+def test_notes_carry_the_description() -> None:
+    notes = build_interface(MODELS)["SAM2 Refiner"]
+    assert isinstance(notes["value"], str)
+    assert "SAM2" in notes["value"]
+    assert len(notes["value"]) > 40
+
+
+def test_padding_and_smoothing_numbers() -> None:
+    spec = build_interface(MODELS)
+    padding = spec["Padding"]
+    assert (padding["min"], padding["max"], padding["default"], padding["unit"]) == (-20, 20, 0, "Pixels")
+    smoothing = spec["Smoothing"]
+    assert (smoothing["min"], smoothing["max"], smoothing["default"]) == (0, 3, 0.7)
+
+
+@pytest.mark.parametrize(("field", "words"), [("Batch XY", "XY positions"), ("Batch Z", "Z slices"),
+                                              ("Batch Time", "Time points")])
+def test_batch_fields_vue_attrs(field: str, words: str) -> None:
+    spec = build_interface(MODELS)[field]
+    attrs = spec["vueAttrs"]
+    assert attrs["placeholder"] == "ex. 1-3, 5-8, or all"
+    assert attrs["label"] == f"Enter the {words} you want to process"
+    assert attrs["persistentPlaceholder"] is True
+    assert attrs["filled"] is True
+    assert isinstance(attrs["tooltip"], str) and attrs["tooltip"].strip()
+    assert "all" in attrs["tooltip"]
+
+
+def test_model_select_items_and_default() -> None:
+    spec = build_interface(MODELS)["Model"]
+    assert spec["items"] == MODELS
+    assert spec["default"] == "sam2.1_hiera_small.pt"
+
+
+def test_model_default_first_when_small_missing() -> None:
+    models = ["sam2.1_hiera_large.pt", "sam2.1_hiera_tiny.pt"]
+    spec = build_interface(models)["Model"]
+    assert spec["items"] == models
+    assert spec["default"] == "sam2.1_hiera_large.pt"
+
+
+def test_model_default_none_without_models() -> None:
+    spec = build_interface([])["Model"]
+    assert spec["items"] == []
+    assert spec["default"] is None
+    assert default_model([]) is None
+
+
+def test_model_items_are_a_copy() -> None:
+    models = list(MODELS)
+    spec = build_interface(models)
+    spec["Model"]["items"].append("x.pt")
+    assert models == MODELS
+
+
+def test_model_items_from_a_directory_are_sorted(tmp_path: Path) -> None:
+    for name in ("sam2.1_hiera_tiny.pt", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt"):
+        (tmp_path / name).write_bytes(b"")
+    spec = build_interface(list_checkpoints(tmp_path))["Model"]
+    assert spec["items"] == sorted(spec["items"]) == MODELS
+    assert spec["default"] == "sam2.1_hiera_small.pt"
+
+
+def test_checkbox_default_false() -> None:
+    spec = build_interface(MODELS)["Delete original annotations"]
+    assert spec["default"] is False
+
+
+def test_every_field_but_the_notes_has_a_tooltip() -> None:
+    spec = build_interface(MODELS)
+    for name, field in spec.items():
+        if field["type"] == "notes":
+            continue
+        tip = field["vueAttrs"]["tooltip"] if name.startswith("Batch ") else field["tooltip"]
+        assert isinstance(tip, str) and len(tip.strip()) > 10, name
+
+
+def test_interface_is_json_serialisable() -> None:
+    spec = build_interface(MODELS)
+    assert json.loads(json.dumps(spec)) == spec
+
+
+def test_list_checkpoints_only_pt_files_sorted(tmp_path: Path) -> None:
+    for name in ("b.pt", "a.pt", "c.txt", "d.pt.bak", "e.PT.txt", "sam2.1_hiera_tiny.pt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "dir.pt").mkdir()  # a directory is not a checkpoint
+    assert list_checkpoints(tmp_path) == ["a.pt", "b.pt", "sam2.1_hiera_tiny.pt"]
+
+
+def test_list_checkpoints_missing_or_empty_dir(tmp_path: Path) -> None:
+    assert list_checkpoints(tmp_path / "nope") == []
+    assert list_checkpoints(tmp_path) == []
+    file_path = tmp_path / "file"
+    file_path.write_text("x")
+    assert list_checkpoints(file_path) == []
+
+
+def test_checkpoint_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(tmp_path))
+    assert checkpoint_dir() == tmp_path
+    monkeypatch.delenv("SAM2_CHECKPOINT_DIR")
+    assert checkpoint_dir() == Path("/code/sam2/checkpoints")
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", "")
+    assert checkpoint_dir() == Path("/code/sam2/checkpoints")
+
+
+def test_interface_and_cli_do_not_import_torch() -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    code = ("import sys, sam2_refine.interface, sam2_refine.cli; "
+            "print('torch' in sys.modules, 'sam2' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]

@@ -1,0 +1,311 @@
+"""parse_settings: compute parameters -> RefineSettings, or every bad field reported at once."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sam2_refine.settings import Location, RefineSettings, SettingsErrors, parse_settings
+
+TINY = "sam2.1_hiera_tiny.pt"
+SMALL = "sam2.1_hiera_small.pt"
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path: Path) -> Path:
+    """Settings only check that the checkpoint file exists: empty files will do."""
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    (directory / TINY).write_bytes(b"")
+    (directory / SMALL).write_bytes(b"")
+    (directory / "notes.txt").write_text("not a checkpoint")
+    return directory
+
+
+def full_params(**interface: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "SAM2 Refiner": None,
+        "Batch XY": "1-3, 5",
+        "Batch Z": "all",
+        "Batch Time": "",
+        "Tag of objects to refine": ["nucleus", "cell"],
+        "Model": TINY,
+        "Delete original annotations": True,
+        "Padding": -2.5,
+        "Smoothing": 1.25,
+    }
+    values.update(interface)
+    return {
+        "datasetId": "ds-from-params",
+        "type": "polygon",
+        "id": "tool-1",
+        "name": "SAM2 Refiner",
+        "image": "annotations/sam2_refine_worker:latest",
+        "channel": 2,
+        "assignment": {"XY": 4, "Z": 1, "Time": 0},
+        "tags": ["refined", "sam2"],
+        "tile": {"XY": 4, "Z": 1, "Time": 0},
+        "connectTo": {"tags": [], "channel": None},
+        "workerInterface": values,
+        "scales": {},
+    }
+
+
+def errors_of(params: Any, ckpt_dir: Path, dataset_id: str | None = "ds-1") -> dict[str, str]:
+    with pytest.raises(SettingsErrors) as info:
+        parse_settings(params, dataset_id, ckpt_dir)
+    errors = info.value.errors
+    assert errors, "SettingsErrors without errors"
+    return {e.field: e.message for e in errors}
+
+
+def test_full_valid_parameters(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(), "ds-1", ckpt_dir)
+    assert isinstance(settings, RefineSettings)
+    assert settings.dataset_id == "ds-1"  # --datasetId wins over params["datasetId"]
+    assert settings.model == TINY
+    assert settings.checkpoint == ckpt_dir / TINY
+    assert settings.padding == -2.5
+    assert settings.smoothing == 1.25
+    assert settings.refine_tags == ("nucleus", "cell")
+    assert settings.delete_originals is True
+    assert settings.batch_xy.kind == "list"
+    assert settings.batch_xy.positions == (0, 1, 2, 4)
+    assert settings.batch_z.kind == "all"
+    assert settings.batch_time.kind == "current"
+    assert settings.tile == Location(4, 1, 0)
+    assert settings.channel == 2
+    assert settings.output_tags == ("refined", "sam2")
+    # Blank batch fields resolve to the tile's position.
+    assert settings.batch_time.resolve("Batch Time", 3, settings.tile.time) == (0,)
+    assert settings.batch_xy.resolve("Batch XY", 10, settings.tile.xy) == (0, 1, 2, 4)
+
+
+def test_dataset_id_from_params_when_not_given(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(), None, ckpt_dir)
+    assert settings.dataset_id == "ds-from-params"
+
+
+def test_empty_output_tags_and_tags_as_tuples(ckpt_dir: Path) -> None:
+    params = full_params(**{"Tag of objects to refine": []})
+    params["tags"] = []
+    settings = parse_settings(params, "ds-1", ckpt_dir)
+    assert settings.output_tags == ()
+    assert settings.refine_tags == ()
+    assert isinstance(settings.refine_tags, tuple)
+
+
+def test_duplicate_and_blank_tags_dropped(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(**{"Tag of objects to refine": ["a", "", "b", "a", "  "]}),
+                              "ds-1", ckpt_dir)
+    assert settings.refine_tags == ("a", "b")
+
+
+def test_delete_flag_false_and_missing(ckpt_dir: Path) -> None:
+    assert parse_settings(full_params(**{"Delete original annotations": False}), "d", ckpt_dir) \
+        .delete_originals is False
+    params = full_params()
+    del params["workerInterface"]["Delete original annotations"]
+    assert parse_settings(params, "d", ckpt_dir).delete_originals is False
+
+
+@pytest.mark.parametrize("missing", ["absent", None, ""])
+def test_padding_and_smoothing_defaults(ckpt_dir: Path, missing: Any) -> None:
+    params = full_params()
+    for key in ("Padding", "Smoothing"):
+        if missing == "absent":
+            del params["workerInterface"][key]
+        else:
+            params["workerInterface"][key] = missing
+    settings = parse_settings(params, "ds-1", ckpt_dir)
+    assert settings.padding == 0.0
+    assert settings.smoothing == 0.7
+
+
+def test_numeric_strings_accepted(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(Padding="5", Smoothing=" 1.5 "), "ds-1", ckpt_dir)
+    assert settings.padding == 5.0
+    assert settings.smoothing == 1.5
+    assert isinstance(settings.padding, float)
+
+
+@pytest.mark.parametrize(("padding", "smoothing"), [(-20, 0), (20, 3), (0, 0.7), (-20.0, 3.0)])
+def test_range_limits_inclusive(ckpt_dir: Path, padding: float, smoothing: float) -> None:
+    settings = parse_settings(full_params(Padding=padding, Smoothing=smoothing), "ds-1", ckpt_dir)
+    assert settings.padding == padding
+    assert settings.smoothing == smoothing
+
+
+def test_integer_batch_value_from_a_saved_tool(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(**{"Batch XY": 2}), "ds-1", ckpt_dir)
+    assert settings.batch_xy.positions == (1,)
+
+
+def test_missing_worker_interface_uses_defaults_but_needs_a_model(ckpt_dir: Path) -> None:
+    params = full_params()
+    params["workerInterface"] = None
+    errors = errors_of(params, ckpt_dir)
+    assert set(errors) == {"Model"}
+
+
+def test_other_channel_missing_defaults_to_zero(ckpt_dir: Path) -> None:
+    params = full_params()
+    del params["channel"]
+    assert parse_settings(params, "ds-1", ckpt_dir).channel == 0
+
+
+def test_tile_falls_back_to_assignment(ckpt_dir: Path) -> None:
+    params = full_params()
+    del params["tile"]
+    params["assignment"] = {"XY": 7, "Z": 0, "Time": 3}
+    assert parse_settings(params, "ds-1", ckpt_dir).tile == Location(7, 0, 3)
+
+
+# -- one bad value at a time: exactly that field is reported ---------------------------------
+
+@pytest.mark.parametrize(
+    "model",
+    [None, "", "   ", "../x.pt", f"sub/{TINY}", f"..\\{TINY}", "sam2.1_hiera_large.pt", "foo.pt", 5, ["x"]],
+)
+def test_bad_model(ckpt_dir: Path, model: Any) -> None:
+    errors = errors_of(full_params(Model=model), ckpt_dir)
+    assert set(errors) == {"Model"}
+
+
+@pytest.mark.parametrize("model", [None, "", "sam2.1_hiera_large.pt", "../x.pt"])
+def test_model_error_lists_available_checkpoints(ckpt_dir: Path, model: Any) -> None:
+    message = errors_of(full_params(Model=model), ckpt_dir)["Model"]
+    assert TINY in message
+    assert SMALL in message
+    assert "notes.txt" not in message
+
+
+def test_model_error_without_checkpoints_says_none_found(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = errors_of(full_params(Model=TINY), empty)["Model"]
+    assert "none found" in message
+    assert str(empty) in message
+
+
+def test_unknown_model_names_the_known_ones(ckpt_dir: Path) -> None:
+    message = errors_of(full_params(Model="foo.pt"), ckpt_dir)["Model"]
+    assert "foo.pt" in message
+    assert "sam2.1_hiera_large.pt" in message
+
+
+@pytest.mark.parametrize("padding", [-21, 21, 20.5, -20.01, "abc", True, False, math.nan, math.inf, [1], {}])
+def test_bad_padding(ckpt_dir: Path, padding: Any) -> None:
+    errors = errors_of(full_params(Padding=padding), ckpt_dir)
+    assert set(errors) == {"Padding"}
+    assert "-20" in errors["Padding"] and "20" in errors["Padding"]
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 3.5, "x", True, math.nan, -math.inf])
+def test_bad_smoothing(ckpt_dir: Path, smoothing: Any) -> None:
+    errors = errors_of(full_params(Smoothing=smoothing), ckpt_dir)
+    assert set(errors) == {"Smoothing"}
+    assert "0" in errors["Smoothing"] and "3" in errors["Smoothing"]
+
+
+@pytest.mark.parametrize("field", ["Batch XY", "Batch Z", "Batch Time"])
+@pytest.mark.parametrize("value", ["3-1", "x", "0", "-2", "1--3", "1,,2", "1-", True, [1], 2.5])
+def test_bad_batch_field(ckpt_dir: Path, field: str, value: Any) -> None:
+    errors = errors_of(full_params(**{field: value}), ckpt_dir)
+    assert set(errors) == {field}
+    assert "all" in errors[field]  # says what is accepted
+    assert not errors[field].startswith(field)  # the field name is not repeated in the message
+
+
+@pytest.mark.parametrize("tags", [[1], ["a", 2], [None], {"a": 1}, 3, True, [["a"]]])
+def test_refine_tags_not_a_list_of_strings(ckpt_dir: Path, tags: Any) -> None:
+    errors = errors_of(full_params(**{"Tag of objects to refine": tags}), ckpt_dir)
+    assert set(errors) == {"Tag of objects to refine"}
+
+
+@pytest.mark.parametrize("tags", [[1], "not-a-list-ok?", {"x": 1}])
+def test_output_tags_not_a_list_of_strings(ckpt_dir: Path, tags: Any) -> None:
+    params = full_params()
+    params["tags"] = tags
+    if isinstance(tags, str):
+        # A single string is taken as one tag.
+        assert parse_settings(params, "ds-1", ckpt_dir).output_tags == (tags,)
+        return
+    assert set(errors_of(params, ckpt_dir)) == {"tags"}
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0, "", [True]])
+def test_bad_delete_flag(ckpt_dir: Path, value: Any) -> None:
+    errors = errors_of(full_params(**{"Delete original annotations": value}), ckpt_dir)
+    assert set(errors) == {"Delete original annotations"}
+
+
+@pytest.mark.parametrize("channel", [-1, "a", "1", 1.5, True, None])
+def test_bad_channel(ckpt_dir: Path, channel: Any) -> None:
+    params = full_params()
+    params["channel"] = channel
+    assert set(errors_of(params, ckpt_dir)) == {"channel"}
+
+
+def test_missing_tile(ckpt_dir: Path) -> None:
+    params = full_params()
+    del params["tile"]
+    del params["assignment"]
+    assert set(errors_of(params, ckpt_dir)) == {"tile"}
+
+
+@pytest.mark.parametrize("tile", [{"XY": -1, "Z": 0, "Time": 0}, {"XY": "a", "Z": 0, "Time": 0}, [0, 0, 0]])
+def test_bad_tile(ckpt_dir: Path, tile: Any) -> None:
+    params = full_params()
+    params["tile"] = tile
+    fields = set(errors_of(params, ckpt_dir))
+    assert len(fields) == 1
+    assert next(iter(fields)).startswith("tile")
+
+
+@pytest.mark.parametrize("given", [None, "", "   "])
+def test_missing_dataset_id(ckpt_dir: Path, given: str | None) -> None:
+    params = full_params()
+    del params["datasetId"]
+    assert set(errors_of(params, ckpt_dir, dataset_id=given)) == {"datasetId"}
+
+
+@pytest.mark.parametrize("params", [None, [], "x"])
+def test_parameters_not_an_object(ckpt_dir: Path, params: Any) -> None:
+    assert set(errors_of(params, ckpt_dir)) == {"parameters"}
+
+
+def test_worker_interface_not_an_object(ckpt_dir: Path) -> None:
+    params = full_params()
+    params["workerInterface"] = ["x"]
+    assert set(errors_of(params, ckpt_dir)) == {"workerInterface"}
+
+
+def test_several_bad_fields_all_reported(ckpt_dir: Path) -> None:
+    params = full_params(Model="foo.pt", Padding=99, Smoothing=-1, **{
+        "Batch XY": "3-1", "Batch Z": "x", "Batch Time": "0",
+        "Tag of objects to refine": [1], "Delete original annotations": "yes"})
+    params["channel"] = -1
+    del params["tile"]
+    del params["assignment"]
+    del params["datasetId"]
+    with pytest.raises(SettingsErrors) as info:
+        parse_settings(params, None, ckpt_dir)
+    fields = [e.field for e in info.value.errors]
+    assert sorted(fields) == sorted([
+        "datasetId", "Model", "Padding", "Smoothing", "Tag of objects to refine",
+        "Delete original annotations", "Batch XY", "Batch Z", "Batch Time", "tile", "channel"])
+    # The combined message carries every field.
+    for field in fields:
+        assert f"{field}: " in str(info.value)
+
+
+def test_input_not_mutated(ckpt_dir: Path) -> None:
+    params = full_params()
+    before = copy.deepcopy(params)
+    parse_settings(params, "ds-1", ckpt_dir)
+    assert params == before
