@@ -144,8 +144,8 @@ def merge_layers(planes: Mapping[int, np.ndarray], layers: Sequence[Layer]) -> n
         if white > black:
             scaled = (values - np.float32(black)) * np.float32(1.0 / (white - black))
             np.clip(scaled, 0.0, 1.0, out=scaled)
-        else:  # a flat window: everything at or above it is white
-            scaled = (values >= np.float32(white)).astype(np.float32)
+        else:  # a flat window (e.g. a sparse channel whose percentiles coincide): above it is white
+            scaled = (values > np.float32(white)).astype(np.float32)
         scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
         for band in range(3):
             if layer.colour[band] > 0:

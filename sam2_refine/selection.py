@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from shapely.geometry.base import BaseGeometry
 
 from sam2_refine.geometry import AnnotationProblem, polygon_from_ring, ring_from_coordinates
@@ -129,16 +128,11 @@ def select(
         if ann_id in seen:
             duplicates.append(ann_id)
             continue
+        seen.add(ann_id)
         location = _location(doc)
         if location is not None and not (location.xy in xy_set and location.z in z_set and location.time in t_set):
             continue
-        seen.add(ann_id)
         original = to_original(doc)
         grouped[original.location].append(original)
     ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda l: (l.xy, l.z, l.time))}
     return Selection(ordered, tuple(duplicates), without_id)
-
-
-def ring_array(original: Original) -> np.ndarray:
-    """The original's outline as (K, 2) float64 (x, y) (for drawing)."""
-    return ring_from_coordinates(original.doc.get("coordinates"))

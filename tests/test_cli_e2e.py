@@ -314,3 +314,20 @@ def test_bad_command_lines_exit_non_zero_without_echoing_the_token(server, check
         assert done.returncode == 2
         assert TOKEN not in done.stdout + done.stderr
         assert json.loads(done.stdout.splitlines()[0])["type"] == "error"
+
+
+def test_demo_runs_end_to_end_and_labels_an_untrained_model(tmp_path, checkpoint_dir, monkeypatch):
+    """The README's first command, in-process (it starts its own server and worker subprocess)."""
+    from sam2_refine import demo
+
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(checkpoint_dir))
+    summary = demo.run(tmp_path, allow_download=False)
+    assert summary["worker_exit_code"] == 0
+    assert summary["untrained_model"] is True  # the test checkpoint carries the marker
+    assert summary["annotations"] == 28
+    assert summary["refined"] + summary["kept"] == 28
+    overlay = tmp_path / "overlay.png"
+    import cv2
+    image = cv2.imread(str(overlay))
+    assert image is not None and image.shape[0] > 512 and image.shape[1] > 1024
+    assert json.loads((tmp_path / "summary.json").read_text())["overlay"] == str(overlay)

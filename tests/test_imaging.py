@@ -187,10 +187,25 @@ def test_flat_window_does_not_divide_by_zero(mode: str, black: float, white: flo
     assert set(np.unique(img)) <= {0.0, 1.0}
 
 
-def test_flat_window_on_a_constant_plane() -> None:
+def test_flat_window_on_a_constant_plane_is_black() -> None:
     with np.errstate(all="raise"):
         img = merge([layer_doc(0, "#ffffff", "percentile", 1, 99)], {0: np.full((H, W), 7, np.uint16)})
-    assert np.all(np.isfinite(img))
+    assert not img.any()
+
+
+def test_sparse_channel_with_a_collapsed_window_keeps_its_background_black() -> None:
+    # Fewer than 0.5 % bright pixels: the 1st and 99.5th percentiles are both the background.
+    plane = np.full((100, 100), 100, np.uint16)
+    plane[50, 50:53] = 5000
+    img = merge_layers({0: plane}, default_layers(1))
+    check_image(img, (100, 100))
+    assert np.all(img[50, 50:53] == 1.0)
+    assert np.count_nonzero(img[..., 0]) == 3
+
+
+def test_flat_absolute_window_is_a_threshold() -> None:
+    img = merge([layer_doc(0, "#ffffff", "absolute", 50, 50)], {0: ramp()})
+    np.testing.assert_array_equal(img[0, :, 0], (np.arange(W) > 50).astype(np.float32))
 
 
 @pytest.mark.parametrize("mode", ["percentile", "absolute"])

@@ -50,6 +50,7 @@ def cell_scene(
     rng = np.random.default_rng(seed)
     labels = np.zeros((height, width), dtype=np.int32)
     cyto = np.zeros((height, width), dtype=np.int32)
+    brightness = [0.0]
     placed = 0
     for _ in range(count * 30):
         if placed == count:
@@ -66,12 +67,14 @@ def cell_scene(
             continue
         placed += 1
         labels[trial > 0] = placed
+        brightness.append(float(rng.uniform(0.55, 1.0)))
         ring = cv2.dilate(trial, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9)))
         cyto[(ring > 0) & (cyto == 0)] = placed
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     background = 0.04 + 0.03 * (xx / max(width, 1)) + 0.02 * (yy / max(height, 1))
     texture = cv2.GaussianBlur(rng.random((height, width)).astype(np.float32), (0, 0), 2.0)
-    nucleus = np.where(labels > 0, 0.75 + 0.2 * texture, 0.0).astype(np.float32)
+    level = np.asarray(brightness, dtype=np.float32)[labels]
+    nucleus = np.where(labels > 0, level * (0.75 + 0.2 * texture), 0.0).astype(np.float32)
     nucleus = cv2.GaussianBlur(nucleus, (0, 0), 0.8) + background
     cytoplasm = cv2.GaussianBlur(np.where(cyto > 0, 0.35, 0.0).astype(np.float32), (0, 0), 1.5) + background
     planes = np.stack([nucleus, cytoplasm])
