@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
 SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
 #: How many ids a warning lists before it says "and N more".
 LISTED_IDS = 50
+#: Refined annotations are uploaded during the job once this many are waiting.
+UPLOAD_CHUNK = 1000
 
 #: Loads the model from a checkpoint path: (predictor, untrained?).
 PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
@@ -134,6 +137,13 @@ def run_compute(
     except JobFailed as exc:
         reporter.error(str(exc), exc.info)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - report what was done before any unexpected failure
+        log.debug("unexpected failure", exc_info=True)
+        reporter.error("The job failed unexpectedly; no original annotation was deleted."
+                       if not ledger.deleted else "The job failed unexpectedly.",
+                       f"{type(exc).__name__}: {exc}. {len(ledger.created)} refined annotation(s) had been "
+                       f"created and {len(ledger.deleted)} original(s) deleted before the failure.")
+        return EXIT_FAILED
     finally:
         _write_summary(ledger)
 
@@ -170,17 +180,18 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
         return EXIT_OK
 
     predictor = _load_model(settings, reporter, load_predictor, selection)
-    failed_locations = _refine_all(settings, client, reporter, predictor, info, layers, selection, ledger)
+    uploader = _Uploader(client, ledger, settings)
+    failed_locations = _refine_all(settings, client, reporter, predictor, info, layers, selection, ledger, uploader)
 
-    refined = len(ledger.refined)
-    reporter.progress(0.85, "Uploading", f"Creating {refined} refined annotation(s)")
-    report = upload(client, ledger, settings.dataset_id, settings.channel, settings.output_tags)
+    reporter.progress(0.85, "Uploading", f"Creating {len(ledger.refined) - len(ledger.created)} refined annotation(s)")
+    uploader.flush()
     _warn_kept(reporter, ledger)
-    if report.error is not None:
+    if uploader.error is not None:
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
-            f"{report.error}. Created {report.created} of {refined}; {report.not_created} were not "
-            "created (or not confirmed by the server). Every original annotation is still in place.")
+            f"{uploader.error}. Created {len(ledger.created)} of {len(ledger.refined)}; "
+            f"{len(ledger.not_created)} were not created (or not confirmed by the server). "
+            "Every original annotation is still in place.")
         return EXIT_FAILED
 
     if settings.delete_originals and ledger.created:
@@ -222,35 +233,78 @@ def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: Pr
     return predictor
 
 
+class _Uploader:
+    """Uploads refined annotations in chunks while the job goes on; stops at the first failure."""
+
+    def __init__(self, client: NimbusClient, ledger: Ledger, settings: RefineSettings) -> None:
+        self.client, self.ledger, self.settings = client, ledger, settings
+        self.error: NimbusAPIError | None = None
+
+    def pending(self) -> int:
+        return len(self.ledger.refined) - len(self.ledger.created) - len(self.ledger.not_created)
+
+    def flush(self, at_least: int = 1) -> None:
+        """Upload what is pending if there are ``at_least`` documents (no-op after a failure)."""
+        if self.error is not None or self.pending() < at_least:
+            return
+        report = upload(self.client, self.ledger, self.settings.dataset_id, self.settings.channel,
+                        self.settings.output_tags)
+        self.error = report.error
+
+
 def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Reporter, predictor: BoxPredictor,
-                info: DatasetInfo, layers: list[Layer], selection: Selection, ledger: Ledger) -> list[str]:
-    """Refine every location; returns descriptions of locations that failed."""
+                info: DatasetInfo, layers: list[Layer], selection: Selection, ledger: Ledger,
+                uploader: _Uploader) -> list[str]:
+    """Refine every location; returns descriptions of locations that failed.
+
+    The next location's frames are fetched and merged in a background thread (with its own
+    HTTP session) while the current one is refined, and refined annotations are uploaded in
+    chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no further
+    location is processed (its originals are kept).
+    """
     options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding)
     span = ProgressSpan(reporter, 0.1, 0.85, "Refining")
     total = selection.count
     done = 0
     failed: list[str] = []
     locations = list(selection.by_location.items())
-    for index, (location, originals) in enumerate(locations, start=1):
-        where = f"Location {index}/{len(locations)} ({location.describe()})"
-        span.update(done / total, where)
-        if all(o.problem is not None for o in originals):  # nothing to look at: no image fetched
-            ledger.record(location, [Kept(o.id, o.problem or "no shape") for o in originals])
+    wanted = [loc for loc, originals in locations if any(o.problem is None for o in originals)]
+    with client.clone() as fetch_client, ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        futures: dict[Location, Future[np.ndarray]] = {}
+
+        def prefetch(position: int) -> None:
+            if position < len(wanted) and wanted[position] not in futures:
+                futures[wanted[position]] = pool.submit(load_location_image, fetch_client, info, layers,
+                                                        wanted[position])
+
+        prefetch(0)
+        for index, (location, originals) in enumerate(locations, start=1):
+            where = f"Location {index}/{len(locations)} ({location.describe()})"
+            if uploader.error is not None:
+                for original in originals:
+                    ledger.keep(original.id, location, "not processed: the upload failed")
+                continue
+            span.update(done / total, where)
+            if location not in futures:  # nothing to look at: no image fetched
+                ledger.record(location, [Kept(o.id, o.problem or "no shape") for o in originals])
+                done += len(originals)
+                continue
+            prefetch(wanted.index(location) + 1)
+            try:
+                image = futures.pop(location).result()
+            except NimbusAPIError as exc:
+                failed.append(f"{location.describe()}: {exc}")
+                for original in originals:
+                    ledger.keep(original.id, location, "its image could not be read")
+                done += len(originals)
+                continue
+            base = done
+            outcomes = refine_location(predictor, image, originals, options,
+                                       on_progress=lambda n, b=base: span.update((b + n) / total, where))
+            del image
+            ledger.record(location, outcomes)
             done += len(originals)
-            continue
-        try:
-            image = load_location_image(client, info, layers, location)
-        except NimbusAPIError as exc:
-            failed.append(f"{location.describe()}: {exc}")
-            for original in originals:
-                ledger.keep(original.id, location, "its image could not be read")
-            done += len(originals)
-            continue
-        base = done
-        outcomes = refine_location(predictor, image, originals, options,
-                                   on_progress=lambda n, b=base: span.update((b + n) / total, where))
-        ledger.record(location, outcomes)
-        done += len(originals)
+            uploader.flush(at_least=UPLOAD_CHUNK)
     span.update(1.0, f"{len(locations)} location(s) done")
     return failed
 

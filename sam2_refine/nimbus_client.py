@@ -246,18 +246,25 @@ class NimbusClient:
         timeouts: Timeouts | None = None,
     ) -> None:
         self._token = token
+        self._api_url = api_url
+        self.retry = retry or RetryPolicy()
         self.timeouts = timeouts or Timeouts()
         self._gc = girder_client.GirderClient(apiUrl=api_url)
         self._gc.setToken(token)
         self._stack = ExitStack()
         session = requests.Session()
-        adapter = HTTPAdapter(max_retries=(retry or RetryPolicy()).to_urllib3())
+        adapter = HTTPAdapter(max_retries=self.retry.to_urllib3())
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._stack.enter_context(self._gc.session(session))
 
     def close(self) -> None:
         self._stack.close()
+
+    def clone(self) -> NimbusClient:
+        """A new client with the same server, token and policies, and its own HTTP session
+        (a requests session is not meant to be shared between threads)."""
+        return NimbusClient(self._api_url, self._token, retry=self.retry, timeouts=self.timeouts)
 
     def __enter__(self) -> NimbusClient:
         return self

@@ -51,12 +51,16 @@ class KnownMaskPredictor:
         threshold: An object is where the image's brightest band exceeds this.
         grid: (h, w) of the logit grid, or None for full resolution (grid = image).
         max_batch: Prompts per decode call.
+        labels: (H, W) int label image to answer from instead of thresholding the image (the
+            ground truth of a synthetic scene).
     """
 
     description = "known-mask stand-in"
 
-    def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16) -> None:
+    def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16,
+                 labels: np.ndarray | None = None) -> None:
         self.threshold = threshold
+        self.truth = labels
         self.grid = grid
         self.max_batch = max_batch
         self.embed_calls = 0
@@ -66,7 +70,7 @@ class KnownMaskPredictor:
 
     def embed(self, image: np.ndarray) -> None:
         self.embed_calls += 1
-        self._labels = _labels(image, self.threshold)
+        self._labels = self.truth if self.truth is not None else _labels(image, self.threshold)
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
                multimask: bool = False) -> Decoded:
