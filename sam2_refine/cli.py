@@ -11,17 +11,43 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sam2_refine.interface import build_interface, checkpoint_dir, list_checkpoints
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient
+from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
 from sam2_refine.report import Reporter, scrub
 from sam2_refine.settings import SettingsErrors, parse_settings
 from sam2_refine.worker_info import DEFAULT_IMAGE_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Seconds to wait for each read of a server response (default 300).
+TIMEOUT_ENV = "SAM2_REFINE_HTTP_TIMEOUT"
+#: Retries of a transient failure (default 5).
+RETRIES_ENV = "SAM2_REFINE_HTTP_RETRIES"
+
+
+def http_policies() -> tuple[RetryPolicy, Timeouts]:
+    """Retry and timeout policies, from the environment where set (bad values: the defaults)."""
+    retry, timeouts = RetryPolicy(), Timeouts()
+    try:
+        if os.environ.get(TIMEOUT_ENV):
+            read = float(os.environ[TIMEOUT_ENV])
+            if read > 0:
+                timeouts = Timeouts(connect=min(timeouts.connect, read), read=read)
+        if os.environ.get(RETRIES_ENV):
+            retry = RetryPolicy(total=max(0, int(os.environ[RETRIES_ENV])))
+    except ValueError:
+        logging.getLogger(__name__).warning("ignoring a malformed %s or %s", TIMEOUT_ENV, RETRIES_ENV)
+    return retry, timeouts
+
+
+def _client(api_url: str, token: str) -> NimbusClient:
+    retry, timeouts = http_policies()
+    return NimbusClient(api_url, token, retry=retry, timeouts=timeouts)
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -50,7 +76,7 @@ def run_interface(api_url: str, token: str, params: dict, reporter: Reporter) ->
     models = list_checkpoints(checkpoint_dir())
     if not models:
         reporter.warning("No SAM2 checkpoint found in the worker image.", str(checkpoint_dir()))
-    with NimbusClient(api_url, token) as client:
+    with _client(api_url, token) as client:
         try:
             client.post_interface(image, build_interface(models))
         except NimbusAPIError as exc:
@@ -68,8 +94,15 @@ def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, 
         for error in exc.errors:
             reporter.error(f"Invalid setting: {error.field}", f"{error.message}. Nothing was changed.")
         return EXIT_USAGE
-    with NimbusClient(api_url, token) as client:
-        return job.run_compute(settings, client, reporter, _load_sam2)
+    def stop(signum: int, frame: object) -> None:
+        raise job.JobInterrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with _client(api_url, token) as client:
+            return job.run_compute(settings, client, reporter, _load_sam2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _load_sam2(checkpoint: Path):  # -> tuple[BoxPredictor, bool]

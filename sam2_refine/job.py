@@ -7,7 +7,7 @@ deletions -> summary. Progress lines cover the whole job; every original ends up
 
 Exit status: 0 when the job finished (some originals may be kept, with warnings); 1 when it
 failed part way (the messages say what was and was not done); 2 for bad settings (nothing was
-read or changed beyond the dataset's layout).
+read or changed beyond the dataset's layout); 143 when stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +27,20 @@ import numpy as np
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import BatchRangeError
 from sam2_refine.imaging import Layer, LayerError, merge_layers, parse_layers
+from sam2_refine.markers import original_of
 from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.predictor import BoxPredictor
 from sam2_refine.refine import GeometryOptions, Kept, refine_location
 from sam2_refine.replace import Ledger, delete_replaced, upload
 from sam2_refine.report import ProgressSpan, Reporter
-from sam2_refine.selection import Selection, select
+from sam2_refine.selection import Original, Selection, select
 from sam2_refine.settings import Location, RefineSettings
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
+#: Exit status after SIGTERM (128 + 15, as a shell reports it).
+EXIT_INTERRUPTED = 143
 #: Environment variable naming a file for the job's JSON summary (demo, tests, benchmarks).
 SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
 #: How many ids a warning lists before it says "and N more".
@@ -47,6 +50,17 @@ UPLOAD_CHUNK = 1000
 
 #: Loads the model from a checkpoint path: (predictor, untrained?).
 PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
+
+
+class JobInterrupted(BaseException):
+    """The process was asked to stop (SIGTERM): raised in the main thread by the CLI's handler.
+
+    A BaseException, so that no ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 class JobFailed(Exception):
@@ -83,16 +97,33 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
         raise JobFailed(f"Invalid setting: {exc}", "Nothing was changed.", EXIT_BAD_SETTINGS) from None
 
 
-def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterable[dict[str, Any]]:
-    """Polygon annotations (and blobs, where a server has them) that may be refined.
+def _queries(settings: RefineSettings) -> list[list[str] | None]:
+    """Annotation queries (tag lists; None = every polygon) that find the candidates and the
+    refinements earlier runs made (which carry the output tags, not necessarily a refine tag).
 
-    With refine tags, the server filters: one query per tag (the server's filter is "has all"),
-    so only candidate annotations travel. Duplicates across queries are removed by selection.
+    With refine tags and output tags, the server filters (its filter is "has all", so one query
+    per refine tag plus one for the output tags); otherwise one query lists every polygon.
     """
-    tag_queries: list[list[str] | None] = [[t] for t in settings.refine_tags] or [None]
-    for tags in tag_queries:
+    if settings.refine_tags and settings.output_tags:
+        return [[t] for t in settings.refine_tags] + [list(settings.output_tags)]
+    return [None]
+
+
+def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterator[dict[str, Any]]:
+    """Polygon annotations (and blobs, where a server has them) that may be refined, and the
+    refinements of earlier runs. A document found by several queries comes once."""
+    earlier: set[str] = set()
+    for tags in _queries(settings):
+        found: set[str] = set()
         for page in client.iter_annotation_pages(settings.dataset_id, "polygon", tags=tags):
-            yield from page
+            for doc in page:
+                ann_id = doc.get("_id") if isinstance(doc, dict) else None
+                if isinstance(ann_id, str):
+                    if ann_id in earlier:
+                        continue
+                    found.add(ann_id)
+                yield doc
+        earlier |= found
     try:
         blob_pages = list(client.iter_annotation_pages(settings.dataset_id, "blob"))
     except NimbusAPIError as exc:  # not every server knows blobs: ignored, as upstream does
@@ -100,6 +131,18 @@ def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterabl
         blob_pages = []
     for page in blob_pages:
         yield from page
+
+
+def find_refinements(client: NimbusClient, settings: RefineSettings) -> dict[str, str]:
+    """original id -> id of an annotation on the server that refines it (see markers)."""
+    found: dict[str, str] = {}
+    query = list(settings.output_tags) if settings.output_tags else None
+    for page in client.iter_annotation_pages(settings.dataset_id, "polygon", tags=query):
+        for doc in page:
+            original = original_of(doc) if isinstance(doc, dict) else None
+            if original is not None and isinstance(doc.get("_id"), str):
+                found.setdefault(original, doc["_id"])
+    return found
 
 
 def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[Layer],
@@ -137,6 +180,13 @@ def run_compute(
     except JobFailed as exc:
         reporter.error(str(exc), exc.info)
         return exc.exit_code
+    except JobInterrupted as exc:
+        reporter.error(f"The job was stopped ({exc.signal_name})" +
+                       ("; no original annotation was deleted." if not ledger.deleted else "."),
+                       f"{len(ledger.created) - len(ledger.previous)} refined annotation(s) had been created and "
+                       f"{len(ledger.deleted)} original(s) deleted. Running the job again refines only what is "
+                       "missing and does not duplicate what was made.")
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - report what was done before any unexpected failure
         log.debug("unexpected failure", exc_info=True)
         reporter.error("The job failed unexpectedly; no original annotation was deleted."
@@ -175,38 +225,86 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                          "each is refined once.", _ids_text(list(selection.duplicates)))
     if selection.without_id:
         reporter.warning(f"{selection.without_id} annotation(s) without an id were skipped.")
+    selection = _take_earlier_refinements(selection, ledger, reporter)
     if selection.count == 0:
-        reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
-        return EXIT_OK
+        if not ledger.previous:
+            reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
+            return EXIT_OK
+        return _finish(settings, client, reporter, ledger, [], started)
 
     predictor = _load_model(settings, reporter, load_predictor, selection)
     uploader = _Uploader(client, ledger, settings)
     failed_locations = _refine_all(settings, client, reporter, predictor, info, layers, selection, ledger, uploader)
 
-    reporter.progress(0.85, "Uploading", f"Creating {len(ledger.refined) - len(ledger.created)} refined annotation(s)")
+    reporter.progress(0.85, "Uploading", f"Creating {uploader.pending()} refined annotation(s)")
     uploader.flush()
-    _warn_kept(reporter, ledger)
     if uploader.error is not None:
+        unconfirmed = len(ledger.not_created)
+        found = _reconcile(client, settings, ledger)
+        _warn_kept(reporter, ledger)
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
-            f"{uploader.error}. Created {len(ledger.created)} of {len(ledger.refined)}; "
-            f"{len(ledger.not_created)} were not created (or not confirmed by the server). "
-            "Every original annotation is still in place.")
+            f"{uploader.error}. Created {len(ledger.created) - len(ledger.previous)} of {len(ledger.refined)}"
+            + (f" ({found} of the {unconfirmed} unconfirmed ones were found on the server after all)" if found else "")
+            + f"; {len(ledger.not_created)} were not created. Every original annotation is still in place; "
+            "running the job again refines only what is missing.")
         return EXIT_FAILED
+    return _finish(settings, client, reporter, ledger, failed_locations, started)
 
+
+def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Reporter) -> Selection:
+    """Originals an earlier run already refined are not refined again (see markers)."""
+    again = {o.id for originals in selection.by_location.values() for o in originals
+             if o.id in selection.refinements}
+    if not again:
+        return selection
+    remaining: dict[Location, list[Original]] = {}
+    for location, originals in selection.by_location.items():
+        for original in originals:
+            if original.id in again:
+                ledger.already_refined(original.id, location, selection.refinements[original.id])
+        rest = [o for o in originals if o.id not in again]
+        if rest:
+            remaining[location] = rest
+    reporter.warning(f"{len(again)} annotation(s) had already been refined by an earlier run; their "
+                     "refinements are kept and not made again.", _ids_text(sorted(again)),
+                     title="Already refined")
+    return Selection(remaining, selection.duplicates, selection.without_id, selection.refinements)
+
+
+def _reconcile(client: NimbusClient, settings: RefineSettings, ledger: Ledger) -> int:
+    """After a failed upload, look for refinements the server created without confirming them."""
+    try:
+        on_server = find_refinements(client, settings)
+    except NimbusAPIError as exc:
+        log.info("could not re-check the refinements: %s", exc)
+        return 0
+    found = [o for o in ledger.not_created if o in on_server]
+    for original_id in found:
+        ledger.created[original_id] = on_server[original_id]
+    ledger.not_created = [o for o in ledger.not_created if o not in on_server]
+    return len(found)
+
+
+def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, ledger: Ledger,
+            failed_locations: list[str], started: float) -> int:
+    """Warnings for kept originals, confirmed deletions, the summary line."""
+    _warn_kept(reporter, ledger)
     if settings.delete_originals and ledger.created:
         reporter.progress(0.95, "Deleting originals", f"Deleting {len(ledger.created)} replaced original(s)")
         error = delete_replaced(client, ledger)
         if error is not None:
             reporter.error("Deleting the replaced originals failed part way.",
                            f"{error}. Deleted {len(ledger.deleted)}; {len(ledger.delete_failed)} originals "
-                           "remain next to their refined copies.")
+                           "remain next to their refined copies (running the job again deletes them).")
             return EXIT_FAILED
 
     summary = ledger.summary()
     elapsed = time.monotonic() - started
     text = (f"Refined {summary['refined']} of {summary['selected']}, kept {summary['kept']}, "
-            f"deleted {summary['deleted']} ({elapsed:.1f} s)")
+            f"deleted {summary['deleted']}"
+            + (f", {summary['already_refined']} already refined earlier" if summary["already_refined"] else "")
+            + f" ({elapsed:.1f} s)")
     if failed_locations:
         reporter.error(f"{len(failed_locations)} location(s) could not be processed; their annotations "
                        "were kept.", "; ".join(failed_locations[:20]))
@@ -241,14 +339,16 @@ class _Uploader:
         self.error: NimbusAPIError | None = None
 
     def pending(self) -> int:
-        return len(self.ledger.refined) - len(self.ledger.created) - len(self.ledger.not_created)
+        """Refined shapes not uploaded yet."""
+        done = self.ledger.created.keys() | set(self.ledger.not_created)
+        return sum(1 for r in self.ledger.refined if r.original_id not in done)
 
     def flush(self, at_least: int = 1) -> None:
         """Upload what is pending if there are ``at_least`` documents (no-op after a failure)."""
         if self.error is not None or self.pending() < at_least:
             return
         report = upload(self.client, self.ledger, self.settings.dataset_id, self.settings.channel,
-                        self.settings.output_tags)
+                        self.settings.output_tags, self.settings.keep_original_tags)
         self.error = report.error
 
 
@@ -298,6 +398,8 @@ def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Report
                     ledger.keep(original.id, location, "its image could not be read")
                 done += len(originals)
                 continue
+            for original in originals:
+                ledger.tags[original.id] = original.tags
             base = done
             outcomes = refine_location(predictor, image, originals, options,
                                        on_progress=lambda n, b=base: span.update((b + n) / total, where))

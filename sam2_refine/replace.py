@@ -5,7 +5,10 @@ deletion and the summary, so an original can be deleted only if the server confi
 creation of its own replacement:
 
 - a refined shape is uploaded as a new polygon annotation (the tool's channel and tags, the
-  original's location and dataset);
+  original's location and dataset) marked with the id of its original
+  (:mod:`sam2_refine.markers`), so a later run can find it;
+- an original that an earlier run already refined is not refined again: its existing
+  refinement counts as its confirmed replacement;
 - the server's answer must confirm each document of a chunk (one ``_id`` per document, in order);
 - any upload failure stops the upload and deletes nothing at all;
 - deletion (if asked) sends exactly the originals whose replacement was confirmed.
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sam2_refine.geometry import polygon_coordinates
+from sam2_refine.markers import MARKER_KEY, marker
 from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
 from sam2_refine.refine import Kept, Outcome, Refined
 from sam2_refine.settings import Location
@@ -34,6 +38,9 @@ class Ledger:
         not_created: original ids whose refined shape was not (certainly) created.
         deleted: original ids deleted after their replacement was confirmed.
         delete_failed: original ids whose deletion was attempted and failed.
+        previous: original ids whose refinement an earlier run had already created (they are
+            in ``created`` with that refinement's id).
+        tags: original id -> the original's own tags (for "Keep original tags").
     """
 
     locations: dict[str, Location] = field(default_factory=dict)
@@ -42,6 +49,14 @@ class Ledger:
     not_created: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     delete_failed: list[str] = field(default_factory=list)
+    previous: set[str] = field(default_factory=set)
+    tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def already_refined(self, original_id: str, location: Location, refined_id: str) -> None:
+        """An earlier run created ``refined_id`` for this original: it is its replacement."""
+        self.locations[original_id] = location
+        self.created[original_id] = refined_id
+        self.previous.add(original_id)
 
     def record(self, location: Location, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
@@ -69,8 +84,9 @@ class Ledger:
         """A JSON-ready account of every original."""
         kept = self.kept_by_reason()
         return {
-            "selected": len(self.outcomes),
-            "refined": len(self.created),
+            "selected": len(self.outcomes) + len(self.previous),
+            "refined": len(self.created) - len(self.previous),
+            "already_refined": len(self.previous),
             "kept": sum(len(v) for v in kept.values()),
             "deleted": len(self.deleted),
             "kept_reasons": kept,
@@ -82,7 +98,8 @@ class Ledger:
 
 def new_annotation(refined: Refined, location: Location, dataset_id: str, channel: int,
                    tags: tuple[str, ...]) -> dict[str, Any]:
-    """The annotation document for a refined shape (every field the server requires)."""
+    """The annotation document for a refined shape (every field the server requires, and the
+    mark naming its original)."""
     return {
         "datasetId": dataset_id,
         "shape": "polygon",
@@ -90,7 +107,15 @@ def new_annotation(refined: Refined, location: Location, dataset_id: str, channe
         "channel": channel,
         "location": location.as_json(),
         "coordinates": polygon_coordinates(refined.polygon),
+        MARKER_KEY: marker(refined.original_id),
     }
+
+
+def output_tags(tool_tags: tuple[str, ...], original_tags: tuple[str, ...], keep_original: bool) -> tuple[str, ...]:
+    """The tool's output tags, followed (if asked) by the original's own tags, without repeats."""
+    if not keep_original:
+        return tool_tags
+    return tuple(dict.fromkeys((*tool_tags, *original_tags)))
 
 
 @dataclass(frozen=True)
@@ -103,15 +128,18 @@ class UploadReport:
 
 
 def upload(client: NimbusClient, ledger: Ledger, dataset_id: str, channel: int,
-           tags: tuple[str, ...], chunk_size: int = MAX_CHUNK, only: list[str] | None = None) -> UploadReport:
-    """Create the refined annotations not created yet; record confirmed ones in the ledger.
+           tags: tuple[str, ...], keep_original_tags: bool = False, chunk_size: int = MAX_CHUNK) -> UploadReport:
+    """Create the refined annotations not created (or failed) yet; record confirmed ones.
 
     Args:
-        only: Upload only these original ids (default: every refined one not yet created).
+        tags: The tool's output tags.
+        keep_original_tags: Add each original's own tags to its refined annotation.
     """
-    pending = [r for r in ledger.refined if r.original_id not in ledger.created
-               and (only is None or r.original_id in only)]
-    docs = [new_annotation(r, ledger.locations[r.original_id], dataset_id, channel, tags) for r in pending]
+    failed = set(ledger.not_created)
+    pending = [r for r in ledger.refined if r.original_id not in ledger.created and r.original_id not in failed]
+    docs = [new_annotation(r, ledger.locations[r.original_id], dataset_id, channel,
+                           output_tags(tags, ledger.tags.get(r.original_id, ()), keep_original_tags))
+            for r in pending]
     try:
         created = client.create_annotations(docs, chunk_size=chunk_size)
         error = None

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shapely.geometry.base import BaseGeometry
 
 from sam2_refine.geometry import AnnotationProblem, polygon_from_ring, ring_from_coordinates
+from sam2_refine.markers import original_of
 from sam2_refine.settings import Location
 
 
@@ -88,11 +89,14 @@ class Selection:
         by_location: Location -> originals there, locations sorted (XY, then Z, then Time).
         duplicates: Ids listed more than once by the server (refined once).
         without_id: How many documents had no ``_id`` (they cannot be refined or deleted).
+        refinements: original id -> id of an existing annotation that refines it (made by an
+            earlier run; see :mod:`sam2_refine.markers`). Such annotations are never originals.
     """
 
     by_location: dict[Location, list[Original]]
     duplicates: tuple[str, ...] = ()
     without_id: int = 0
+    refinements: dict[str, str] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -117,9 +121,17 @@ def select(
     grouped: dict[Location, list[Original]] = defaultdict(list)
     seen: set[str] = set()
     duplicates: list[str] = []
+    refinements: dict[str, str] = {}
     without_id = 0
     for doc in docs:
-        if not isinstance(doc, dict) or not has_any_tag(doc, refine_tags):
+        if not isinstance(doc, dict):
+            continue
+        refines = original_of(doc)
+        if refines is not None:
+            if isinstance(doc.get("_id"), str):
+                refinements.setdefault(refines, doc["_id"])
+            continue
+        if not has_any_tag(doc, refine_tags):
             continue
         ann_id = doc.get("_id")
         if not isinstance(ann_id, str) or not ann_id:
@@ -135,4 +147,4 @@ def select(
         original = to_original(doc)
         grouped[original.location].append(original)
     ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda l: (l.xy, l.z, l.time))}
-    return Selection(ordered, tuple(duplicates), without_id)
+    return Selection(ordered, tuple(duplicates), without_id, refinements)

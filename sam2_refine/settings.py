@@ -66,6 +66,7 @@ class RefineSettings:
         tile: The position the tool was launched from (used for blank batch fields).
         channel: Channel assigned to the new annotations.
         output_tags: Tags of the new annotations (may be empty).
+        keep_original_tags: Add each original's own tags to its refined annotation.
     """
 
     dataset_id: str
@@ -81,6 +82,7 @@ class RefineSettings:
     tile: Location
     channel: int
     output_tags: tuple[str, ...]
+    keep_original_tags: bool = False
 
 
 def _number(field: str, value: Any, low: float, high: float, default: float) -> float:

@@ -167,10 +167,11 @@ def test_tag_and_batch_filtering(server, checkpoint_dir, tmp_path):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert set(summary["replacements"]) | set(i for v in summary["kept_reasons"].values() for i in v) == set(wanted)
     assert not set(unwanted) & set(summary["replacements"])
-    # One server-side tag query per refine tag; frames only for XY 2.
+    # One server-side tag query per refine tag, one for earlier refinements (output tags); frames
+    # only for XY 2.
     tag_queries = [json.loads(r.params["tags"]) for r in server.requests_to("GET", "upenn_annotation")
                    if "tags" in r.params]
-    assert sorted(tag_queries) == [["a"], ["b"]]
+    assert sorted(tag_queries) == [["a"], ["b"], ["refined"]]
     frames = {int(r.params["frame"]) for r in server.requests_to("GET", r"item/\w+/tiles/region")}
     assert frames == {ds.frame_of[(1, t, 0, c)] for t in range(2) for c in range(2)}
 

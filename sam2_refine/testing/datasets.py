@@ -140,3 +140,58 @@ def annotation_doc(points: np.ndarray, xy: int = 0, z: int = 0, time: int = 0,
         "location": {"XY": xy, "Z": z, "Time": time},
         "coordinates": [{"x": float(x), "y": float(y)} for x, y in points],
     }
+
+
+@dataclass(frozen=True)
+class GridScene:
+    """Many round objects on a jittered grid: fast to build at any size and count.
+
+    Attributes:
+        channels: (C, H, W) uint16.
+        labels: (H, W) int32, object k (1..N) where disk k is.
+        centres: (N, 2) float64 (x, y).
+        radii: (N,) float64.
+    """
+
+    channels: np.ndarray
+    labels: np.ndarray
+    centres: np.ndarray
+    radii: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.radii)
+
+
+def grid_scene(height: int, width: int, count: int, channels: int = 1, seed: int = 0) -> GridScene:
+    """``count`` bright disks on a dark, noisy background, one per cell of a jittered grid."""
+    rng = np.random.default_rng(seed)
+    cols = int(np.ceil(np.sqrt(count * width / height)))
+    rows = int(np.ceil(count / cols))
+    cell = min(width / cols, height / rows)
+    labels = np.zeros((height, width), dtype=np.int32)
+    centres, radii = [], []
+    for k in range(count):
+        r, c = divmod(k, cols)
+        radius = cell * rng.uniform(0.22, 0.32)
+        slack = cell / 2 - radius - 1
+        cx = (c + 0.5) * width / cols + rng.uniform(-slack, slack)
+        cy = (r + 0.5) * height / rows + rng.uniform(-slack, slack)
+        cv2.circle(labels, (int(round(cx * 16)), int(round(cy * 16))), int(round(radius * 16)), k + 1, -1,
+                   cv2.LINE_8, 4)
+        centres.append((cx, cy))
+        radii.append(radius)
+    base = np.where(labels > 0, 30000, 2000).astype(np.float32)
+    planes = [np.clip(base + rng.normal(0, 800, size=base.shape), 0, 65535).astype(np.uint16) for _ in range(channels)]
+    return GridScene(np.stack(planes), labels, np.asarray(centres), np.asarray(radii))
+
+
+def rough_octagons(centres: np.ndarray, radii: np.ndarray, rng: np.random.Generator, jitter: float = 0.25,
+                   ) -> list[np.ndarray]:
+    """A rough 8-vertex outline around each disk: radius off by up to +-``jitter``, vertices jittered."""
+    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    out = []
+    for (cx, cy), radius in zip(centres, radii):
+        r = radius * (1 + rng.uniform(-jitter, jitter)) * (1 + rng.uniform(-0.1, 0.1, size=8))
+        out.append(np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1))
+    return out

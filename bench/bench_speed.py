@@ -1,0 +1,222 @@
+"""Speed and memory of a refinement job: the engine against the per-box loop and the model floor.
+
+Run from the repository root (after ``make venv``)::
+
+    .venv/bin/python bench/bench_speed.py            # the full table (about 20 min on 2 cores)
+    .venv/bin/python bench/bench_speed.py --quick    # a smoke run (about a minute)
+
+One process, one SAM2.1 tiny model (random weights: speed does not depend on their values),
+the same synthetic datasets served by the local NimbusImage test server. For each
+configuration (frame size, objects per location N, locations L) it measures, side by side:
+
+  a  the original worker's per-box loop, re-implemented faithfully (bench/per_box_loop.py):
+     ``predict()`` per box, every mask upsampled to the full frame, contours over the full frame;
+  b  this project's engine through the same code path as a real job (``job.run_compute`` over
+     HTTP: selection, frames, merge, embedding, decoding, polygons, upload), the model already
+     loaded (model loading is the same fixed cost for every variant and is left out);
+  c  the floor: the encoder once per location plus the mask decoder for all N prompts (in the
+     engine's batches), on images already in memory, and nothing else.
+
+It prints a table (wall time, b/a, b/c, peak RSS of each variant, polygons per second of b)
+and writes JSON to bench/results/speed.json. Peak RSS is the process's high-water mark, reset
+before each variant through /proc/self/clear_refs (Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from per_box_loop import run_per_box_loop  # noqa: E402
+
+from sam2_refine import job  # noqa: E402
+from sam2_refine.imaging import default_layers  # noqa: E402
+from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
+from sam2_refine.report import Reporter  # noqa: E402
+from sam2_refine.sam2_model import Sam2BoxPredictor  # noqa: E402
+from sam2_refine.settings import parse_settings  # noqa: E402
+from sam2_refine.testing.checkpoints import make_untrained_checkpoint  # noqa: E402
+from sam2_refine.testing.datasets import grid_scene, rough_octagons  # noqa: E402
+from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
+
+TOKEN = "bench-token"
+
+
+@dataclass(frozen=True)
+class Config:
+    size: int
+    objects: int
+    locations: int
+    per_box: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}x{self.size} N={self.objects} L={self.locations}"
+
+
+FULL = [
+    Config(1024, 200, 1), Config(1024, 100, 4), Config(2048, 100, 2), Config(4096, 500, 1), Config(4096, 100, 2),
+    Config(2048, 10, 1), Config(2048, 100, 1), Config(2048, 1000, 1), Config(2048, 5000, 1, per_box=False),
+]
+QUICK = [Config(1024, 20, 1), Config(2048, 20, 2)]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
+    reset_peak()
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, rss_mb(), result
+
+
+def build_dataset(server: NimbusTestServer, cfg: Config, seed: int = 0):
+    scene = grid_scene(cfg.size, cfg.size, cfg.objects, channels=1, seed=seed)
+    pixels = np.broadcast_to(scene.channels, (cfg.locations, 1, 1) + scene.channels.shape).copy()
+    ds = server.add_dataset(pixels)
+    rng = np.random.default_rng(seed)
+    for xy in range(cfg.locations):
+        docs = [{"shape": "polygon", "tags": ["rough"], "channel": 0, "location": {"XY": xy, "Z": 0, "Time": 0},
+                 "coordinates": [{"x": float(x), "y": float(y)} for x, y in ring]}
+                for ring in rough_octagons(scene.centres, scene.radii, rng)]
+        server.add_annotations(ds.dataset_id, docs)
+    return ds, scene
+
+
+def run_engine(server, ds, checkpoint_dir: Path, predictor) -> int:
+    params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt", "Tag of objects to refine": ["rough"],
+                                  "Batch XY": "all", "Batch Z": "all", "Batch Time": "all",
+                                  "Smoothing": 0.7, "Padding": 0, "Delete original annotations": False},
+              "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": ["engine"]}
+    settings = parse_settings(params, ds.dataset_id, checkpoint_dir)
+    with NimbusClient(server.api_url, TOKEN) as client:
+        code = job.run_compute(settings, client, Reporter(stream=io.StringIO()), lambda path: (predictor, False))
+    if code != 0:
+        raise RuntimeError(f"engine exited {code}")
+    return sum(1 for a in server.annotations(ds.dataset_id) if a["tags"] == ["engine"])
+
+
+def run_floor(images: list[np.ndarray], boxes: np.ndarray, predictor) -> int:
+    decoded = 0
+    for image in images:
+        predictor.embed(image)
+        for start in range(0, len(boxes), predictor.max_batch):
+            predictor.decode(boxes[start:start + predictor.max_batch])
+            decoded += len(boxes[start:start + predictor.max_batch])
+    return decoded
+
+
+def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool) -> dict:
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from sam2_refine.geometry import polygon_from_ring, prompt_box
+
+    row: dict = {"config": cfg.name, "size": cfg.size, "objects": cfg.objects, "locations": cfg.locations}
+    with NimbusTestServer(token=TOKEN) as server:
+        ds, scene = build_dataset(server, cfg)
+        rough = [a for a in server.annotations(ds.dataset_id) if a["location"]["XY"] == 0]
+        boxes = np.stack([prompt_box(polygon_from_ring(np.array([[p["x"], p["y"]] for p in a["coordinates"]])),
+                                     cfg.size, cfg.size) for a in rough])
+        with NimbusClient(server.api_url, TOKEN) as client:
+            info = client.get_dataset_info(ds.dataset_id)
+            layers = default_layers(info.num_channels)
+            images = [job.load_location_image(client, info, layers, job.Location(xy, 0, 0))
+                      for xy in range(cfg.locations)]
+        # c: the floor
+        row["c_s"], row["c_peak_mb"], _ = timed(run_floor, images, boxes, predictor)
+        del images
+        # b: the engine
+        row["b_s"], row["b_peak_mb"], created = timed(run_engine, server, ds, checkpoint_dir, predictor)
+        row["b_created"] = created
+        # a: the per-box loop
+        if include_per_box and cfg.per_box:
+            sam2_predictor = SAM2ImagePredictor(predictor.model)
+            with NimbusClient(server.api_url, TOKEN) as client:
+                row["a_s"], row["a_peak_mb"], row["a_created"] = timed(
+                    run_per_box_loop, client, ds.dataset_id, sam2_predictor, default_layers(1), "rough")
+    total = cfg.objects * cfg.locations
+    row["b_over_c"] = row["b_s"] / row["c_s"]
+    row["polygons_per_s"] = total / row["b_s"]
+    if "a_s" in row:
+        row["a_over_b"] = row["a_s"] / row["b_s"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| configuration | a per-box loop (s) | b engine (s) | c floor (s) | a/b (speed-up) | b/c | "
+            "peak RSS a / b / c (MB) | polygons/s (b) |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        a = f"{r['a_s']:.1f}" if "a_s" in r else "not run"
+        ab = f"{r['a_over_b']:.2f}x" if "a_over_b" in r else "-"
+        peak_a = f"{r['a_peak_mb']:.0f}" if "a_peak_mb" in r else "-"
+        lines.append(f"| {r['config']} | {a} | {r['b_s']:.1f} | {r['c_s']:.1f} | {ab} | {r['b_over_c']:.3f} | "
+                     f"{peak_a} / {r['b_peak_mb']:.0f} / {r['c_peak_mb']:.0f} | {r['polygons_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small configurations")
+    parser.add_argument("--no-per-box", action="store_true", help="skip variant a")
+    parser.add_argument("--sam2-decoder", action="store_true", help="use sam2's own mask decoder in b and c")
+    parser.add_argument("--only", help="comma-separated indices of configurations to run")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
+    args = parser.parse_args(argv)
+    configs = QUICK if args.quick else FULL
+    if args.only:
+        configs = [configs[int(i)] for i in args.only.split(",")]
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_dir = Path(tmp)
+        make_untrained_checkpoint(checkpoint_dir / "sam2.1_hiera_tiny.pt")
+        kwargs = {"fast_decoder": False} if args.sam2_decoder else {}
+        predictor, _ = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt", **kwargs)
+        rows = []
+        for cfg in configs:
+            print(f"running {cfg.name} ...", flush=True)
+            rows.append(measure(cfg, predictor, checkpoint_dir, include_per_box=not args.no_per_box))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__} threads {torch.get_num_threads()}", "model": "SAM2.1 tiny, random weights, CPU",
+            "decoder": getattr(predictor, "decoder_name", "sam2"), "command": " ".join(["bench/bench_speed.py", *(argv or sys.argv[1:])])}
+    print()
+    print(f"{meta['date']}, {meta['machine']}, {meta['model']}, decoder: {meta['decoder']}")
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
