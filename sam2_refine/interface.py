@@ -23,6 +23,21 @@ DELETE_ORIGINALS = "Delete original annotations"
 PADDING = "Padding"
 SMOOTHING = "Smoothing"
 
+# Fields added after the original ones (their defaults keep saved tools working as before).
+RESOLUTION = "Resolution"
+PROMPT = "Prompt"
+MIN_OVERLAP = "Minimum overlap with original"
+KEEP_TAGS = "Keep original tags"
+
+#: Resolution field item -> engine mode (sam2_refine.regions).
+RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
+RESOLUTION_DEFAULT = "Auto"
+#: Prompt field item -> engine prompt (sam2_refine.refine).
+PROMPT_ITEMS = {"Box": "box", "Box + shape": "box+shape", "Best of three by overlap": "best3"}
+PROMPT_DEFAULT = "Box"
+MIN_OVERLAP_RANGE = (0, 1)
+MIN_OVERLAP_DEFAULT = 0
+
 DEFAULT_MODEL = "sam2.1_hiera_small.pt"
 PADDING_RANGE = (-20, 20)
 PADDING_DEFAULT = 0
@@ -121,5 +136,40 @@ def build_interface(models: list[str]) -> dict[str, Any]:
             "tooltip": "Smoothing is used to simplify the polygons (the largest distance, in "
                        "pixels, a simplified outline may stray from the mask); 0.7 is a good default.",
             "displayOrder": 8,
+        },
+        RESOLUTION: {
+            "type": "select",
+            "items": list(RESOLUTION_ITEMS),
+            "default": RESOLUTION_DEFAULT,
+            "tooltip": "Whole frame: the model sees the whole frame squeezed to 1024 px (small objects "
+                       "in large frames lose detail). Object crops: windows at native resolution "
+                       "around groups of nearby objects (slower, one model pass per window). Auto: "
+                       "crops when the frame is larger than 1024 px and the objects are small in it.",
+            "displayOrder": 9,
+        },
+        PROMPT: {
+            "type": "select",
+            "items": list(PROMPT_ITEMS),
+            "default": PROMPT_DEFAULT,
+            "tooltip": "Box: each annotation's bounding box. Box + shape: the box and the annotation's "
+                       "own outline. Best of three by overlap: three candidate masks per box, keeping "
+                       "the one that agrees best with the annotation.",
+            "displayOrder": 10,
+        },
+        MIN_OVERLAP: {
+            "type": "number",
+            "min": MIN_OVERLAP_RANGE[0],
+            "max": MIN_OVERLAP_RANGE[1],
+            "step": 0.05,
+            "default": MIN_OVERLAP_DEFAULT,
+            "tooltip": "Refined shapes that overlap their original less than this (intersection over "
+                       "union, 0 to 1) are not created and the original is kept. 0 turns the check off.",
+            "displayOrder": 11,
+        },
+        KEEP_TAGS: {
+            "type": "checkbox",
+            "default": False,
+            "tooltip": "Also give each refined annotation the tags of its original annotation.",
+            "displayOrder": 12,
         },
     }

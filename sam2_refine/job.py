@@ -31,7 +31,7 @@ from sam2_refine.markers import original_of
 from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.predictor import BoxPredictor
 from sam2_refine.refine import GeometryOptions, Kept, refine_location
-from sam2_refine.replace import Ledger, delete_replaced, upload
+from sam2_refine.replace import Ledger, delete_replaced, relink, upload
 from sam2_refine.report import ProgressSpan, Reporter
 from sam2_refine.selection import Original, Selection, select
 from sam2_refine.settings import Location, RefineSettings
@@ -291,7 +291,15 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
     """Warnings for kept originals, confirmed deletions, the summary line."""
     _warn_kept(reporter, ledger)
     if settings.delete_originals and ledger.created:
-        reporter.progress(0.95, "Deleting originals", f"Deleting {len(ledger.created)} replaced original(s)")
+        reporter.progress(0.93, "Keeping links", "Re-creating the originals' connections on their refinements")
+        relinked, link_error = relink(client, ledger, settings.dataset_id)
+        if link_error is not None:
+            reporter.error("Could not re-create the originals' connections; no original annotation was deleted.",
+                           f"{link_error}. {relinked} connection(s) were re-created. The refined annotations are "
+                           "in place; running the job again finishes the job without duplicating them.")
+            return EXIT_FAILED
+        reporter.progress(0.95, "Deleting originals", f"Deleting {len(ledger.created)} replaced original(s)"
+                          + (f"; {relinked} connection(s) moved to their refinements" if relinked else ""))
         error = delete_replaced(client, ledger)
         if error is not None:
             reporter.error("Deleting the replaced originals failed part way.",
@@ -362,7 +370,9 @@ def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Report
     chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no further
     location is processed (its originals are kept).
     """
-    options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding)
+    options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
+                              resolution=settings.resolution, prompt=settings.prompt,
+                              min_overlap=settings.min_overlap)
     span = ProgressSpan(reporter, 0.1, 0.85, "Refining")
     total = selection.count
     done = 0

@@ -35,6 +35,8 @@ class BoxPredictor(Protocol):
     description: str
     #: The most prompts :meth:`decode` should be given in one call (bounds memory).
     max_batch: int
+    #: (h, w) of the mask logits :meth:`decode` accepts as ``mask_inputs`` (SAM2: 256 x 256).
+    mask_input_size: tuple[int, int]
 
     def embed(self, image: np.ndarray) -> None:
         """Compute and keep the embedding of ``image``: (H, W, 3) float32 RGB in [0, 1]."""
@@ -46,6 +48,7 @@ class BoxPredictor(Protocol):
         Args:
             boxes: float (N, 4) boxes (x0, y0, x1, y1) in the embedded image's pixel coordinates
                 (x = column, y = row, pixel centres at integers).
-            mask_inputs: Optional float32 (N, 1, 256, 256) mask logits given as an extra prompt.
+            mask_inputs: Optional float32 (N, 1, h, w) mask logits (``mask_input_size``) over the
+                embedded image, given as an extra prompt.
             multimask: Ask for three masks per prompt instead of one.
         """

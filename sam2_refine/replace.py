@@ -152,6 +152,45 @@ def upload(client: NimbusClient, ledger: Ledger, dataset_id: str, channel: int,
     return UploadReport(len(created), len(missing), error)
 
 
+def relink(client: NimbusClient, ledger: Ledger, dataset_id: str) -> tuple[int, NimbusAPIError | None]:
+    """Re-create, on their refined annotations, the connections of the originals to be deleted.
+
+    The server deletes an annotation's connections with it; so before deleting, every connection
+    where a replaced original is the parent or the child is created again with the refined
+    annotation in its place (both ends substituted when both are replaced), with the same label
+    and tags. Connections that already exist (an earlier, interrupted run) are not made twice.
+
+    Returns:
+        (connections created, error or None). On an error nothing must be deleted.
+    """
+    replaced = {o: r for o, r in ledger.created.items() if o not in ledger.deleted}
+    if not replaced:
+        return 0, None
+    try:
+        existing = client.list_connections(dataset_id)
+    except NimbusAPIError as exc:
+        return 0, exc
+    have = {(c.get("parentId"), c.get("childId"), c.get("label", "")) for c in existing}
+    wanted = []
+    for con in existing:
+        parent, child = con.get("parentId"), con.get("childId")
+        if parent not in replaced and child not in replaced:
+            continue
+        new = {"parentId": replaced.get(parent, parent), "childId": replaced.get(child, child),
+               "datasetId": dataset_id, "label": con.get("label", ""), "tags": list(con.get("tags") or [])}
+        key = (new["parentId"], new["childId"], new["label"])
+        if key not in have:
+            have.add(key)
+            wanted.append(new)
+    if not wanted:
+        return 0, None
+    try:
+        created = client.create_connections(wanted)
+    except PartialCreateError as exc:
+        return len(exc.created), exc
+    return len(created), None
+
+
 def delete_replaced(client: NimbusClient, ledger: Ledger, chunk_size: int = MAX_CHUNK) -> NimbusAPIError | None:
     """Delete exactly the originals whose replacement was confirmed; record what happened."""
     doomed = [original_id for original_id in ledger.created if original_id not in ledger.deleted]

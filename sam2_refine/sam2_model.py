@@ -146,6 +146,8 @@ class Sam2BoxPredictor:
         self.model = model
         self.choice = choice
         self.max_batch = max_batch
+        mask_size = 4 * int(model.sam_prompt_encoder.image_embedding_size[0])
+        self.mask_input_size = (mask_size, mask_size)  # 256 x 256 for the 1024 px input
         self.description = f"{name} ({choice.describe()})"
         self._predictor = SAM2ImagePredictor(model)
         self.input_size = int(model.image_size)

@@ -67,6 +67,9 @@ class RefineSettings:
         channel: Channel assigned to the new annotations.
         output_tags: Tags of the new annotations (may be empty).
         keep_original_tags: Add each original's own tags to its refined annotation.
+        resolution: ``"auto"``, ``"whole"`` or ``"crops"`` (sam2_refine.regions).
+        prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.refine).
+        min_overlap: Minimum IoU of a refined shape with its original, in [0, 1]; 0 = off.
     """
 
     dataset_id: str
@@ -83,6 +86,9 @@ class RefineSettings:
     channel: int
     output_tags: tuple[str, ...]
     keep_original_tags: bool = False
+    resolution: str = "auto"
+    prompt: str = "box"
+    min_overlap: float = 0.0
 
 
 def _number(field: str, value: Any, low: float, high: float, default: float) -> float:
@@ -123,6 +129,16 @@ def _int(field: str, value: Any, minimum: int = 0) -> int:
     if value < minimum:
         raise SettingError(field, f"expected a whole number >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _select(field: str, value: Any, items: dict[str, str], default: str) -> str:
+    """A select field's engine value; null / "" (a field a saved tool never had) = the default."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return items[default]
+    if not isinstance(value, str) or value not in items:
+        choices = ", ".join(f'"{k}"' for k in items)
+        raise SettingError(field, f"expected one of {choices}, got {value!r}")
+    return items[value]
 
 
 def _tile(value: Any) -> Location:
@@ -176,6 +192,12 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
     tile = attempt(_tile, params.get("tile", params.get("assignment")))
     channel = attempt(_int, "channel", params.get("channel", 0))
     output_tags = attempt(_tags, "tags", params.get("tags"))
+    keep_tags = attempt(_bool, ui.KEEP_TAGS, values.get(ui.KEEP_TAGS))
+    resolution = attempt(_select, ui.RESOLUTION, values.get(ui.RESOLUTION), ui.RESOLUTION_ITEMS,
+                         ui.RESOLUTION_DEFAULT)
+    prompt = attempt(_select, ui.PROMPT, values.get(ui.PROMPT), ui.PROMPT_ITEMS, ui.PROMPT_DEFAULT)
+    min_overlap = attempt(_number, ui.MIN_OVERLAP, values.get(ui.MIN_OVERLAP), *ui.MIN_OVERLAP_RANGE,
+                          ui.MIN_OVERLAP_DEFAULT)
     if errors:
         raise SettingsErrors(errors)
     return RefineSettings(
@@ -192,4 +214,8 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         tile=tile,
         channel=channel,
         output_tags=output_tags,
+        keep_original_tags=keep_tags,
+        resolution=resolution,
+        prompt=prompt,
+        min_overlap=min_overlap,
     )

@@ -75,7 +75,8 @@ def test_interface_posts_the_fields(server, checkpoint_dir):
     posted = server.interface(image)
     assert posted == build_interface(list_checkpoints(checkpoint_dir))
     assert list(posted) == ["SAM2 Refiner", "Batch XY", "Batch Z", "Batch Time", "Tag of objects to refine",
-                            "Model", "Delete original annotations", "Padding", "Smoothing"]
+                            "Model", "Delete original annotations", "Padding", "Smoothing",
+                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags"]
     assert posted["Model"]["items"] == ["sam2.1_hiera_tiny.pt"]
     assert posted["Model"]["default"] == "sam2.1_hiera_tiny.pt"
     # The interface job touches no dataset and no model: one request, and it is quick.

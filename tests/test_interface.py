@@ -26,13 +26,27 @@ EXPECTED_ORDER = [
     "Padding",
     "Smoothing",
 ]
+#: Fields added after the original ones (the originals keep their order and defaults).
+ADDED = ["Resolution", "Prompt", "Minimum overlap with original", "Keep original tags"]
 MODELS = ["sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_tiny.pt"]
 
 
 def test_fields_names_and_order() -> None:
     spec = build_interface(MODELS)
-    assert list(spec) == EXPECTED_ORDER
-    assert [spec[name]["displayOrder"] for name in EXPECTED_ORDER] == list(range(9))
+    assert list(spec) == EXPECTED_ORDER + ADDED
+    assert [spec[name]["displayOrder"] for name in EXPECTED_ORDER + ADDED] == list(range(13))
+
+
+def test_added_fields_and_defaults() -> None:
+    spec = build_interface(MODELS)
+    assert spec["Resolution"]["items"] == ["Auto", "Whole frame", "Object crops"]
+    assert spec["Resolution"]["default"] == "Auto"
+    assert spec["Prompt"]["items"] == ["Box", "Box + shape", "Best of three by overlap"]
+    assert spec["Prompt"]["default"] == "Box"
+    overlap = spec["Minimum overlap with original"]
+    assert (overlap["type"], overlap["min"], overlap["max"], overlap["default"]) == ("number", 0, 1, 0)
+    assert spec["Keep original tags"] == {**spec["Keep original tags"], "type": "checkbox", "default": False}
+    assert all(spec[name].get("tooltip") for name in ADDED)
 
 
 def test_field_types() -> None:
@@ -47,6 +61,10 @@ def test_field_types() -> None:
         "Delete original annotations": "checkbox",
         "Padding": "number",
         "Smoothing": "number",
+        "Resolution": "select",
+        "Prompt": "select",
+        "Minimum overlap with original": "number",
+        "Keep original tags": "checkbox",
     }
 
 

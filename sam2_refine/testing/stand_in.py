@@ -56,6 +56,7 @@ class KnownMaskPredictor:
     """
 
     description = "known-mask stand-in"
+    mask_input_size = (256, 256)
 
     def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16,
                  labels: np.ndarray | None = None) -> None:
@@ -101,6 +102,7 @@ class ModelResolutionPredictor:
     """
 
     description = "model-resolution stand-in"
+    mask_input_size = (256, 256)
 
     def __init__(self, threshold: float = 0.5, input_size: int = 1024, grid: int = 256,
                  max_batch: int = 16) -> None:
