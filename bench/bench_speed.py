@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__} threads {torch.get_num_threads()}", "model": "SAM2.1 tiny, random weights, CPU",
-            "decoder": getattr(predictor, "decoder_name", "sam2"), "command": " ".join(["bench/bench_speed.py", *(argv or sys.argv[1:])])}
+            "decoder": getattr(predictor, "decoder_name", "sam2"),
+            "command": " ".join(["bench/bench_speed.py", *(argv or sys.argv[1:])])}
     print()
     print(f"{meta['date']}, {meta['machine']}, {meta['model']}, decoder: {meta['decoder']}")
     print(table(rows))

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+#: No axis of a dataset comes near this many positions; larger values are typing mistakes.
+MAX_POSITION = 1_000_000
 
 ACCEPTED = ('comma-separated 1-based positions and ranges such as "1-3, 5-8", or "all", '
             "or blank for the current position")
@@ -94,17 +96,23 @@ def parse_batch(field: str, value: object) -> AxisSelection:
     if text.lower() == "all":
         return AxisSelection("all", text=text)
     positions: set[int] = set()
+    shown = text if len(text) <= 60 else text[:57] + "..."
     for item in text.split(","):
         match = _ITEM.match(item)
+        piece = item.strip() if len(item.strip()) <= 30 else item.strip()[:27] + "..."
         if not match:
-            raise BatchRangeError(field, f'"{item.strip()}" in "{text}" is not a position or a range; use {ACCEPTED}')
+            raise BatchRangeError(field, f'"{piece}" in "{shown}" is not a position or a range; use {ACCEPTED}')
+        if any(len(g) > 7 for g in match.groups() if g is not None):
+            raise BatchRangeError(field, f'"{piece}": positions go up to {MAX_POSITION:,}')
         start = int(match.group(1))
         end = int(match.group(2)) if match.group(2) is not None else start
         if start < 1 or end < 1:
-            raise BatchRangeError(field, f'"{item.strip()}": positions start at 1; use {ACCEPTED}')
+            raise BatchRangeError(field, f'"{piece}": positions start at 1; use {ACCEPTED}')
         if end < start:
-            raise BatchRangeError(field, f'"{item.strip()}": the range ends before it starts; use {ACCEPTED}')
-        if end - start > 1_000_000:
-            raise BatchRangeError(field, f'"{item.strip()}": range too long')
+            raise BatchRangeError(field, f'"{piece}": the range ends before it starts; use {ACCEPTED}')
+        if end > MAX_POSITION:
+            raise BatchRangeError(field, f'"{piece}": positions go up to {MAX_POSITION:,}')
         positions.update(range(start - 1, end))
+        if len(positions) > MAX_POSITION:
+            raise BatchRangeError(field, f'"{shown}" asks for more than {MAX_POSITION:,} positions')
     return AxisSelection("list", tuple(sorted(positions)), text)

@@ -12,14 +12,14 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sam2_refine.interface import build_interface, checkpoint_dir, list_checkpoints
 from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
-from sam2_refine.report import Reporter, scrub
+from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
+from sam2_refine.report import Reporter
 from sam2_refine.settings import SettingsErrors, parse_settings
 from sam2_refine.worker_info import DEFAULT_IMAGE_NAME
 
@@ -31,15 +31,21 @@ RETRIES_ENV = "SAM2_REFINE_HTTP_RETRIES"
 
 
 def http_policies() -> tuple[RetryPolicy, Timeouts]:
-    """Retry and timeout policies, from the environment where set (bad values: the defaults)."""
+    """Retry and timeout policies, from the environment where set (bad values: the defaults).
+
+    A read timeout also caps the wait between retries (and any ``Retry-After``), so that a job
+    with a short timeout also gives up soon.
+    """
     retry, timeouts = RetryPolicy(), Timeouts()
     try:
+        if os.environ.get(RETRIES_ENV):
+            retry = RetryPolicy(total=max(0, int(os.environ[RETRIES_ENV])))
         if os.environ.get(TIMEOUT_ENV):
             read = float(os.environ[TIMEOUT_ENV])
             if read > 0:
                 timeouts = Timeouts(connect=min(timeouts.connect, read), read=read)
-        if os.environ.get(RETRIES_ENV):
-            retry = RetryPolicy(total=max(0, int(os.environ[RETRIES_ENV])))
+                retry = RetryPolicy(total=retry.total, backoff_factor=retry.backoff_factor,
+                                    backoff_max=min(retry.backoff_max, read))
     except ValueError:
         logging.getLogger(__name__).warning("ignoring a malformed %s or %s", TIMEOUT_ENV, RETRIES_ENV)
     return retry, timeouts
@@ -59,7 +65,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="entrypoint.py", description="SAM2 Refiner NimbusImage worker",
-                             add_help=False)
+                             add_help=False, allow_abbrev=False)
     parser.add_argument("--apiUrl", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--request", required=True, choices=["interface", "compute"])
@@ -94,15 +100,8 @@ def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, 
         for error in exc.errors:
             reporter.error(f"Invalid setting: {error.field}", f"{error.message}. Nothing was changed.")
         return EXIT_USAGE
-    def stop(signum: int, frame: object) -> None:
-        raise job.JobInterrupted(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        with _client(api_url, token) as client:
-            return job.run_compute(settings, client, reporter, _load_sam2)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _client(api_url, token) as client:
+        return job.run_compute(settings, client, reporter, _load_sam2)
 
 
 def _load_sam2(checkpoint: Path):  # -> tuple[BoxPredictor, bool]
@@ -111,19 +110,41 @@ def _load_sam2(checkpoint: Path):  # -> tuple[BoxPredictor, bool]
     return Sam2BoxPredictor.load(checkpoint)
 
 
+def token_candidates(argv: Sequence[str]) -> tuple[str, ...]:
+    """Every value that could be the token, whatever form the command line gives it in
+    (``--token T``, ``--token=T``, an abbreviation such as ``--tok T``), before parsing: so that
+    no message, not even a usage error, can carry it."""
+    found = []
+    for index, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if len(name) >= 3 and "--token".startswith(name):
+            if eq:
+                found.append(value)
+            elif index + 1 < len(argv):
+                found.append(argv[index + 1])
+    return tuple(v for v in found if v)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    token = ""
-    if "--token" in argv and argv.index("--token") + 1 < len(argv):
-        token = argv[argv.index("--token") + 1]
-    reporter = Reporter(secrets=(token,) if token else ())
+    reporter = Reporter(secrets=token_candidates(argv))
+    with stop_on_sigterm():
+        try:
+            return _main(argv, reporter)
+        except JobInterrupted as exc:  # before or outside a compute job (which reports its own)
+            reporter.error(f"The worker was stopped ({exc.signal_name}) before it changed anything.")
+            return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str], reporter: Reporter) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
     except ValueError as exc:
-        reporter.error("Invalid command line.", scrub(str(exc), (token,)))
+        reporter.error("Invalid command line.", str(exc))
         return EXIT_USAGE
+    reporter.secrets = tuple(dict.fromkeys((*reporter.secrets, args.token)))
     try:
         params = json.loads(args.parameters)
     except ValueError as exc:

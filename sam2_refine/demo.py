@@ -148,7 +148,7 @@ def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
                                      channel_names=["DAPI", "Cytoplasm"])
         docs = [{"shape": "polygon", "tags": a["tags"], "channel": 0, "location": {"XY": 0, "Z": 0, "Time": 0},
                  "coordinates": a["coordinates"]} for a in annotations]
-        originals = dict(zip(server.add_annotations(dataset.dataset_id, docs), docs))
+        originals = dict(zip(server.add_annotations(dataset.dataset_id, docs), docs, strict=True))
         _say(f"local NimbusImage server at {server.api_url}: {len(docs)} rough annotations on a "
              f"{width}x{height} two-channel image")
         env = dict(os.environ, **{CHECKPOINT_DIR_ENV: str(checkpoint_dir), "SAM2_REFINE_SUMMARY": str(worker_summary)})

@@ -93,6 +93,8 @@ def parse_layers(raw: Sequence[Mapping[str, Any]] | None, num_channels: int) -> 
         except ValueError as exc:
             raise LayerError(name, str(exc)) from None
         contrast = spec.get("contrast") or {}
+        if not isinstance(contrast, Mapping):
+            raise LayerError(name, f"contrast {contrast!r} is not an object with mode, blackPoint and whitePoint")
         mode = contrast.get("mode", "percentile")
         if mode not in ("percentile", "absolute"):
             raise LayerError(name, f"contrast mode {mode!r} is not percentile or absolute")

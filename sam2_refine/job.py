@@ -27,6 +27,7 @@ import numpy as np
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import BatchRangeError
 from sam2_refine.imaging import Layer, LayerError, merge_layers, parse_layers
+from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.markers import original_of
 from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.predictor import BoxPredictor
@@ -39,8 +40,6 @@ from sam2_refine.settings import Location, RefineSettings
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
-#: Exit status after SIGTERM (128 + 15, as a shell reports it).
-EXIT_INTERRUPTED = 143
 #: Environment variable naming a file for the job's JSON summary (demo, tests, benchmarks).
 SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
 #: How many ids a warning lists before it says "and N more".
@@ -50,17 +49,6 @@ UPLOAD_CHUNK = 1000
 
 #: Loads the model from a checkpoint path: (predictor, untrained?).
 PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
-
-
-class JobInterrupted(BaseException):
-    """The process was asked to stop (SIGTERM): raised in the main thread by the CLI's handler.
-
-    A BaseException, so that no ``except Exception`` on the way swallows it.
-    """
-
-    def __init__(self, signal_name: str) -> None:
-        super().__init__(signal_name)
-        self.signal_name = signal_name
 
 
 class JobFailed(Exception):
@@ -97,33 +85,16 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
         raise JobFailed(f"Invalid setting: {exc}", "Nothing was changed.", EXIT_BAD_SETTINGS) from None
 
 
-def _queries(settings: RefineSettings) -> list[list[str] | None]:
-    """Annotation queries (tag lists; None = every polygon) that find the candidates and the
-    refinements earlier runs made (which carry the output tags, not necessarily a refine tag).
-
-    With refine tags and output tags, the server filters (its filter is "has all", so one query
-    per refine tag plus one for the output tags); otherwise one query lists every polygon.
-    """
-    if settings.refine_tags and settings.output_tags:
-        return [[t] for t in settings.refine_tags] + [list(settings.output_tags)]
-    return [None]
-
-
 def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterator[dict[str, Any]]:
-    """Polygon annotations (and blobs, where a server has them) that may be refined, and the
-    refinements of earlier runs. A document found by several queries comes once."""
-    earlier: set[str] = set()
-    for tags in _queries(settings):
-        found: set[str] = set()
-        for page in client.iter_annotation_pages(settings.dataset_id, "polygon", tags=tags):
-            for doc in page:
-                ann_id = doc.get("_id") if isinstance(doc, dict) else None
-                if isinstance(ann_id, str):
-                    if ann_id in earlier:
-                        continue
-                    found.add(ann_id)
-                yield doc
-        earlier |= found
+    """Every polygon annotation of the dataset (and blobs, where a server has them), paged.
+
+    One listing of every polygon, filtered here rather than by the server: it holds both the
+    candidates (any of the refine tags) and every refinement made by an earlier run, whatever
+    output tags that run used (see :mod:`sam2_refine.markers`). Filtering by tags on the server
+    would miss refinements tagged differently and refine their originals twice.
+    """
+    for page in client.iter_annotation_pages(settings.dataset_id, "polygon"):
+        yield from page
     try:
         blob_pages = list(client.iter_annotation_pages(settings.dataset_id, "blob"))
     except NimbusAPIError as exc:  # not every server knows blobs: ignored, as upstream does
@@ -136,8 +107,7 @@ def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterato
 def find_refinements(client: NimbusClient, settings: RefineSettings) -> dict[str, str]:
     """original id -> id of an annotation on the server that refines it (see markers)."""
     found: dict[str, str] = {}
-    query = list(settings.output_tags) if settings.output_tags else None
-    for page in client.iter_annotation_pages(settings.dataset_id, "polygon", tags=query):
+    for page in client.iter_annotation_pages(settings.dataset_id, "polygon"):
         for doc in page:
             original = original_of(doc) if isinstance(doc, dict) else None
             if original is not None and isinstance(doc.get("_id"), str):
@@ -181,18 +151,20 @@ def run_compute(
         reporter.error(str(exc), exc.info)
         return exc.exit_code
     except JobInterrupted as exc:
+        untouched = not ledger.deleted and not ledger.delete_unknown
         reporter.error(f"The job was stopped ({exc.signal_name})" +
-                       ("; no original annotation was deleted." if not ledger.deleted else "."),
-                       f"{len(ledger.created) - len(ledger.previous)} refined annotation(s) had been created and "
-                       f"{len(ledger.deleted)} original(s) deleted. Running the job again refines only what is "
-                       "missing and does not duplicate what was made.")
+                       ("; no original annotation was deleted." if untouched else "."),
+                       f"{len(ledger.created) - len(ledger.previous)} refined annotation(s) had been created; "
+                       f"{ledger.deletion_text()}. Running the job again refines only what is missing and does "
+                       "not duplicate what was made.")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - report what was done before any unexpected failure
         log.debug("unexpected failure", exc_info=True)
+        untouched = not ledger.deleted and not ledger.delete_unknown
         reporter.error("The job failed unexpectedly; no original annotation was deleted."
-                       if not ledger.deleted else "The job failed unexpectedly.",
-                       f"{type(exc).__name__}: {exc}. {len(ledger.created)} refined annotation(s) had been "
-                       f"created and {len(ledger.deleted)} original(s) deleted before the failure.")
+                       if untouched else "The job failed unexpectedly.",
+                       f"{type(exc).__name__}: {exc}. {len(ledger.created) - len(ledger.previous)} refined "
+                       f"annotation(s) had been created; {ledger.deletion_text()} before the failure.")
         return EXIT_FAILED
     finally:
         _write_summary(ledger)
@@ -303,8 +275,8 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
         error = delete_replaced(client, ledger)
         if error is not None:
             reporter.error("Deleting the replaced originals failed part way.",
-                           f"{error}. Deleted {len(ledger.deleted)}; {len(ledger.delete_failed)} originals "
-                           "remain next to their refined copies (running the job again deletes them).")
+                           f"{error}. {ledger.deletion_text()}; {len(ledger.delete_failed)} remain next to "
+                           "their refined copies (running the job again deletes them).")
             return EXIT_FAILED
 
     summary = ledger.summary()
@@ -412,7 +384,7 @@ def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Report
                 ledger.tags[original.id] = original.tags
             base = done
             outcomes = refine_location(predictor, image, originals, options,
-                                       on_progress=lambda n, b=base: span.update((b + n) / total, where))
+                                       on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w))
             del image
             ledger.record(location, outcomes)
             done += len(originals)

@@ -12,7 +12,8 @@ Retries
     Transient failures are retried by urllib3's :class:`~urllib3.util.retry.Retry` mounted on the
     session (no hand-written retry loop): connection errors, and for idempotent methods (GET,
     DELETE, PUT, HEAD, OPTIONS) also read errors and HTTP 502/503/504, with bounded exponential
-    backoff (:class:`RetryPolicy`). ``Retry-After`` is honoured.
+    backoff (:class:`RetryPolicy`). ``Retry-After`` is honoured up to the backoff cap, so a
+    server cannot stall a job for longer than the policy allows.
 
     POST is never retried once a request may have reached the server. Creating annotations or
     connections is not idempotent: a 502/504 from a proxy, or a connection dropped while the
@@ -39,7 +40,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import girder_client
@@ -96,12 +97,21 @@ class PartialCreateError(NimbusAPIError):
         self.not_created = not_created
 
 
+class _BoundedRetry(Retry):
+    """urllib3's Retry, with ``Retry-After`` capped at ``backoff_max`` (urllib3 sleeps for any value)."""
+
+    def get_retry_after(self, response):  # type: ignore[no-untyped-def] - urllib3's signature
+        value = super().get_retry_after(response)
+        return None if value is None else min(value, self.backoff_max)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounded exponential backoff for transient failures.
 
     Sleep before retry k (k >= 2) is ``backoff_factor * 2**(k-1)`` seconds, at most
-    ``backoff_max``; at most ``total`` retries per request.
+    ``backoff_max`` (also the most a ``Retry-After`` header can ask for); at most ``total``
+    retries per request.
     """
 
     total: int = 5
@@ -110,7 +120,7 @@ class RetryPolicy:
     status_forcelist: tuple[int, ...] = (502, 503, 504)
 
     def to_urllib3(self) -> Retry:
-        return Retry(
+        return _BoundedRetry(
             total=self.total,
             connect=self.total,
             read=self.total,

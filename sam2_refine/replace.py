@@ -40,6 +40,8 @@ class Ledger:
         delete_failed: original ids whose deletion was attempted and failed.
         previous: original ids whose refinement an earlier run had already created (they are
             in ``created`` with that refinement's id).
+        delete_unknown: original ids whose deletion was sent but not answered (a lost answer,
+            a timeout, the job stopped meanwhile): the server may or may not have deleted them.
         tags: original id -> the original's own tags (for "Keep original tags").
     """
 
@@ -51,6 +53,14 @@ class Ledger:
     delete_failed: list[str] = field(default_factory=list)
     previous: set[str] = field(default_factory=set)
     tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    delete_unknown: list[str] = field(default_factory=list)
+
+    def deletion_text(self) -> str:
+        """What happened to the originals, for messages: deleted, perhaps deleted, remaining."""
+        if not self.delete_unknown:
+            return f"{len(self.deleted)} original(s) deleted"
+        return (f"{len(self.deleted)} original(s) certainly deleted and {len(self.delete_unknown)} possibly "
+                "deleted (their deletion was sent without an answer; their refinements exist)")
 
     def already_refined(self, original_id: str, location: Location, refined_id: str) -> None:
         """An earlier run created ``refined_id`` for this original: it is its replacement."""
@@ -93,6 +103,7 @@ class Ledger:
             "replacements": dict(self.created),
             "deleted_ids": list(self.deleted),
             "delete_failed_ids": list(self.delete_failed),
+            "delete_unknown_ids": list(self.delete_unknown),
         }
 
 
@@ -145,7 +156,7 @@ def upload(client: NimbusClient, ledger: Ledger, dataset_id: str, channel: int,
         error = None
     except PartialCreateError as exc:
         created, error = exc.created, exc
-    for refined, doc in zip(pending, created):
+    for refined, doc in zip(pending, created, strict=False):  # created: a prefix of pending
         ledger.created[refined.original_id] = str(doc["_id"])
     missing = [r.original_id for r in pending[len(created):]]
     ledger.not_created.extend(missing)
@@ -192,14 +203,26 @@ def relink(client: NimbusClient, ledger: Ledger, dataset_id: str) -> tuple[int, 
 
 
 def delete_replaced(client: NimbusClient, ledger: Ledger, chunk_size: int = MAX_CHUNK) -> NimbusAPIError | None:
-    """Delete exactly the originals whose replacement was confirmed; record what happened."""
+    """Delete exactly the originals whose replacement was confirmed; record what happened.
+
+    A chunk is first recorded as sent-without-answer (``delete_unknown``) and moved to ``deleted``
+    once the server answers, so a lost answer, a timeout or the job being stopped meanwhile is
+    reported as "may have been deleted", never as "not deleted". A refused chunk (an HTTP error
+    status) and the chunks after it are ``delete_failed``.
+    """
     doomed = [original_id for original_id in ledger.created if original_id not in ledger.deleted]
     for start in range(0, len(doomed), chunk_size):
         chunk = doomed[start:start + chunk_size]
+        ledger.delete_unknown = list(chunk)
         try:
             client.delete_annotations(chunk, chunk_size=chunk_size)
         except NimbusAPIError as exc:
-            ledger.delete_failed.extend(doomed[start:])
+            if exc.status is not None:  # the server answered: it did not delete them
+                ledger.delete_unknown = []
+                ledger.delete_failed.extend(doomed[start:])
+            else:
+                ledger.delete_failed.extend(doomed[start + chunk_size:])
             return exc
+        ledger.delete_unknown = []
         ledger.deleted.extend(chunk)
     return None

@@ -146,5 +146,5 @@ def select(
             continue
         original = to_original(doc)
         grouped[original.location].append(original)
-    ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda l: (l.xy, l.z, l.time))}
+    ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda loc: (loc.xy, loc.z, loc.time))}
     return Selection(ordered, tuple(duplicates), without_id, refinements)

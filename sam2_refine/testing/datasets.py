@@ -191,7 +191,7 @@ def rough_octagons(centres: np.ndarray, radii: np.ndarray, rng: np.random.Genera
     """A rough 8-vertex outline around each disk: radius off by up to +-``jitter``, vertices jittered."""
     angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
     out = []
-    for (cx, cy), radius in zip(centres, radii):
+    for (cx, cy), radius in zip(centres, radii, strict=True):
         r = radius * (1 + rng.uniform(-jitter, jitter)) * (1 + rng.uniform(-0.1, 0.1, size=8))
         out.append(np.stack([cx + r * np.cos(angles), cy + r * np.sin(angles)], axis=1))
     return out

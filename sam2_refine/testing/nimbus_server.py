@@ -175,10 +175,12 @@ class NimbusTestServer:
     Args:
         token: The only token the server accepts.
         port: 0 picks a free port.
+        poll_interval: Seconds between the serving thread's shutdown checks (stopping waits this long).
     """
 
-    def __init__(self, token: str = "test-token", port: int = 0) -> None:
+    def __init__(self, token: str = "test-token", port: int = 0, poll_interval: float = 0.02) -> None:
         self.token = token
+        self.poll_interval = poll_interval
         self._ids = _ObjectIds()
         self._lock = threading.RLock()
         self.state = _State()
@@ -204,7 +206,7 @@ class NimbusTestServer:
     def start(self) -> NimbusTestServer:
         if self._thread is None:
             self._thread = threading.Thread(target=self._httpd.serve_forever, name="nimbus-test-server",
-                                            daemon=True)
+                                            kwargs={"poll_interval": self.poll_interval}, daemon=True)
             self._thread.start()
         return self
 

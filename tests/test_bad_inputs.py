@@ -1,0 +1,645 @@
+"""The bad-input catalogue (issue 7): one test per row, ``test_catalogue_<short_name>``.
+
+Each test states what the worker does with one kind of bad or odd input: refined, kept (with
+which reason), not selected, or an error naming the field, with the exit status, and that
+nothing is deleted that should not be. Jobs run in-process over real HTTP against the local
+server with the known-mask stand-in (:class:`KnownMaskPredictor`); bad settings go through the
+real command line (``cli.main``) in-process. The table in docs/bad-input-catalogue.md lists the
+rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import TOKEN
+from sam2_refine import cli, job
+from sam2_refine import interface as ui
+from sam2_refine.markers import original_of
+from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
+from sam2_refine.report import Reporter
+from sam2_refine.settings import parse_settings
+from sam2_refine.testing.stand_in import KnownMaskPredictor
+
+H, W = 128, 192
+#: Disks of the test image: (x, y, radius). The last one is cut by the frame's left edge.
+DISKS = [(60.0, 50.0, 14.0), (150.0, 90.0, 12.0), (110.0, 30.0, 10.0), (4.0, 100.0, 14.0)]
+LAYER = [{"channel": 0, "color": "#ffffff", "visible": True,
+          "contrast": {"mode": "percentile", "blackPoint": 1, "whitePoint": 99.5}}]
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "sam2.1_hiera_tiny.pt").write_bytes(b"")  # settings only check that it exists
+    return directory
+
+
+def disk_pixels(dtype=np.uint16, n_xy: int = 1) -> np.ndarray:
+    """(XY, T, Z, C=1, H, W): bright disks on a dark, slightly noisy background."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    inside = np.zeros((H, W), dtype=bool)
+    for x, y, r in DISKS:
+        inside |= (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+    rng = np.random.default_rng(0)
+    low, high = {np.uint16: (1000, 30000), np.uint8: (10, 200), np.float32: (0.02, 0.8)}[dtype]
+    plane = np.where(inside, high, low).astype(np.float64)
+    plane += rng.normal(0, (high - low) * 0.01, size=plane.shape)
+    plane = np.clip(plane, 0, None).astype(dtype)
+    return np.broadcast_to(plane, (n_xy, 1, 1, 1, H, W)).copy()
+
+
+def octagon(x: float, y: float, r: float) -> list[list[float]]:
+    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    return [[x + r * np.cos(a), y + r * np.sin(a)] for a in angles]
+
+
+def doc(points, xy=0, tags=("cell",), shape="polygon", **extra) -> dict[str, Any]:
+    out = {"shape": shape, "tags": list(tags), "channel": 0, "location": {"XY": xy, "Z": 0, "Time": 0},
+           "coordinates": [{"x": float(x), "y": float(y)} for x, y in points]}
+    out.update(extra)
+    return out
+
+
+def good(k: int = 0) -> dict[str, Any]:
+    """A rough octagon around disk ``k``: refined by the stand-in."""
+    x, y, r = DISKS[k]
+    return doc(octagon(x, y, r * 1.2))
+
+
+def dataset(server, dtype=np.uint16, layers=LAYER, n_xy: int = 1):
+    return server.add_dataset(disk_pixels(dtype, n_xy), layers=layers)
+
+
+def run(server, ds, ckpt, tmp_path, *, predictor=None, delete: bool = True, refine_tags=("cell",),
+        **fields) -> tuple[int, Reporter, dict[str, Any]]:
+    values = {"Model": "sam2.1_hiera_tiny.pt", "Batch XY": "all", "Batch Z": "all", "Batch Time": "all",
+              "Delete original annotations": delete, "Tag of objects to refine": list(refine_tags)}
+    values.update(fields)
+    request = {"workerInterface": values, "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": ["refined"]}
+    settings = parse_settings(request, ds.dataset_id, ckpt)
+    reporter = Reporter(stream=io.StringIO(), secrets=(TOKEN,))
+    summary_path = tmp_path / f"summary-{time.monotonic_ns()}.json"
+    os.environ[job.SUMMARY_ENV] = str(summary_path)
+    try:
+        with NimbusClient(server.api_url, TOKEN, retry=RetryPolicy(total=1, backoff_factor=0.01)) as client:
+            code = job.run_compute(settings, client, reporter, lambda path: (predictor or KnownMaskPredictor(), False))
+    finally:
+        os.environ.pop(job.SUMMARY_ENV, None)
+    return code, reporter, json.loads(summary_path.read_text())
+
+
+def reason_of(summary: dict[str, Any], ann_id: str) -> str | None:
+    for reason, ids in summary["kept_reasons"].items():
+        if ann_id in ids:
+            return reason
+    return None
+
+
+def stored_ids(server, ds) -> set[str]:
+    return {a["_id"] for a in server.annotations(ds.dataset_id)}
+
+
+def assert_kept(server, ds, summary, ann_id: str, reason_part: str) -> None:
+    reason = reason_of(summary, ann_id)
+    assert reason is not None and reason_part in reason, (reason, summary["kept_reasons"])
+    assert ann_id in stored_ids(server, ds)  # never deleted
+    assert ann_id not in summary["replacements"]
+
+
+def assert_refined(server, ds, summary, ann_id: str) -> dict[str, Any]:
+    assert ann_id in summary["replacements"], summary["kept_reasons"]
+    assert ann_id in summary["deleted_ids"] and ann_id not in stored_ids(server, ds)
+    new = {a["_id"]: a for a in server.annotations(ds.dataset_id)}[summary["replacements"][ann_id]]
+    assert original_of(new) == ann_id
+    return new
+
+
+def messages(reporter: Reporter, key: str) -> list[dict[str, Any]]:
+    return [line for line in reporter.lines if key in line]
+
+
+def wrap(server, change):
+    """Replace the server's answers: ``change(method, path, params, answer) -> answer``."""
+    original = server.handle
+
+    def handle(method, path, params, body, token):
+        return change(method, path, params, original(method, path, params, body, token))
+
+    server.handle = handle
+
+
+def with_good_neighbour(server, ds, bad: dict[str, Any]) -> tuple[str, str]:
+    """Add the bad annotation and a good one at the same location; returns their ids."""
+    return tuple(server.add_annotations(ds.dataset_id, [bad, good(1)]))  # type: ignore[return-value]
+
+
+# -- geometry of the annotation -----------------------------------------------------------------
+
+def test_catalogue_self_intersecting_polygon(server, ckpt, tmp_path):
+    x, y, r = DISKS[0]
+    bow_tie = [[x - r, y - r], [x + r, y + r], [x + r, y - r], [x - r, y + r]]  # crosses itself
+    bad, ok = with_good_neighbour(server, ds := dataset(server), doc(bow_tie))
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    new = assert_refined(server, ds, summary, bad)
+    xs = [p["x"] for p in new["coordinates"]]
+    assert x - r - 1.5 < min(xs) and max(xs) < x + r + 1.5  # the disk, not the bow tie
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_100k_vertex_polygon(server, ckpt, tmp_path):
+    x, y, r = DISKS[0]
+    angles = np.linspace(0, 2 * np.pi, 100_000, endpoint=False)
+    ring = np.stack([x + 1.2 * r * np.cos(angles), y + 1.2 * r * np.sin(angles)], axis=1)
+    bad, ok = with_good_neighbour(server, ds := dataset(server), doc(ring))
+    started = time.perf_counter()
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    elapsed = time.perf_counter() - started
+    print(f"\n100,000-vertex polygon: job {elapsed:.2f} s")
+    assert code == 0 and elapsed < 10
+    new = assert_refined(server, ds, summary, bad)
+    assert len(new["coordinates"]) < 200  # the refinement is a compact polygon
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_outside_the_frame(server, ckpt, tmp_path):
+    bad, ok = with_good_neighbour(server, ds := dataset(server), doc(octagon(W + 100, H + 100, 10)))
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_kept(server, ds, summary, bad, f"it lies outside the {W}x{H} frame")
+    assert any(bad in w["info"] for w in messages(reporter, "warning") if w["title"] == "Annotations kept")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_a_sliver_inside_the_frame(server, ckpt, tmp_path):
+    """Less than a pixel inside the frame counts as outside."""
+    bad, _ = with_good_neighbour(server, ds := dataset(server), doc([[-30, 10], [-0.2, 10], [-0.2, 40], [-30, 40]]))
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_kept(server, ds, summary, bad, "outside")
+
+
+def test_catalogue_partly_outside_the_frame(server, ckpt, tmp_path):
+    x, y, r = DISKS[3]  # a disk cut by the left edge
+    bad, ok = with_good_neighbour(server, ds := dataset(server), doc(octagon(x, y, r * 1.3)))
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    new = assert_refined(server, ds, summary, bad)
+    xs = [p["x"] for p in new["coordinates"]]
+    ys = [p["y"] for p in new["coordinates"]]
+    assert min(xs) >= -0.5 and max(xs) < x + r + 1.5 and min(ys) > y - r - 1.5  # clipped to the frame
+
+
+def test_catalogue_two_point_polygon(server, ckpt, tmp_path):
+    bad, ok = with_good_neighbour(server, ds := dataset(server), doc([[50, 40], [70, 60]]))
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_kept(server, ds, summary, bad, "fewer than 3 points (2)")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_collinear_points(server, ckpt, tmp_path):
+    bad, ok = with_good_neighbour(server, ds := dataset(server), doc([[50, 40], [60, 50], [70, 60]]))
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_kept(server, ds, summary, bad, "encloses no area")
+
+
+def test_catalogue_nan_and_inf_coordinates(server, ckpt, tmp_path):
+    ds = dataset(server)
+    nan, inf, ok = server.add_annotations(ds.dataset_id, [
+        doc([[50, 40], [float("nan"), 50], [70, 60]]), doc([[50, 40], [float("inf"), 50], [70, 60]]), good(1)])
+    served = {a["_id"]: a for a in server.annotations(ds.dataset_id)}
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    for ann_id in (nan, inf):  # the server serves them as null, as orjson does
+        assert_kept(server, ds, summary, ann_id, "not a number (non-finite values arrive as null)")
+    assert served[nan]["_id"] == nan
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_string_coordinates(server, ckpt, tmp_path):
+    bad_doc = doc([[0, 0]] * 3)
+    bad_doc["coordinates"] = [{"x": "50", "y": "40"}, {"x": "70", "y": "40"}, {"x": "60", "y": "60"}]
+    bad, ok = with_good_neighbour(server, ds := dataset(server), bad_doc)
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_kept(server, ds, summary, bad, "a coordinate is missing or not a number")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_missing_coordinates(server, ckpt, tmp_path):
+    ds = dataset(server)
+    no_key = doc([])
+    del no_key["coordinates"]
+    not_list = doc([])
+    not_list["coordinates"] = {"x": 1, "y": 2}
+    no_y = doc([])
+    no_y["coordinates"] = [{"x": 1}, {"x": 5, "y": 1}, {"x": 3, "y": 4}]
+    a, b, c, ok = server.add_annotations(ds.dataset_id, [no_key, not_list, no_y, good(1)])
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_kept(server, ds, summary, a, "coordinates are missing or not a list")
+    assert_kept(server, ds, summary, b, "coordinates are missing or not a list")
+    assert_kept(server, ds, summary, c, "a coordinate is missing or not a number")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_single_pixel_object(server, ckpt, tmp_path):
+    """The model's mask is one pixel: refined to a tiny valid polygon around that pixel."""
+    labels = np.zeros((H, W), dtype=np.int32)
+    labels[50, 60] = 1
+    bad, = server.add_annotations((ds := dataset(server)).dataset_id, [doc([[58, 48], [62, 48], [62, 52], [58, 52]])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, predictor=KnownMaskPredictor(labels=labels))
+    assert code == 0
+    new = assert_refined(server, ds, summary, bad)
+    from sam2_refine.geometry import polygon_from_ring, ring_from_coordinates
+    shape = polygon_from_ring(ring_from_coordinates(new["coordinates"]))
+    assert shape.is_valid and 0 < shape.area <= 2.0 and shape.contains(shape.centroid)
+    assert abs(shape.centroid.x - 60) < 0.6 and abs(shape.centroid.y - 50) < 0.6
+
+
+# -- what the server lists ---------------------------------------------------------------------
+
+def test_catalogue_duplicate_ids_in_the_listing(server, ckpt, tmp_path):
+    ds = dataset(server)
+    first, second = server.add_annotations(ds.dataset_id, [good(0), good(1)])
+
+    def duplicate_first(method, path, params, answer):
+        status, body, ctype, headers = answer
+        if method == "GET" and path == "upenn_annotation" and status == 200:
+            docs = json.loads(body)
+            docs += [d for d in docs if d["_id"] == first]
+            body = json.dumps(docs).encode()
+        return status, body, ctype, headers
+
+    wrap(server, duplicate_first)
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    warning = [w for w in messages(reporter, "warning") if "more than once" in w["warning"]]
+    assert warning and "1 annotation(s) more than once" in warning[0]["warning"] and first in warning[0]["info"]
+    assert summary["selected"] == 2
+    created = [original_of(d) for r in server.requests_to("POST", "upenn_annotation/multiple") for d in r.body]
+    assert sorted(created) == sorted([first, second])  # refined once
+    deleted = [i for r in server.requests_to("DELETE", "upenn_annotation/multiple") for i in r.body]
+    assert sorted(deleted) == sorted([first, second])  # deleted once
+
+
+def test_catalogue_annotation_without_id(server, ckpt, tmp_path):
+    ds = dataset(server)
+    ok, = server.add_annotations(ds.dataset_id, [good(1)])
+
+    def strip_one(method, path, params, answer):
+        status, body, ctype, headers = answer
+        if method == "GET" and path == "upenn_annotation" and status == 200 and params.get("shape") == "polygon":
+            docs = json.loads(body)
+            docs.append({k: v for k, v in good(0).items()})  # a document without _id
+            body = json.dumps(docs).encode()
+        return status, body, ctype, headers
+
+    wrap(server, strip_one)
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert any("without an id were skipped" in w["warning"] for w in messages(reporter, "warning"))
+    assert summary["selected"] == 1
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_empty_dataset(server, ckpt, tmp_path):
+    ds = dataset(server)
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    last = messages(reporter, "progress")[-1]
+    assert last["progress"] == 1.0 and "No annotations" in last["info"]
+    assert summary["selected"] == 0
+    assert [r for r in server.requests if r.method != "GET"] == []
+
+
+def test_catalogue_dataset_without_layer_settings(server, ckpt, tmp_path):
+    ds = dataset(server, layers=None)
+    ok, = server.add_annotations(ds.dataset_id, [good(0)])
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert_refined(server, ds, summary, ok)  # default contrast and colours
+
+
+def test_catalogue_unknown_shapes(server, ckpt, tmp_path):
+    """Lines, points and rectangles are not polygons: never selected, never touched."""
+    ds = dataset(server)
+    x, y, r = DISKS[0]
+    box = [[x - r, y - r], [x + r, y - r], [x + r, y + r], [x - r, y + r]]
+    line, point, rect, odd, ok = server.add_annotations(ds.dataset_id, [
+        doc([[10, 10], [50, 50]], shape="line"), doc([[60, 50]], shape="point"), doc(box, shape="rectangle"),
+        doc(box, shape="ellipse"), good(1)])
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    assert summary["selected"] == 1
+    assert_refined(server, ds, summary, ok)
+    assert {line, point, rect, odd} <= stored_ids(server, ds)
+    everything = {i for ids in summary["kept_reasons"].values() for i in ids} | set(summary["replacements"])
+    assert not {line, point, rect, odd} & everything
+    shapes = {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")}
+    assert shapes <= {"polygon", "blob"}
+
+
+def test_catalogue_location_not_whole_numbers(server, ckpt, tmp_path):
+    ds = dataset(server)
+    half = good(0)
+    half["location"] = {"XY": 0.5, "Z": 0, "Time": 0}
+    text = good(0)
+    text["location"] = {"XY": "0", "Z": 0, "Time": 0}
+    not_obj = good(0)
+    not_obj["location"] = [0, 0, 0]
+    a, b, c, ok = server.add_annotations(ds.dataset_id, [half, text, not_obj, good(1)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    for ann_id in (a, b, c):
+        assert_kept(server, ds, summary, ann_id, "its location is not whole numbers")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_location_beyond_the_dataset(server, ckpt, tmp_path):
+    """An annotation at XY 5 of a 1-position dataset is outside every batch: not selected."""
+    ds = dataset(server)
+    far = good(0)
+    far["location"] = {"XY": 4, "Z": 0, "Time": 0}
+    a, ok = server.add_annotations(ds.dataset_id, [far, good(1)])
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0 and summary["selected"] == 1
+    assert a in stored_ids(server, ds) and reason_of(summary, a) is None
+
+
+def test_catalogue_missing_location_means_the_first_position(server, ckpt, tmp_path):
+    ds = dataset(server)
+    nowhere = good(0)
+    del nowhere["location"]
+    a, = server.add_annotations(ds.dataset_id, [nowhere])
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    new = assert_refined(server, ds, summary, a)
+    assert new["location"] == {"XY": 0, "Z": 0, "Time": 0}
+
+
+def test_catalogue_missing_tags_field(server, ckpt, tmp_path):
+    """No tags field: not selected by a tag filter; refined when no refine tag is set."""
+    ds = dataset(server)
+    untagged = good(0)
+    del untagged["tags"]
+    a, = server.add_annotations(ds.dataset_id, [untagged])
+    code, _, summary = run(server, ds, ckpt, tmp_path, refine_tags=("cell",))
+    assert code == 0 and summary["selected"] == 0 and a in stored_ids(server, ds)
+    code, _, summary = run(server, ds, ckpt, tmp_path, refine_tags=())
+    assert code == 0
+    new = assert_refined(server, ds, summary, a)
+    assert new["tags"] == ["refined"]
+
+
+def test_catalogue_tags_not_a_list(server, ckpt, tmp_path):
+    """``tags: "cell"`` (a string): not taken as the tag "cell" (the server's filter may still
+    list it); refined when no refine tag is set."""
+    ds = dataset(server)
+    odd = good(0)
+    odd["tags"] = "cell"
+    a, ok = server.add_annotations(ds.dataset_id, [odd, good(1)])
+    code, _, summary = run(server, ds, ckpt, tmp_path, refine_tags=("cell",))
+    assert code == 0 and summary["selected"] == 1 and a in stored_ids(server, ds)
+    assert reason_of(summary, a) is None and a not in summary["replacements"]
+    code, _, summary = run(server, ds, ckpt, tmp_path, refine_tags=())
+    assert code == 0
+    assert_refined(server, ds, summary, a)
+
+
+# -- pixels ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8], ids=["float32", "uint8"])
+def test_catalogue_frame_dtypes(server, ckpt, tmp_path, dtype):
+    ds = dataset(server, dtype=dtype)
+    ids = server.add_annotations(ds.dataset_id, [good(0), good(1), good(2)])
+    code, _, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 0
+    for ann_id in ids:
+        assert_refined(server, ds, summary, ann_id)
+
+
+@pytest.mark.parametrize("garbage_body", [b"<html>502 Bad Gateway</html>", b"II*\x00garbage, not a TIFF" * 10],
+                         ids=["html", "tiff_header_then_garbage"])
+def test_catalogue_frame_that_is_not_a_tiff(server, ckpt, tmp_path, garbage_body):
+    ds = dataset(server, n_xy=2)
+    bad_frame = ds.frame_of[(1, 0, 0, 0)]
+    first = server.add_annotations(ds.dataset_id, [good(0)])
+    second = server.add_annotations(ds.dataset_id, [dict(good(0), location={"XY": 1, "Z": 0, "Time": 0})])
+
+    def garbage(method, path, params, answer):
+        if path.endswith("tiles/region") and params.get("frame") == str(bad_frame):
+            return 200, garbage_body, "image/tiff", {}
+        return answer
+
+    wrap(server, garbage)
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 1
+    assert_kept(server, ds, summary, second[0], "its image could not be read")
+    assert_refined(server, ds, summary, first[0])  # the other location is done
+    error = messages(reporter, "error")[-1]
+    assert "1 location(s) could not be processed" in error["error"]
+    assert "XY 2" in error["info"] and f"GET item/{ds.item_id}/tiles/region failed" in error["info"]
+    # A TIFF header over garbage decodes to an empty array, which is caught as not one 2-D plane.
+    assert "not a readable TIFF" in error["info"] or "expected one 2-D plane" in error["info"]
+
+
+def test_catalogue_frame_reported_as_20000x20000(server, ckpt, tmp_path):
+    """The tile metadata says 20000x20000 but the frames are small: the size mismatch is
+    caught per location (kept, "its image could not be read", exit 1); nothing is allocated at
+    20000x20000 and nothing is deleted. (A real 20000x20000 job is out of the CI budget.)"""
+    ds = dataset(server)
+    a, b = server.add_annotations(ds.dataset_id, [good(0), good(1)])
+
+    def huge(method, path, params, answer):
+        status, body, ctype, headers = answer
+        if method == "GET" and path == f"item/{ds.item_id}/tiles" and status == 200:
+            meta = json.loads(body)
+            meta.update(sizeX=20000, sizeY=20000, levels=8)
+            body = json.dumps(meta).encode()
+        return status, body, ctype, headers
+
+    wrap(server, huge)
+    started = time.perf_counter()
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    print(f"\n20000x20000 tile metadata on a {W}x{H} frame: exit {code} in {time.perf_counter() - started:.2f} s; "
+          f"{messages(reporter, 'error')[-1]['info'][:200]}")
+    assert code == 1
+    for ann_id in (a, b):
+        assert_kept(server, ds, summary, ann_id, "its image could not be read")
+    assert "expected 20000x20000" in messages(reporter, "error")[-1]["info"]
+    assert server.requests_to("DELETE", "upenn_annotation/multiple") == []
+    assert server.requests_to("POST", "upenn_annotation/multiple") == []
+
+
+# -- layer settings ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer,message", [
+    ({"channel": 3, "visible": True}, "shows channel 3"),
+    ({"channel": 0, "visible": True, "color": "#zzzzzz"}, "layer"),
+    ({"channel": 0, "visible": True, "contrast": {"mode": "gamma"}}, "contrast mode"),
+    ({"channel": 0, "visible": True, "contrast": {"mode": "absolute", "blackPoint": None, "whitePoint": 9}},
+     "numeric blackPoint"),
+    ({"channel": 0, "visible": False}, "no layer is visible"),
+], ids=["channel_out_of_range", "bad_colour", "unknown_contrast_mode", "null_black_point", "none_visible"])
+def test_catalogue_bad_layer_settings(server, ckpt, tmp_path, layer, message):
+    ds = dataset(server, layers=[layer])
+    a, = server.add_annotations(ds.dataset_id, [good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path)
+    assert code == 1
+    error = messages(reporter, "error")[0]
+    assert error["error"] == "The dataset's layer settings cannot be used." and message in error["info"]
+    assert "Nothing was changed" in error["info"]
+    assert [r for r in server.requests if r.method != "GET"] == [] and a in stored_ids(server, ds)
+
+
+def test_catalogue_layer_contrast_not_an_object(server, ckpt, tmp_path):
+    """``contrast: "high"``: the job stops before any change (exit 1, nothing deleted). The
+    message is the generic "failed unexpectedly" (AttributeError); see
+    tests/pending_reliability_bugs.py for the wanted message."""
+    ds = dataset(server, layers=[{"channel": 0, "visible": True, "contrast": "high"}])
+    a, = server.add_annotations(ds.dataset_id, [good(0)])
+    code, reporter, _ = run(server, ds, ckpt, tmp_path)
+    assert code == 1
+    assert messages(reporter, "error")
+    assert [r for r in server.requests if r.method != "GET"] == [] and a in stored_ids(server, ds)
+
+
+# -- bad settings: through the command line, in-process ----------------------------------------------
+
+BAD_SETTINGS = {
+    "model_null": ({"Model": None}, "Model"),
+    "model_unknown": ({"Model": "sam2.1_hiera_huge.pt"}, "Model"),
+    "model_path": ({"Model": "../sam2.1_hiera_tiny.pt"}, "Model"),
+    "model_not_text": ({"Model": 3}, "Model"),
+    "padding_out_of_range": ({"Padding": 21}, "Padding"),
+    "padding_not_a_number": ({"Padding": "wide"}, "Padding"),
+    "padding_bool": ({"Padding": True}, "Padding"),
+    "smoothing_nan_text": ({"Smoothing": "nan"}, "Smoothing"),
+    "smoothing_negative": ({"Smoothing": -0.1}, "Smoothing"),
+    "refine_tags_not_a_list": ({"Tag of objects to refine": {"a": 1}}, "Tag of objects to refine"),
+    "refine_tags_numbers": ({"Tag of objects to refine": [1, 2]}, "Tag of objects to refine"),
+    "delete_not_bool": ({"Delete original annotations": "yes"}, "Delete original annotations"),
+    "batch_xy_words": ({"Batch XY": "first"}, "Batch XY"),
+    "batch_z_zero": ({"Batch Z": "0"}, "Batch Z"),
+    "batch_time_reversed": ({"Batch Time": "5-2"}, "Batch Time"),
+    "batch_xy_float": ({"Batch XY": 1.5}, "Batch XY"),
+    "batch_z_list": ({"Batch Z": [1, 2]}, "Batch Z"),
+    "resolution_unknown": ({ui.RESOLUTION: "4K"}, ui.RESOLUTION),
+    "prompt_unknown": ({ui.PROMPT: "points"}, ui.PROMPT),
+    "min_overlap_above_one": ({ui.MIN_OVERLAP: 1.5}, ui.MIN_OVERLAP),
+    "keep_tags_not_bool": ({ui.KEEP_TAGS: "yes"}, ui.KEEP_TAGS),
+}
+BAD_PARAMETERS = {
+    "channel_negative": ({"channel": -1}, "channel"),
+    "channel_text": ({"channel": "1"}, "channel"),
+    "channel_null": ({"channel": None}, "channel"),
+    "output_tags_not_a_list": ({"tags": 5}, "tags"),
+    "tile_not_an_object": ({"tile": "0,0,0"}, "tile"),
+    "tile_negative": ({"tile": {"XY": -1, "Z": 0, "Time": 0}}, "tile.XY"),
+    "worker_interface_not_an_object": ({"workerInterface": ["Model"]}, "workerInterface"),
+}
+
+
+def cli_compute(server, ds_id, request, capsys) -> tuple[int, list[dict[str, Any]]]:
+    argv = ["--apiUrl", server.api_url, "--token", TOKEN, "--request", "compute", "--parameters", json.dumps(request)]
+    if ds_id is not None:
+        argv += ["--datasetId", ds_id]
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err
+    return code, [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+
+
+def base_request(**fields) -> dict[str, Any]:
+    values = {"Model": "sam2.1_hiera_tiny.pt", "Batch XY": "", "Batch Z": "", "Batch Time": "",
+              "Delete original annotations": True, "Padding": 0, "Smoothing": 0.7, "Tag of objects to refine": []}
+    values.update(fields)
+    return {"workerInterface": values, "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": ["refined"],
+            "assignment": {"XY": 0, "Z": 0, "Time": 0}}
+
+
+@pytest.mark.parametrize("name", list(BAD_SETTINGS) + list(BAD_PARAMETERS))
+def test_catalogue_bad_setting(server, ckpt, monkeypatch, capsys, name):
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
+    ds = dataset(server)
+    server.add_annotations(ds.dataset_id, [good(0)])
+    if name in BAD_SETTINGS:
+        fields, field = BAD_SETTINGS[name]
+        request = base_request(**fields)
+    else:
+        fields, field = BAD_PARAMETERS[name]
+        request = {**base_request(), **fields}
+    code, lines = cli_compute(server, ds.dataset_id, request, capsys)
+    errors = [line for line in lines if "error" in line]
+    assert code == 2, lines
+    assert errors and errors[0]["error"] == f"Invalid setting: {field}", errors
+    assert "Nothing was changed" in errors[0]["info"]
+    assert server.requests == []  # checked before the server is asked anything
+
+
+def test_catalogue_several_bad_settings_at_once(server, ckpt, monkeypatch, capsys):
+    """Every bad field is reported, each on its own error line, in one run."""
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
+    ds = dataset(server)
+    request = {**base_request(Padding=99, Smoothing="x", **{"Batch XY": "0"}), "channel": -3}
+    code, lines = cli_compute(server, ds.dataset_id, request, capsys)
+    assert code == 2
+    named = {line["error"] for line in lines if "error" in line}
+    assert named == {"Invalid setting: Padding", "Invalid setting: Smoothing", "Invalid setting: Batch XY",
+                     "Invalid setting: channel"}
+    assert server.requests == []
+
+
+def test_catalogue_parameters_not_json_or_not_an_object(server, ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
+    ds = dataset(server)
+    argv = ["--apiUrl", server.api_url, "--token", TOKEN, "--request", "compute", "--datasetId", ds.dataset_id]
+    assert cli.main(argv + ["--parameters", "{not json"]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["error"] == "Invalid --parameters: not JSON."
+    assert cli.main(argv + ["--parameters", "[1, 2]"]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["error"] == "Invalid setting: parameters"
+    assert server.requests == []
+
+
+def test_catalogue_missing_dataset_id(server, ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
+    code, lines = cli_compute(server, None, base_request(), capsys)
+    assert code == 2 and lines[0]["error"] == "Invalid setting: datasetId"
+    assert server.requests == []
+
+
+def test_catalogue_unknown_dataset_id(server, ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
+    code, lines = cli_compute(server, "0123456789abcdef01234567", base_request(), capsys)
+    errors = [line for line in lines if "error" in line]
+    assert code == 1 and errors[0]["error"] == "Could not read the dataset."
+    assert "GET folder/0123456789abcdef01234567 failed: HTTP 400" in errors[0]["info"]
+    assert [r for r in server.requests if r.method != "GET"] == []
+
+
+def test_catalogue_current_tile_beyond_the_dataset(server, ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
+    ds = dataset(server)
+    request = {**base_request(), "tile": {"XY": 3, "Z": 0, "Time": 0}}
+    code, lines = cli_compute(server, ds.dataset_id, request, capsys)
+    errors = [line for line in lines if "error" in line]
+    assert code == 2 and "Batch XY" in errors[0]["error"] and "1 position" in errors[0]["error"]
+    assert server.requests_to("GET", "upenn_annotation") == []
+    assert [r for r in server.requests if r.method != "GET"] == []
