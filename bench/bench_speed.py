@@ -149,8 +149,8 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
         with NimbusClient(server.api_url, TOKEN) as client:
             info = client.get_dataset_info(ds.dataset_id)
             layers = default_layers(info.num_channels)
-            images = [job.load_location_image(client, info, layers, job.Location(xy, 0, 0))
-                      for xy in range(cfg.locations)]
+            images = [job.load_location_image(client, info, layers, job.Location(xy, 0, 0)).window(
+                      0, 0, info.height, info.width) for xy in range(cfg.locations)]
         # c: the floor
         row["c_s"], row["c_peak_mb"], _ = timed(run_floor, images, boxes, predictor)
         del images

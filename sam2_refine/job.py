@@ -26,7 +26,7 @@ import numpy as np
 
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import BatchRangeError
-from sam2_refine.imaging import Layer, LayerError, merge_layers, parse_layers
+from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.markers import original_of
 from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
@@ -116,8 +116,8 @@ def find_refinements(client: NimbusClient, settings: RefineSettings) -> dict[str
 
 
 def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[Layer],
-                        location: Location) -> np.ndarray:
-    """Fetch each needed channel's frame once and merge them: float32 (H, W, 3) in [0, 1]."""
+                        location: Location) -> LocationImage:
+    """Fetch each needed channel's frame once; merged lazily, window by window."""
     planes = {}
     for channel in sorted({layer.channel for layer in layers}):
         try:
@@ -129,7 +129,7 @@ def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[La
             raise NimbusAPIError("GET", f"item/{info.item_id}/tiles/region", None,
                                  f"frame {frame} is {planes[channel].shape[::-1]}, expected "
                                  f"{info.width}x{info.height}")
-    return merge_layers(planes, layers)
+    return LocationImage(planes, layers)
 
 
 def _ids_text(ids: list[str]) -> str:
@@ -352,7 +352,7 @@ def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Report
     locations = list(selection.by_location.items())
     wanted = [loc for loc, originals in locations if any(o.problem is None for o in originals)]
     with client.clone() as fetch_client, ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        futures: dict[Location, Future[np.ndarray]] = {}
+        futures: dict[Location, Future[LocationImage]] = {}
 
         def prefetch(position: int) -> None:
             if position < len(wanted) and wanted[position] not in futures:

@@ -37,8 +37,13 @@ from sam2_refine.geometry import (
 )
 from sam2_refine.logits import upsample_window
 from sam2_refine.predictor import BoxPredictor
-from sam2_refine.regions import AUTO, plan_regions
+from sam2_refine.imaging import ArrayImage, LocationImage
+from sam2_refine.regions import AUTO, CROPS, plan_regions
 from sam2_refine.selection import Original
+
+#: Frames with more pixels than this are always refined in object crops: a whole-frame RGB
+#: float copy of 16384 x 16384 pixels alone is 3.2 GB (a 20000 x 20000 frame: 4.8 GB).
+MAX_WHOLE_FRAME_PIXELS = 16384 * 16384
 
 #: A mask whose chosen component covers more than this multiple of the prompt box's area is
 #: rejected: the model has segmented something else than the outlined object.
@@ -209,7 +214,7 @@ def overlap(polygon: Polygon, shape: BaseGeometry) -> float:
 
 def refine_location(
     predictor: BoxPredictor,
-    image: np.ndarray,
+    image: np.ndarray | LocationImage | ArrayImage,
     originals: Sequence[Original],
     options: GeometryOptions,
     on_progress: Callable[[int], None] | None = None,
@@ -221,7 +226,8 @@ def refine_location(
 
     Args:
         predictor: The model (its embedding is replaced).
-        image: float32 (H, W, 3) RGB in [0, 1], the merged frame.
+        image: The merged frame: float32 (H, W, 3) RGB in [0, 1], or a
+            :class:`~sam2_refine.imaging.LocationImage` that merges only the windows embedded.
         originals: Annotations at this location.
         options: Resolution, prompt, smoothing, padding, quality gate.
         on_progress: Called with the number of originals done so far.
@@ -229,15 +235,19 @@ def refine_location(
     Returns:
         One outcome per original, in the order given.
     """
-    height, width = image.shape[:2]
+    source = ArrayImage(image) if isinstance(image, np.ndarray) else image
+    height, width = source.height, source.width
     prompts, kept = _prepare(originals, width, height)
     outcomes: dict[str, Outcome] = {k.original_id: k for k in kept}
     done = len(kept)
     boxes = np.stack([p.box for p in prompts]) if prompts else np.zeros((0, 4))
     gate = f"its overlap with the original is below the minimum ({options.min_overlap:g})"
-    for region in plan_regions(boxes, height, width, options.resolution) if prompts else []:
+    resolution = options.resolution
+    if height * width > MAX_WHOLE_FRAME_PIXELS and resolution != CROPS:
+        resolution = CROPS  # a whole-frame RGB copy would not fit in memory: crops need only windows
+    for region in plan_regions(boxes, height, width, resolution) if prompts else []:
         win = region.window
-        predictor.embed(image[win.top:win.bottom, win.left:win.right])
+        predictor.embed(source.window(win.top, win.left, win.bottom, win.right))
         offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
         members = [prompts[i] for i in region.members]
         for start in range(0, len(members), max(1, predictor.max_batch)):

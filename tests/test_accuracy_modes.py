@@ -313,3 +313,25 @@ def test_real_sam2_takes_shape_prompts_and_three_masks(checkpoint_dir):
     assert seen == [(None, (2, 1, 256, 256), (2, 1)),
                     ((2, 1, 256, 256), (2, 1, 256, 256), (2, 1)),
                     (None, (2, 3, 256, 256), (2, 3))]
+
+
+def test_frames_too_large_for_a_whole_frame_copy_are_refined_in_crops(monkeypatch):
+    """A 20000 x 20000 frame cannot be merged into one RGB float copy (4.8 GB): beyond the pixel
+    budget the engine uses object crops whatever the Resolution field says, and merges only them."""
+    from sam2_refine import refine
+    from sam2_refine.imaging import LocationImage, default_layers
+
+    monkeypatch.setattr(refine, "MAX_WHOLE_FRAME_PIXELS", 1000 * 1000)
+    scene = cell_scene(1200, 1200, 12, radius=(9.0, 12.0), seed=8, noise=False)
+    image = LocationImage({0: scene.channels[0]}, default_layers(1))
+    embedded = []
+
+    class Watching(KnownMaskPredictor):
+        def embed(self, window):
+            embedded.append(window.shape)
+            super().embed(window)
+
+    outcomes = refine_location(Watching(threshold=0.3), image, originals_for(scene.labels),
+                               GeometryOptions(resolution="whole"))
+    assert embedded and all(h * w < 1200 * 1200 for h, w, _ in embedded)
+    assert mean_iou(outcomes, scene.labels) > 0.85

@@ -302,3 +302,18 @@ def test_fast_percentiles_equal_numpy(dtype):
         for q in ((0.0, 100.0), (1.0, 99.5), (0.1, 99.9), (50.0, 50.0), (33.3, 66.6)):
             expected = np.percentile(plane, q)
             assert percentiles(plane, q) == pytest.approx(tuple(expected), abs=1e-6), (dtype, size, q)
+
+
+def test_location_image_windows_are_merged_as_the_whole_frame_is():
+    from sam2_refine.imaging import LocationImage
+
+    rng = np.random.default_rng(5)
+    planes = {0: rng.integers(0, 60000, size=(300, 400)).astype(np.uint16),
+              1: rng.integers(0, 255, size=(300, 400)).astype(np.uint8)}
+    layers = default_layers(2)
+    whole = merge_layers(planes, layers)
+    image = LocationImage(planes, layers)
+    assert image.shape == (300, 400, 3)
+    np.testing.assert_array_equal(image.window(0, 0, 300, 400), whole)
+    # A window uses the frame's contrast, not its own.
+    np.testing.assert_array_equal(image.window(50, 120, 90, 200), whole[50:90, 120:200])
