@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import BatchRangeError

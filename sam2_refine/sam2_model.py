@@ -137,10 +137,13 @@ class Sam2BoxPredictor:
         choice: Device and precision.
         name: For messages, e.g. ``"sam2.1_hiera_tiny.pt"``.
         max_batch: Prompts per decoder call.
+        fast_decoder: On the CPU, decode prompts without mask input with
+            :class:`~sam2_refine.fast_decoder.FastBoxDecoder` (sam2's decoder's output, faster);
+            sam2's decoder otherwise, and where the model's decoder is not supported.
     """
 
     def __init__(self, model: torch.nn.Module, choice: DeviceChoice, name: str = "SAM2",
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, fast_decoder: bool = True) -> None:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         self.model = model
@@ -152,10 +155,26 @@ class Sam2BoxPredictor:
         self._predictor = SAM2ImagePredictor(model)
         self.input_size = int(model.image_size)
         self._image_hw: tuple[int, int] | None = None
+        # --- fast decoder (sam2_refine.fast_decoder), CPU only: what it is built and verified for
+        self._fast = None
+        self._fast_ready = False
+        if fast_decoder and choice.device == "cpu":
+            from sam2_refine.fast_decoder import FastBoxDecoder, UnsupportedModelError
+
+            try:
+                self._fast = FastBoxDecoder(model)
+            except UnsupportedModelError as exc:
+                log.info("using sam2's mask decoder: %s", exc)
+        # --- end fast decoder
+
+    @property
+    def decoder_name(self) -> str:
+        """Which mask decoder runs box prompts without mask input."""
+        return "FastBoxDecoder (sam2_refine.fast_decoder)" if self._fast is not None else "sam2's MaskDecoder"
 
     @classmethod
     def load(cls, checkpoint: Path, choice: DeviceChoice | None = None, max_batch: int = 64,
-             ) -> tuple[Sam2BoxPredictor, bool]:
+             fast_decoder: bool = True) -> tuple[Sam2BoxPredictor, bool]:
         """Build from a checkpoint file.
 
         Returns:
@@ -168,7 +187,7 @@ class Sam2BoxPredictor:
         choice = choice or choose_device()
         untrained = inspect_checkpoint(checkpoint)
         model = build_model(checkpoint, choice)
-        return cls(model, choice, checkpoint.name, max_batch), untrained
+        return cls(model, choice, checkpoint.name, max_batch, fast_decoder), untrained
 
     def embed(self, image: np.ndarray) -> None:
         """Embed an (H, W, 3) float32 RGB image in [0, 1] (kept until the next call)."""
@@ -181,6 +200,18 @@ class Sam2BoxPredictor:
                              interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         with inference_mode(self.choice):
             self._predictor.set_image(np.clip(resized, 0.0, 1.0))
+            # --- fast decoder: per-image precomputation
+            self._fast_ready = False
+            if self._fast is not None:
+                from sam2_refine.fast_decoder import UnsupportedModelError
+
+                feats = self._predictor._features
+                try:
+                    self._fast.set_image_features(feats["image_embed"], list(feats["high_res_feats"]))
+                    self._fast_ready = True
+                except UnsupportedModelError as exc:
+                    log.info("using sam2's mask decoder: %s", exc)
+            # --- end fast decoder
         self._image_hw = (height, width)
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
@@ -206,14 +237,17 @@ class Sam2BoxPredictor:
             if mask_inputs is not None:
                 masks = torch.as_tensor(np.asarray(mask_inputs, dtype=np.float32), device=device)
             sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
-            low_res, scores, _, _ = self.model.sam_mask_decoder(
-                image_embeddings=features["image_embed"],
-                image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-                repeat_image=len(boxes) > 1,
-                high_res_features=list(features["high_res_feats"]),
-            )
+            if masks is None and self._fast_ready:  # --- fast decoder (same output as below)
+                low_res, scores = self._fast(sparse, multimask)
+            else:
+                low_res, scores, _, _ = self.model.sam_mask_decoder(
+                    image_embeddings=features["image_embed"],
+                    image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                    repeat_image=len(boxes) > 1,
+                    high_res_features=list(features["high_res_feats"]),
+                )
             low_res = torch.clamp(low_res.float(), -32.0, 32.0)
         return Decoded(low_res.cpu().numpy(), scores.float().cpu().numpy())
