@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         make_untrained_checkpoint(checkpoint_dir / "sam2.1_hiera_tiny.pt")
         kwargs = {"fast_decoder": False} if args.sam2_decoder else {}
         predictor, _ = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt", **kwargs)
+        predictor.embed(np.zeros((1024, 1024, 3), np.float32))  # warm-up: first calls allocate
+        predictor.decode(np.array([[10.0, 10.0, 60.0, 60.0]] * 4))
         rows = []
         for cfg in configs:
             print(f"running {cfg.name} ...", flush=True)

@@ -188,6 +188,25 @@ def rasterize(shape: BaseGeometry, window: Window) -> np.ndarray:
     return mask
 
 
+def rasterize_rough(shape: BaseGeometry, window: Window) -> np.ndarray:
+    """Like :func:`rasterize`, an order of magnitude faster on large shapes, but generous at the
+    boundary: OpenCV's scan conversion also takes pixels the outline merely touches. For
+    choosing among mask components, not for measuring.
+
+    Returns:
+        bool array of shape (window.height, window.width).
+    """
+    mask = np.zeros((window.height, window.width), dtype=np.uint8)
+    rings = []
+    for polygon in getattr(shape, "geoms", [shape]):
+        if isinstance(polygon, Polygon) and not polygon.is_empty:
+            xy = np.asarray(polygon.exterior.coords, dtype=np.float64) - (window.left, window.top)
+            rings.append(np.round(np.clip(xy, -1e6, 1e6) * 16).astype(np.int32).reshape(-1, 1, 2))
+    if rings:
+        cv2.fillPoly(mask, rings, 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
 # -- the model's mask -------------------------------------------------------------------------
 
 def select_component(mask: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray | None, int]:

@@ -31,7 +31,7 @@ from sam2_refine.geometry import (
     frame_polygon,
     outline_from_logits,
     prompt_box,
-    rasterize,
+    rasterize_rough,
     select_component,
     touches_edges,
 )
@@ -132,7 +132,7 @@ def shape_on_grid(shape: BaseGeometry, region: Window, grid_hw: tuple[int, int])
     sy, sx = h / region.height, w / region.width
     local = affinity.affine_transform(shape, [sx, 0, 0, sy, (0.5 - region.left) * sx - 0.5,
                                               (0.5 - region.top) * sy - 0.5])
-    return rasterize(local, Window(0, 0, h, w))
+    return rasterize_rough(local, Window(0, 0, h, w))
 
 
 def shape_logits(on_grid: np.ndarray) -> np.ndarray:
@@ -175,7 +175,7 @@ def mask_to_polygon(
         mask = logits > 0
         if not mask.any():
             raise AnnotationProblem("empty mask")
-        component, _ = select_component(mask, rasterize(prompt.original.shape, window))
+        component, _ = select_component(mask, rasterize_rough(prompt.original.shape, window))
         if component is None:
             raise AnnotationProblem("the mask does not overlap the original outline")
         area = int(np.count_nonzero(component))
