@@ -13,7 +13,10 @@ configuration (frame size, objects per location N, locations L) it measures, sid
      ``predict()`` per box, every mask upsampled to the full frame, contours over the full frame;
   b  this project's engine through the same code path as a real job (``job.run_compute`` over
      HTTP: selection, frames, merge, embedding, decoding, polygons, upload), the model already
-     loaded (model loading is the same fixed cost for every variant and is left out);
+     loaded (model loading is the same fixed cost for every variant and is left out), with
+     Resolution "Whole frame" so that it makes the same model passes as a and c. Where the
+     default (Auto) would use object crops, that run is timed too (one encoder pass per crop:
+     slower, more accurate on small objects);
   c  the floor: the encoder once per location plus the mask decoder for all N prompts (in the
      engine's batches), on images already in memory, and nothing else.
 
@@ -47,6 +50,7 @@ from per_box_loop import run_per_box_loop  # noqa: E402
 from sam2_refine import job  # noqa: E402
 from sam2_refine.imaging import default_layers  # noqa: E402
 from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
+from sam2_refine.regions import choose_mode  # noqa: E402
 from sam2_refine.report import Reporter  # noqa: E402
 from sam2_refine.sam2_model import Sam2BoxPredictor  # noqa: E402
 from sam2_refine.settings import parse_settings  # noqa: E402
@@ -112,17 +116,19 @@ def build_dataset(server: NimbusTestServer, cfg: Config, seed: int = 0):
     return ds, scene
 
 
-def run_engine(server, ds, checkpoint_dir: Path, predictor) -> int:
+def run_engine(server, ds, checkpoint_dir: Path, predictor, resolution: str = "Whole frame",
+               tag: str = "engine") -> int:
     params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt", "Tag of objects to refine": ["rough"],
                                   "Batch XY": "all", "Batch Z": "all", "Batch Time": "all",
-                                  "Smoothing": 0.7, "Padding": 0, "Delete original annotations": False},
-              "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": ["engine"]}
+                                  "Smoothing": 0.7, "Padding": 0, "Delete original annotations": False,
+                                  "Resolution": resolution},
+              "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": [tag]}
     settings = parse_settings(params, ds.dataset_id, checkpoint_dir)
     with NimbusClient(server.api_url, TOKEN) as client:
         code = job.run_compute(settings, client, Reporter(stream=io.StringIO()), lambda path: (predictor, False))
     if code != 0:
         raise RuntimeError(f"engine exited {code}")
-    return sum(1 for a in server.annotations(ds.dataset_id) if a["tags"] == ["engine"])
+    return sum(1 for a in server.annotations(ds.dataset_id) if a["tags"] == [tag])
 
 
 def run_floor(images: list[np.ndarray], boxes: np.ndarray, predictor) -> int:
@@ -154,9 +160,13 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
         # c: the floor
         row["c_s"], row["c_peak_mb"], _ = timed(run_floor, images, boxes, predictor)
         del images
-        # b: the engine
+        # b: the engine, whole frame (the same model passes as a and c)
         row["b_s"], row["b_peak_mb"], created = timed(run_engine, server, ds, checkpoint_dir, predictor)
         row["b_created"] = created
+        # the default Resolution (Auto): object crops where objects are small, one encoder pass each
+        row["auto_mode"] = choose_mode(boxes, cfg.size, cfg.size, "auto")
+        if row["auto_mode"] == "crops":
+            row["b_auto_s"], _, _ = timed(run_engine, server, ds, checkpoint_dir, predictor, "Auto", "auto")
         # a: the per-box loop
         if include_per_box and cfg.per_box:
             sam2_predictor = SAM2ImagePredictor(predictor.model)
@@ -173,14 +183,15 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
 
 def table(rows: list[dict]) -> str:
     head = ("| configuration | a per-box loop (s) | b engine (s) | c floor (s) | a/b (speed-up) | b/c | "
-            "peak RSS a / b / c (MB) | polygons/s (b) |")
-    lines = [head, "|" + "---|" * 8]
+            "peak RSS a / b / c (MB) | polygons/s (b) | b with Auto = crops (s) |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         a = f"{r['a_s']:.1f}" if "a_s" in r else "not run"
         ab = f"{r['a_over_b']:.2f}x" if "a_over_b" in r else "-"
         peak_a = f"{r['a_peak_mb']:.0f}" if "a_peak_mb" in r else "-"
         lines.append(f"| {r['config']} | {a} | {r['b_s']:.1f} | {r['c_s']:.1f} | {ab} | {r['b_over_c']:.3f} | "
-                     f"{peak_a} / {r['b_peak_mb']:.0f} / {r['c_peak_mb']:.0f} | {r['polygons_per_s']:.1f} |")
+                     f"{peak_a} / {r['b_peak_mb']:.0f} / {r['c_peak_mb']:.0f} | {r['polygons_per_s']:.1f} | "
+                     + (f"{r['b_auto_s']:.1f} |" if "b_auto_s" in r else "(Auto = whole) |"))
     return "\n".join(lines)
 
 
@@ -204,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         predictor.embed(np.zeros((1024, 1024, 3), np.float32))  # warm-up: first calls allocate
         predictor.decode(np.array([[10.0, 10.0, 60.0, 60.0]] * 4))
         rows = []
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         for cfg in configs:
             print(f"running {cfg.name} ...", flush=True)
             rows.append(measure(cfg, predictor, checkpoint_dir, include_per_box=not args.no_per_box))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+            args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__} threads {torch.get_num_threads()}", "model": "SAM2.1 tiny, random weights, CPU",
             "decoder": getattr(predictor, "decoder_name", "sam2"),

@@ -309,7 +309,8 @@ def finish_polygon(outline: np.ndarray, smoothing: float, padding: float, frame:
         polygon = simplify_keeping_area(polygon, smoothing)
     if padding != 0:
         polygon = polygon.buffer(padding)
-    polygon = polygon.intersection(frame)
+    if not frame.contains(polygon):  # clip only what crosses the frame's edge
+        polygon = polygon.intersection(frame)
     polygon = largest_polygon(shapely.set_precision(polygon, 0.01))
     if polygon is None:
         reason = f"padding {padding:g} leaves no shape" if padding < 0 else "the refined shape has no area"
@@ -346,8 +347,10 @@ def simplify_keeping_area(polygon: Polygon, tolerance: float) -> Polygon:
     for _ in range(6):
         candidate = _simplify_once(polygon, attempt)
         if candidate.is_valid and not candidate.is_empty:
-            union = candidate.union(polygon).area
-            if union > 0 and candidate.intersection(polygon).area / union >= min_iou:
+            # IoU from one overlay: |A ^ B| = |A| + |B| - 2 |A & B|.
+            total = candidate.area + polygon.area
+            apart = candidate.symmetric_difference(polygon).area
+            if total > apart and (total - apart) / (total + apart) >= min_iou:
                 return candidate
         attempt /= 2.0
     return polygon

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 #: Colours given to channels when the dataset has no layer settings.
@@ -212,6 +213,16 @@ class LocationImage:
         return merge_layers(crops, self.layers, self.limits)
 
 
+    def window_shrunk(self, top: int, left: int, bottom: int, right: int, size: int) -> np.ndarray:
+        """The window merged at ``size`` x ``size`` (area-averaged first, then merged with the
+        frame's contrast): a model that squeezes its input to that size sees almost the same
+        image, at a fraction of the cost of merging every pixel. float32 (size, size, 3)."""
+        crops = {c: cv2.resize(np.ascontiguousarray(plane[top:bottom, left:right], dtype=np.float32),
+                               (size, size), interpolation=cv2.INTER_AREA)
+                 for c, plane in self.planes.items()}
+        return merge_layers(crops, self.layers, self.limits)
+
+
 class ArrayImage:
     """An already merged (H, W, 3) float32 image behind the :class:`LocationImage` interface."""
 
@@ -225,3 +236,7 @@ class ArrayImage:
 
     def window(self, top: int, left: int, bottom: int, right: int) -> np.ndarray:
         return self.rgb[top:bottom, left:right]
+
+    def window_shrunk(self, top: int, left: int, bottom: int, right: int, size: int) -> np.ndarray:
+        return cv2.resize(np.ascontiguousarray(self.rgb[top:bottom, left:right]), (size, size),
+                          interpolation=cv2.INTER_AREA)

@@ -203,9 +203,11 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
             return EXIT_OK
         return _finish(settings, client, reporter, ledger, [], started)
 
-    predictor = _load_model(settings, reporter, load_predictor, selection)
     uploader = _Uploader(client, ledger, settings)
-    failed_locations = _refine_all(settings, client, reporter, predictor, info, layers, selection, ledger, uploader)
+    with _Prefetcher(client, info, layers, selection) as frames:
+        frames.want(0)  # the first location's frames arrive while the model loads
+        predictor = _load_model(settings, reporter, load_predictor, selection)
+        failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames)
 
     reporter.progress(0.85, "Uploading", f"Creating {uploader.pending()} refined annotation(s)")
     uploader.flush()
@@ -331,15 +333,48 @@ class _Uploader:
         self.error = report.error
 
 
-def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Reporter, predictor: BoxPredictor,
-                info: DatasetInfo, layers: list[Layer], selection: Selection, ledger: Ledger,
-                uploader: _Uploader) -> list[str]:
+class _Prefetcher:
+    """Fetches locations' frames in a background thread (with its own HTTP session), one ahead.
+
+    Only locations with something to refine are fetched. :meth:`take` returns a location's
+    :class:`~sam2_refine.imaging.LocationImage` (or raises the fetch's NimbusAPIError) and asks
+    for the next one, so the next frames travel while the current location is refined.
+    """
+
+    def __init__(self, client: NimbusClient, info: DatasetInfo, layers: list[Layer], selection: Selection) -> None:
+        self.wanted = [loc for loc, originals in selection.by_location.items()
+                       if any(o.problem is None for o in originals)]
+        self._info, self._layers = info, layers
+        self._client = client.clone()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._futures: dict[Location, Future[LocationImage]] = {}
+
+    def __enter__(self) -> _Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def want(self, position: int) -> None:
+        if position < len(self.wanted) and self.wanted[position] not in self._futures:
+            location = self.wanted[position]
+            self._futures[location] = self._pool.submit(load_location_image, self._client, self._info,
+                                                        self._layers, location)
+
+    def take(self, location: Location) -> LocationImage:
+        self.want(self.wanted.index(location))
+        self.want(self.wanted.index(location) + 1)
+        return self._futures.pop(location).result()
+
+
+def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPredictor, selection: Selection,
+                ledger: Ledger, uploader: _Uploader, frames: _Prefetcher) -> list[str]:
     """Refine every location; returns descriptions of locations that failed.
 
-    The next location's frames are fetched and merged in a background thread (with its own
-    HTTP session) while the current one is refined, and refined annotations are uploaded in
-    chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no further
-    location is processed (its originals are kept).
+    Frames come from ``frames`` (fetched one location ahead), and refined annotations are
+    uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no
+    further location is processed (its originals are kept).
     """
     options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
                               resolution=settings.resolution, prompt=settings.prompt,
@@ -349,45 +384,34 @@ def _refine_all(settings: RefineSettings, client: NimbusClient, reporter: Report
     done = 0
     failed: list[str] = []
     locations = list(selection.by_location.items())
-    wanted = [loc for loc, originals in locations if any(o.problem is None for o in originals)]
-    with client.clone() as fetch_client, ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-        futures: dict[Location, Future[LocationImage]] = {}
-
-        def prefetch(position: int) -> None:
-            if position < len(wanted) and wanted[position] not in futures:
-                futures[wanted[position]] = pool.submit(load_location_image, fetch_client, info, layers,
-                                                        wanted[position])
-
-        prefetch(0)
-        for index, (location, originals) in enumerate(locations, start=1):
-            where = f"Location {index}/{len(locations)} ({location.describe()})"
-            if uploader.error is not None:
-                for original in originals:
-                    ledger.keep(original.id, location, "not processed: the upload failed")
-                continue
-            span.update(done / total, where)
-            if location not in futures:  # nothing to look at: no image fetched
-                ledger.record(location, [Kept(o.id, o.problem or "no shape") for o in originals])
-                done += len(originals)
-                continue
-            prefetch(wanted.index(location) + 1)
-            try:
-                image = futures.pop(location).result()
-            except NimbusAPIError as exc:
-                failed.append(f"{location.describe()}: {exc}")
-                for original in originals:
-                    ledger.keep(original.id, location, "its image could not be read")
-                done += len(originals)
-                continue
+    for index, (location, originals) in enumerate(locations, start=1):
+        where = f"Location {index}/{len(locations)} ({location.describe()})"
+        if uploader.error is not None:
             for original in originals:
-                ledger.tags[original.id] = original.tags
-            base = done
-            outcomes = refine_location(predictor, image, originals, options,
-                                       on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w))
-            del image
-            ledger.record(location, outcomes)
+                ledger.keep(original.id, location, "not processed: the upload failed")
+            continue
+        span.update(done / total, where)
+        if location not in frames.wanted:  # nothing to look at: no image fetched
+            ledger.record(location, [Kept(o.id, o.problem or "no shape") for o in originals])
             done += len(originals)
-            uploader.flush(at_least=UPLOAD_CHUNK)
+            continue
+        try:
+            image = frames.take(location)
+        except NimbusAPIError as exc:
+            failed.append(f"{location.describe()}: {exc}")
+            for original in originals:
+                ledger.keep(original.id, location, "its image could not be read")
+            done += len(originals)
+            continue
+        for original in originals:
+            ledger.tags[original.id] = original.tags
+        base = done
+        outcomes = refine_location(predictor, image, originals, options,
+                                   on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w))
+        del image
+        ledger.record(location, outcomes)
+        done += len(originals)
+        uploader.flush(at_least=UPLOAD_CHUNK)
     span.update(1.0, f"{len(locations)} location(s) done")
     return failed
 

@@ -38,8 +38,17 @@ class BoxPredictor(Protocol):
     #: (h, w) of the mask logits :meth:`decode` accepts as ``mask_inputs`` (SAM2: 256 x 256).
     mask_input_size: tuple[int, int]
 
-    def embed(self, image: np.ndarray) -> None:
-        """Compute and keep the embedding of ``image``: (H, W, 3) float32 RGB in [0, 1]."""
+    #: Side of the square the model resizes every image to (SAM2: 1024), or None when the
+    #: predictor needs the image at full resolution. With a size, the engine may hand over a
+    #: region already shrunk to it (cheaper to merge), with the region's size in ``region_hw``.
+    input_size: int | None
+
+    def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
+        """Compute and keep the embedding of ``image``: (H, W, 3) float32 RGB in [0, 1].
+
+        ``region_hw`` (only for predictors with an ``input_size``): the (H, W) of the frame region
+        ``image`` shows, shrunk to ``input_size``; boxes passed to :meth:`decode` are in the
+        region's pixels, and the logit grid covers the region."""
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
                multimask: bool = False) -> Decoded:

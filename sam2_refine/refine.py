@@ -247,7 +247,12 @@ def refine_location(
         resolution = CROPS  # a whole-frame RGB copy would not fit in memory: crops need only windows
     for region in plan_regions(boxes, height, width, resolution) if prompts else []:
         win = region.window
-        predictor.embed(source.window(win.top, win.left, win.bottom, win.right))
+        size = getattr(predictor, "input_size", None)
+        if size and (win.height > 2 * size or win.width > 2 * size):
+            predictor.embed(source.window_shrunk(win.top, win.left, win.bottom, win.right, size),
+                            region_hw=(win.height, win.width))
+        else:
+            predictor.embed(source.window(win.top, win.left, win.bottom, win.right))
         offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
         members = [prompts[i] for i in region.members]
         for start in range(0, len(members), max(1, predictor.max_batch)):

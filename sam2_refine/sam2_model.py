@@ -189,11 +189,15 @@ class Sam2BoxPredictor:
         model = build_model(checkpoint, choice)
         return cls(model, choice, checkpoint.name, max_batch, fast_decoder), untrained
 
-    def embed(self, image: np.ndarray) -> None:
-        """Embed an (H, W, 3) float32 RGB image in [0, 1] (kept until the next call)."""
+    def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
+        """Embed an (H, W, 3) float32 RGB image in [0, 1] (kept until the next call).
+
+        ``region_hw``: the size of the region ``image`` shows, when it was already shrunk to the
+        model input (boxes are then given in the region's pixels).
+        """
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-        height, width = image.shape[:2]
+        height, width = region_hw or image.shape[:2]
         size = self.input_size
         shrinking = height > size or width > size
         resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size),

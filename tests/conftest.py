@@ -34,6 +34,20 @@ def client(server: NimbusTestServer) -> Iterator[NimbusClient]:
         yield c
 
 
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    """A checkpoint directory for stand-in runs: settings only check that the file exists."""
+    directory = tmp_path / "stub-ckpt"
+    directory.mkdir()
+    (directory / "sam2.1_hiera_tiny.pt").write_bytes(b"")
+    return directory
+
+
+@pytest.fixture
+def stub_ckpt(ckpt: Path) -> Path:
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory holding an untrained (random-weight) SAM2.1 tiny checkpoint."""

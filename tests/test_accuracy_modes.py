@@ -195,12 +195,6 @@ def run(server, ds, ckpt, predictor, **fields):
         return job.run_compute(settings, client, reporter, lambda path: (predictor, False)), reporter
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(b"")
-    return tmp_path
-
-
 def scene_dataset(server, count=4):
     scene = cell_scene(128, 192, count, radius=(10.0, 14.0), seed=3)
     ds = server.add_dataset(scene.channels[None, None, None])
@@ -335,3 +329,49 @@ def test_frames_too_large_for_a_whole_frame_copy_are_refined_in_crops(monkeypatc
                                GeometryOptions(resolution="whole"))
     assert embedded and all(h * w < 1200 * 1200 for h, w, _ in embedded)
     assert mean_iou(outcomes, scene.labels) > 0.85
+
+
+def test_regions_larger_than_the_model_input_are_merged_shrunk():
+    """A model that squeezes its input to input_size gets the region already shrunk (cheaper to
+    merge) and the region's size; a stand-in without input_size gets full resolution."""
+    from sam2_refine.imaging import LocationImage, default_layers
+
+    scene = cell_scene(300, 300, 6, radius=(12.0, 16.0), seed=2, noise=False)
+    image = LocationImage({0: scene.channels[0]}, default_layers(1))
+    seen = []
+
+    class Squeezing(ModelResolutionPredictor):
+        def embed(self, window, region_hw=None):
+            seen.append((window.shape, region_hw))
+            super().embed(window, region_hw)
+
+    outcomes = refine_location(Squeezing(input_size=64, grid=64, threshold=0.3), image,
+                               originals_for(scene.labels), GeometryOptions(resolution="whole"))
+    assert seen == [((64, 64, 3), (300, 300))]
+    assert mean_iou(outcomes, scene.labels) > 0.6  # coarse (64 px model), but in the right place
+    full = []
+
+    class Full(KnownMaskPredictor):
+        def embed(self, window):
+            full.append(window.shape)
+            super().embed(window)
+
+    refine_location(Full(threshold=0.3), image, originals_for(scene.labels), GeometryOptions(resolution="whole"))
+    assert full == [(300, 300, 3)]
+
+
+@pytest.mark.slow
+def test_real_sam2_shrunk_region_equals_full_region(checkpoint_dir):
+    """Sam2BoxPredictor resizes to 1024 with area averaging itself: handing it the region already
+    shrunk (with region_hw) must give the same masks for the same boxes."""
+    from sam2_refine.imaging import ArrayImage
+    from sam2_refine.sam2_model import Sam2BoxPredictor
+
+    predictor, _ = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt")
+    rgb = np.random.default_rng(1).random((2500, 2100, 3)).astype(np.float32)
+    boxes = np.array([[100.0, 200.0, 400.0, 380.0], [1500.0, 2000.0, 2050.0, 2450.0]])
+    predictor.embed(rgb)
+    full = predictor.decode(boxes)
+    predictor.embed(ArrayImage(rgb).window_shrunk(0, 0, 2500, 2100, 1024), region_hw=(2500, 2100))
+    shrunk = predictor.decode(boxes)
+    np.testing.assert_allclose(shrunk.logits, full.logits, atol=1e-4)

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,15 +36,6 @@ LAYER = [{"channel": 0, "color": "#ffffff", "visible": True,
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    directory = tmp_path / "ckpt"
-    directory.mkdir()
-    (directory / "sam2.1_hiera_tiny.pt").write_bytes(b"")  # settings only check that it exists
-    return directory
 
 
 def disk_pixels(dtype=np.uint16, n_xy: int = 1) -> np.ndarray:
@@ -510,14 +500,14 @@ def test_catalogue_bad_layer_settings(server, ckpt, tmp_path, layer, message):
 
 
 def test_catalogue_layer_contrast_not_an_object(server, ckpt, tmp_path):
-    """``contrast: "high"``: the job stops before any change (exit 1, nothing deleted). The
-    message is the generic "failed unexpectedly" (AttributeError); see
-    tests/pending_reliability_bugs.py for the wanted message."""
-    ds = dataset(server, layers=[{"channel": 0, "visible": True, "contrast": "high"}])
+    """``contrast: "high"``: the job stops before any change (exit 1, nothing deleted), with the
+    layer-settings error naming the layer."""
+    ds = dataset(server, layers=[{"name": "nuclei", "channel": 0, "visible": True, "contrast": "high"}])
     a, = server.add_annotations(ds.dataset_id, [good(0)])
     code, reporter, _ = run(server, ds, ckpt, tmp_path)
     assert code == 1
-    assert messages(reporter, "error")
+    error = messages(reporter, "error")[0]
+    assert error["error"] == "The dataset's layer settings cannot be used." and "nuclei" in error["info"]
     assert [r for r in server.requests if r.method != "GET"] == [] and a in stored_ids(server, ds)
 
 

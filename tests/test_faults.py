@@ -77,16 +77,6 @@ EMPTY_CKPT_NAME = "sam2.1_hiera_tiny.pt"
 # -- helpers ------------------------------------------------------------------------------------
 
 
-
-@pytest.fixture
-def stub_ckpt(tmp_path: Path) -> Path:
-    """A checkpoint directory for stand-in runs (settings only check the file exists)."""
-    directory = tmp_path / "stub-ckpt"
-    directory.mkdir()
-    (directory / EMPTY_CKPT_NAME).write_bytes(b"")
-    return directory
-
-
 def job_params(delete: bool = True, **fields: Any) -> dict[str, Any]:
     return params(**{"Batch XY": "all", "Batch Time": "all", "Delete original annotations": delete, **fields})
 

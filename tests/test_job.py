@@ -10,10 +10,8 @@ import io
 import json
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import TOKEN
 from sam2_refine import job
@@ -26,12 +24,6 @@ from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polyg
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 
 H, W = 160, 224
-
-
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    (tmp_path / "sam2.1_hiera_tiny.pt").write_bytes(b"")  # settings only check that it exists
-    return tmp_path
 
 
 def scene_dataset(server, n_xy: int = 1, n_t: int = 1, count: int = 8, seed: int = 0, layers=None):

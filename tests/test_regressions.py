@@ -10,7 +10,6 @@ import json
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,14 +23,6 @@ from sam2_refine.report import Reporter
 from sam2_refine.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
-
-
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    directory = tmp_path / "ckpt"
-    directory.mkdir()
-    (directory / "sam2.1_hiera_tiny.pt").write_bytes(b"")
-    return directory
 
 
 def _run(server, dataset_id, ckpt, *, output_tags, refine_tags=("cell",), delete=False) -> int:

@@ -30,16 +30,6 @@ from test_cli_e2e import BIG, LAYERS, ann, params, pixels
 H, W = 160, 224
 
 
-
-
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    directory = tmp_path / "ckpt"
-    directory.mkdir()
-    (directory / "sam2.1_hiera_tiny.pt").write_bytes(b"")  # settings only check that it exists
-    return directory
-
-
 def scene_dataset(server, n_xy: int = 1, count: int = 6, seed: int = 0, tags=("cell",)):
     """``n_xy`` positions of the same synthetic scene, one rough outline per nucleus each."""
     scene = cell_scene(H, W, count, radius=(9.0, 15.0), seed=seed)

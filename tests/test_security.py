@@ -32,16 +32,6 @@ from test_faults import STANDIN_LAUNCHER
 CKPT = "sam2.1_hiera_tiny.pt"
 
 
-
-
-@pytest.fixture
-def stub_ckpt(tmp_path: Path) -> Path:
-    directory = tmp_path / "stub-ckpt"
-    directory.mkdir()
-    (directory / CKPT).write_bytes(b"")
-    return directory
-
-
 def echo_token(server: NimbusTestServer, method: str, path: str, status: int, as_json: bool = True) -> None:
     """Answer ``method path`` with ``status`` and a message that carries the token."""
     original = server.handle

@@ -57,6 +57,7 @@ class KnownMaskPredictor:
 
     description = "known-mask stand-in"
     mask_input_size = (256, 256)
+    input_size = None
 
     def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16,
                  labels: np.ndarray | None = None) -> None:
@@ -113,8 +114,8 @@ class ModelResolutionPredictor:
         self._labels: np.ndarray | None = None
         self._hw: tuple[int, int] = (0, 0)
 
-    def embed(self, image: np.ndarray) -> None:
-        self._hw = image.shape[:2]
+    def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
+        self._hw = region_hw or image.shape[:2]
         small = cv2.resize(image, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
         self._labels = _labels(small, self.threshold)
 
