@@ -20,8 +20,11 @@ configuration (frame size, objects per location N, locations L) it measures, sid
   c  the floor: the encoder once per location plus the mask decoder for all N prompts (in the
      engine's batches), on images already in memory, and nothing else.
 
-It prints a table (wall time, b/a, b/c, peak RSS of each variant, polygons per second of b)
-and writes JSON to bench/results/speed.json. Peak RSS is the process's high-water mark, reset
+b and c run twice, interleaved, and the faster run of each is reported (identical model calls
+vary by 10-30 % here). It also reports the time b spends outside the model's embed() and
+decode() calls (I/O, merging, selection, polygons, upload) and its share of b's model time. It
+prints a table (wall time, b/a, b/c, peak RSS of each variant, polygons per second of b) and
+writes JSON to bench/results/speed.json. Peak RSS is the process's high-water mark, reset
 before each variant through /proc/self/clear_refs (Linux).
 """
 
@@ -131,6 +134,40 @@ def run_engine(server, ds, checkpoint_dir: Path, predictor, resolution: str = "W
     return sum(1 for a in server.annotations(ds.dataset_id) if a["tags"] == [tag])
 
 
+REPEATS = 2
+
+
+class ModelClock:
+    """The predictor, with the time spent inside embed() and decode() added up."""
+
+    def __init__(self, predictor) -> None:
+        self.predictor = predictor
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.predictor, name)
+
+    def embed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.predictor.embed(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def decode(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self.predictor.decode(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def remove_tagged(server: NimbusTestServer, dataset_id: str, tag: str) -> None:
+    ids = [a["_id"] for a in server.annotations(dataset_id) if a["tags"] == [tag]]
+    with NimbusClient(server.api_url, TOKEN) as client:
+        client.delete_annotations(ids)
+
+
 def run_floor(images: list[np.ndarray], boxes: np.ndarray, predictor) -> int:
     decoded = 0
     for image in images:
@@ -157,12 +194,25 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
             layers = default_layers(info.num_channels)
             images = [job.load_location_image(client, info, layers, job.Location(xy, 0, 0)).window(
                       0, 0, info.height, info.width) for xy in range(cfg.locations)]
-        # c: the floor
-        row["c_s"], row["c_peak_mb"], _ = timed(run_floor, images, boxes, predictor)
+        # c and b, interleaved REPEATS times; the fastest of each is kept (the model's own speed
+        # varies by 10-30 % between identical calls on this shared 2-core machine).
+        clock = ModelClock(predictor)
+        runs_b, runs_c, model_b = [], [], []
+        for _ in range(REPEATS):
+            # c: the floor
+            seconds, row["c_peak_mb"], _ = timed(run_floor, images, boxes, predictor)
+            runs_c.append(seconds)
+            # b: the engine, whole frame (the same model passes as a and c)
+            clock.seconds = 0.0
+            seconds, row["b_peak_mb"], created = timed(run_engine, server, ds, checkpoint_dir, clock)
+            runs_b.append(seconds)
+            model_b.append(clock.seconds)
+            remove_tagged(server, ds.dataset_id, "engine")  # so that the next run refines them again
         del images
-        # b: the engine, whole frame (the same model passes as a and c)
-        row["b_s"], row["b_peak_mb"], created = timed(run_engine, server, ds, checkpoint_dir, predictor)
-        row["b_created"] = created
+        best = int(np.argmin(runs_b))
+        row["c_s"], row["b_s"], row["b_created"] = min(runs_c), runs_b[best], created
+        row["c_runs"], row["b_runs"] = runs_c, runs_b
+        row["b_outside_model_s"] = runs_b[best] - model_b[best]
         # the default Resolution (Auto): object crops where objects are small, one encoder pass each
         row["auto_mode"] = choose_mode(boxes, cfg.size, cfg.size, "auto")
         if row["auto_mode"] == "crops":
@@ -175,6 +225,7 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
                     run_per_box_loop, client, ds.dataset_id, sam2_predictor, default_layers(1), "rough")
     total = cfg.objects * cfg.locations
     row["b_over_c"] = row["b_s"] / row["c_s"]
+    row["outside_share"] = row["b_outside_model_s"] / (row["b_s"] - row["b_outside_model_s"])
     row["polygons_per_s"] = total / row["b_s"]
     if "a_s" in row:
         row["a_over_b"] = row["a_s"] / row["b_s"]
@@ -183,13 +234,14 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
 
 def table(rows: list[dict]) -> str:
     head = ("| configuration | a per-box loop (s) | b engine (s) | c floor (s) | a/b (speed-up) | b/c | "
-            "peak RSS a / b / c (MB) | polygons/s (b) | b with Auto = crops (s) |")
-    lines = [head, "|" + "---|" * 9]
+            "b outside the model | peak RSS a / b / c (MB) | polygons/s (b) | b with Auto = crops (s) |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         a = f"{r['a_s']:.1f}" if "a_s" in r else "not run"
         ab = f"{r['a_over_b']:.2f}x" if "a_over_b" in r else "-"
         peak_a = f"{r['a_peak_mb']:.0f}" if "a_peak_mb" in r else "-"
         lines.append(f"| {r['config']} | {a} | {r['b_s']:.1f} | {r['c_s']:.1f} | {ab} | {r['b_over_c']:.3f} | "
+                     f"{r['b_outside_model_s']:.2f} s ({100 * r['outside_share']:.1f} %) | "
                      f"{peak_a} / {r['b_peak_mb']:.0f} / {r['c_peak_mb']:.0f} | {r['polygons_per_s']:.1f} | "
                      + (f"{r['b_auto_s']:.1f} |" if "b_auto_s" in r else "(Auto = whole) |"))
     return "\n".join(lines)
