@@ -670,6 +670,10 @@ def _json_response(status: int, payload: Any) -> tuple[int, bytes, str, dict[str
 def _make_handler(server: NimbusTestServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # TCP_NODELAY: without it, a keep-alive response written in two parts (headers, body)
+        # waits ~40 ms for the client's delayed ACK on every request (Nagle's algorithm), a
+        # test-server artifact that real Girder deployments do not have.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             pass  # quiet: the server records requests itself
