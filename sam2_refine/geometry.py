@@ -265,15 +265,24 @@ def outline_from_logits(logits: np.ndarray, component: np.ndarray) -> np.ndarray
         float64 (K, 2) outline in (x, y) = (column, row) of the arrays, not closed; K >= 3 unless
         the component is degenerate (then fewer points come back).
     """
-    filled = fill_holes(component)
-    magnitude = np.maximum(np.abs(logits.astype(np.float32)), np.float32(1e-3))
+    # Only the component's bounding box (and one cell around it) is traced: outside it the
+    # field below is negative everywhere, so the outline is the same.
+    rows = np.flatnonzero(component.any(axis=1))
+    cols = np.flatnonzero(component.any(axis=0))
+    if rows.size == 0:
+        return np.zeros((0, 2))
+    top, left = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
+    bottom, right = int(rows[-1]) + 2, int(cols[-1]) + 2
+    filled = fill_holes(component[top:bottom, left:right])
+    magnitude = np.maximum(np.abs(logits[top:bottom, left:right].astype(np.float32)), np.float32(1e-3))
     field = np.where(filled, magnitude, -magnitude)
     field = np.pad(field, 1, mode="constant", constant_values=-1.0)
     contours = find_contours(field, 0.0, fully_connected="high")
     if not contours:
         return np.zeros((0, 2))
     best = max(contours, key=lambda c: abs(_ring_area(c)))
-    xy = best[:, ::-1] - 1.0  # (row, col) of the padded array -> (x, y) of the window
+    # (row, col) of the padded crop -> (x, y) of the window
+    xy = best[:, ::-1] - 1.0 + (left, top)
     if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
         xy = xy[:-1]
     return xy
