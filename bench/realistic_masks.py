@@ -24,6 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from sam2_refine.predictor import from_whole_grid
+
 LOGIT = 8.0
 GRID = 256
 
@@ -38,6 +40,11 @@ class MaskOracle:
         self._fraction: np.ndarray | None = None  # (grid, grid) float32: object share of each cell
         self._labels: np.ndarray | None = None  # (grid, grid) int32: connected objects, 0 = none
         self._hw = (0, 0)
+
+    @property
+    def region_hw(self) -> tuple[int, int]:
+        """(H, W) of the region the last embedded image shows."""
+        return self._hw
 
     def prepare(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
         """Take the embedded (H, W, 3) float image in [0, 1]; ``region_hw``: the size of the
@@ -86,11 +93,15 @@ class RealisticBoxPredictor:
         self.predictor.embed(image, region_hw)
         self.oracle.prepare(image, region_hw)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None, multimask: bool = False):
-        decoded = self.predictor.decode(boxes, mask_inputs, multimask)
+    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None, multimask: bool = False, *,
+               windows: np.ndarray | None = None, areas: bool = False):
+        kwargs = {key: value for key, value in (("windows", windows), ("areas", areas)) if value is not None
+                  and value is not False}  # what the model is asked (so that it pays for it), as given
+        decoded = self.predictor.decode(boxes, mask_inputs, multimask, **kwargs)
         logits = self.oracle.logits(boxes)
-        channels = decoded.logits.shape[1]
-        return type(decoded)(np.repeat(logits, channels, axis=1) if channels > 1 else logits, decoded.scores)
+        channels = decoded.scores.shape[1]
+        logits = np.repeat(logits, channels, axis=1) if channels > 1 else logits
+        return from_whole_grid(logits, decoded.scores, self.oracle.region_hw, windows=windows, areas=areas)
 
 
 class RealisticImagePredictor:

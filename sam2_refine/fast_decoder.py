@@ -55,13 +55,15 @@ or moved to another device) after :meth:`FastBoxDecoder.set_image_features`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FastBoxDecoder", "UnsupportedModelError"]
+__all__ = ["FastBoxDecoder", "UnsupportedModelError", "WindowedLogits"]
 
 
 class UnsupportedModelError(ValueError):
@@ -299,15 +301,29 @@ class FastBoxDecoder:
                    .reshape(4 * c8, 4 * n))
             f0 = fs0 + dc2.bias.to(f32).repeat_interleave(4)[:, None]
 
+            # Folded attention (see _scores/_values): per head [S | D] (H, d, 2N) for the score
+            # side and [S; D]^T (H, 2N, d) for the value side, S multiplied by r1 (block 1) or
+            # r1 r2 (final attention) per prompt.
+            s3h, d3h = s3.view(heads, 3, d, n), d3.view(heads, 3, d, n)
+            kv = 2 * dk
+            s5h, d5h = s5[:kv].view(heads, 2, d, n), d5[:kv].view(heads, 2, d, n)
+            folded = dict(
+                sd3k=torch.cat([s3h[:, 0], d3h[:, 0]], -1),
+                sd3v_t=torch.cat([s3h[:, 1], d3h[:, 1]], -1).transpose(1, 2).contiguous(),
+                sd3q=torch.cat([s3h[:, 2], d3h[:, 2]], -1),
+                sd5k=torch.cat([s5h[:, 0], d5h[:, 0]], -1),
+                sd5v_t=torch.cat([s5h[:, 1], d5h[:, 1]], -1).transpose(1, 2).contiguous(),
+                s5dc=s5[kv:].contiguous(), d5dc=d5[kv:].contiguous())
+
         self._features = (image_embed, list(high_res_feats))
         self._signature = self._weights_signature()
         self._cache = dict(
             c=c, h=h, w=w, n=n, heads=heads, d=d, device=device,
             t2i_k0=t2i_k0, t2i_v0=t2i_v0, i2t_q0=i2t_q0,
-            g1=g1, w3g=w3g, w3g_sum=w3g.sum(1), s3=s3, d3=d3,
-            w5g2=w5g2, w5g21=w5g21, s5=s5, d5=d5, q5_tail=q5_tail, dk=dk,
-            ln_up=(ln_up.weight.to(f32), ln_up.bias.to(f32), ln_up.eps),
-            wd2=wd2, f0=f0,
+            g1=g1, w3g=w3g, w3g_sum=w3g.sum(1),
+            w5g2=w5g2, w5g21=w5g21, q5_tail=q5_tail, dk=dk, **folded,
+            ln_up=(ln_up.weight.to(f32)[:, None], ln_up.bias.to(f32)[:, None], ln_up.eps),
+            wd2=wd2, f0=f0.view(4 * c8, 4, n),
             **stats,
             ones_c4=torch.full((1, c4), 1.0 / c4, device=device, dtype=f32),
         )
@@ -319,7 +335,7 @@ class FastBoxDecoder:
     # ------------------------------------------------------------------ per prompt
     @torch.inference_mode()
     def __call__(self, sparse_embeddings: Tensor, multimask: bool = False) -> tuple[Tensor, Tensor]:
-        """Decode a batch of prompts on the current image.
+        """Decode a batch of prompts on the current image, over the whole grid.
 
         Args:
             sparse_embeddings: (B, Ts, C) from the prompt encoder (box or points, no mask input).
@@ -328,29 +344,77 @@ class FastBoxDecoder:
         Returns:
             (low_res_logits (B, K, 4h, 4w) float32, iou (B, K) float32), K = 3 or 1.
         """
+        z = self._ready(sparse_embeddings)
+        whole = torch.tensor([[0, 0, 4 * z["h"], 4 * z["w"]]]).expand(len(sparse_embeddings), -1)
+        out = self.decode_windows(sparse_embeddings, whole, multimask)
+        k = out.iou.shape[1]
+        if not out.logits:
+            return torch.zeros(0, k, 4 * z["h"], 4 * z["w"], device=z["device"]), out.iou
+        return torch.stack(out.logits), out.iou
+
+    @torch.inference_mode()
+    def decode_windows(self, sparse_embeddings: Tensor, windows: Any, multimask: bool = False, *,
+                       areas: bool = False) -> WindowedLogits:
+        """Decode a batch of prompts on the current image, each only in its window of the grid.
+
+        Inside its window a prompt's logits are those of :meth:`__call__` (float rounding
+        aside); the rest of the grid is not computed where the output does not depend on it.
+        Two outputs depend on the whole grid, and those are computed exactly over all of it:
+        the single-mask output's dynamic-multimask rule (the stability score of mask 0), and,
+        with ``areas``, each mask's positive area.
+
+        Args:
+            sparse_embeddings: (B, Ts, C) from the prompt encoder (box or points, no mask input).
+            windows: int (B, 4) ``(top, left, bottom, right)`` cells of the (4h, 4w) logit grid,
+                half-open (row = y, column = x); clipped to the grid.
+            multimask: Return the three multimask outputs instead of one mask.
+            areas: Also count each returned mask's cells with logit > 0 over the whole grid.
+
+        Returns:
+            :class:`WindowedLogits`.
+        """
+        z = self._ready(sparse_embeddings)
+        sparse = sparse_embeddings
+        gh, gw = 4 * z["h"], 4 * z["w"]
+        boxes = torch.as_tensor(np.asarray(windows), dtype=torch.int64).reshape(-1, 4).cpu()
+        if len(boxes) != len(sparse):
+            raise ValueError(f"{len(sparse)} prompts but {len(boxes)} windows")
+        boxes = torch.stack([boxes[:, 0].clamp(0, gh - 1), boxes[:, 1].clamp(0, gw - 1),
+                             boxes[:, 2].clamp(1, gh), boxes[:, 3].clamp(1, gw)], 1)
+        boxes[:, 2] = torch.maximum(boxes[:, 2], boxes[:, 0] + 1)
+        boxes[:, 3] = torch.maximum(boxes[:, 3], boxes[:, 1] + 1)
+        k = self.model.sam_mask_decoder.num_mask_tokens - 1 if multimask else 1
+        logits: list[Tensor] = []
+        ious, counts = [], []
+        with torch.autocast(device_type=z["device"].type, enabled=False):
+            sparse = sparse.to(z["device"], torch.float32)
+            chunk = self.chunk or (2 if z["device"].type == "cpu" else 64)
+            for i in range(0, sparse.shape[0], chunk):
+                tok = self._tokens(sparse[i:i + chunk])
+                for j in range(tok.acat.shape[0]):
+                    masks, iou, area = self._masks(tok, j, boxes[i + j].tolist(), multimask, areas)
+                    logits.append(masks)
+                    ious.append(iou)
+                    counts.append(area)
+        iou_out = torch.stack(ious) if ious else torch.zeros(0, k, device=z["device"])
+        area_out = None
+        if areas:
+            area_out = torch.stack(counts) if counts else torch.zeros(0, k, dtype=torch.int64)
+        return WindowedLogits(logits, iou_out, boxes.numpy(), area_out)
+
+    def _ready(self, sparse: Tensor) -> dict[str, Any]:
         if self._cache is None or self._features is None:
             raise RuntimeError("set_image_features() before decoding")
         if self._weights_signature() != self._signature:  # weights changed or moved: redo
             self.set_image_features(*self._features)
-        cache = self._cache
-        sparse = sparse_embeddings
-        if sparse.dim() != 3 or sparse.shape[2] != cache["c"]:
-            raise ValueError(f"expected sparse embeddings (B, T, {cache['c']}), "
-                             f"got {tuple(sparse.shape)}")
-        if sparse.shape[0] == 0:
-            k = self.model.sam_mask_decoder.num_mask_tokens - 1 if multimask else 1
-            return (torch.zeros(0, k, 4 * cache["h"], 4 * cache["w"], device=cache["device"]),
-                    torch.zeros(0, k, device=cache["device"]))
-        with torch.autocast(device_type=cache["device"].type, enabled=False):
-            sparse = sparse.to(cache["device"], torch.float32)
-            chunk = self.chunk or (2 if cache["device"].type == "cpu" else 64)
-            outs = [self._decode(sparse[i:i + chunk], multimask)
-                    for i in range(0, sparse.shape[0], chunk)]
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        z = self._cache
+        if sparse.dim() != 3 or sparse.shape[2] != z["c"]:
+            raise ValueError(f"expected sparse embeddings (B, T, {z['c']}), got {tuple(sparse.shape)}")
+        return z
 
-    def _decode(self, sparse: Tensor, multimask: bool) -> tuple[Tensor, Tensor]:
+    # ------------------------------------------------------------------ token side
+    def _tokens(self, sparse: Tensor) -> _Tokens:
+        """The two-way transformer for a chunk of prompts, and what the pixels need of it."""
         z = self._cache
         dec = self.model.sam_mask_decoder
         tr = dec.transformer
@@ -358,6 +422,7 @@ class FastBoxDecoder:
         b = sparse.shape[0]
         c, n, heads, d = z["c"], z["n"], z["heads"], z["d"]
         f32 = torch.float32
+        scale = d ** -0.5
 
         if dec.pred_obj_scores:
             out_tok = torch.cat([dec.obj_score_token.weight, dec.iou_token.weight,
@@ -381,12 +446,6 @@ class FastBoxDecoder:
             wo = out_proj.weight.to(f32).t().reshape(heads, -1, c)  # (H, d, C)
             return torch.matmul(split(v_tok), wo).reshape(b, ht, c)
 
-        def attend(qt: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            """Token->image attention: (B, T, D) queries; k, v (B H, d, N) -> (B, T, D)."""
-            qh = split(qt).reshape(b * heads, t, d).mul_(d ** -0.5)
-            probs = torch.softmax(torch.bmm(qh, k), dim=-1)  # (B H, T, N)
-            return merge(torch.bmm(probs, v.transpose(1, 2)).view(b, heads, t, d))
-
         def heads_first(x: Tensor) -> Tensor:  # (B, T, D) -> (H, B*T, d)
             return split(x).transpose(0, 1).reshape(heads, b * t, -1)
 
@@ -403,7 +462,7 @@ class FastBoxDecoder:
         q = l0.norm3(q + l0.mlp(q))
         a = l0.cross_attn_image_to_token
         kt = heads_first(a.k_proj(q + tokens))
-        scores = torch.matmul(kt, z["i2t_q0"]).mul_(d ** -0.5)  # (H, BT, N)
+        scores = torch.matmul(kt, z["i2t_q0"]).mul_(scale)  # (H, BT, N)
         scores = scores.reshape(heads, b, t, n).transpose(0, 1)  # (B, H, T, N)
         # acat rows: [r1 A1 (HT); r1 mu1; A2 (HT); 1; mu2], later all times r2
         acat = torch.empty(b, 2 * ht + 3, n, device=sparse.device, dtype=f32)
@@ -423,20 +482,22 @@ class FastBoxDecoder:
         r1 = torch.rsqrt(sumsq1.div_(c).add_(l0.norm4.eps))  # (B, 1, N)
         a1.mul_(r1)
         torch.mul(mu1, r1, out=acat[:, ht:ht + 1])
+        acat1 = acat[:, :ht + 1]
 
-        # ---- block 1
+        # ---- block 1: every projection of keys1 is r1 S + Q acat1 + D (module docstring)
         qs = q + tokens
         q = l1.norm1(q + l1.self_attn(q=qs, k=qs, v=q))
         q3 = torch.cat([torch.matmul(z["w3g"], p1.transpose(1, 2)),
                         (-z["w3g_sum"])[None, :, None].expand(b, -1, 1)], 2)  # (B, 3D, HT+1)
-        y3 = torch.addcmul(z["d3"], z["s3"], r1).baddbmm_(q3, acat[:, :ht + 1])
-        y3 = y3.view(b * heads, 3 * d, n)  # (B H, {k, v, q} d, N)
+        q3 = q3.view(b, heads, 3, d, ht + 1)  # rows (head, {k, v, q}, d)
         a = l1.cross_attn_token_to_image
-        q = l1.norm2(q + a.out_proj(attend(a.q_proj(q + tokens), y3[:, :d], y3[:, d:2 * d])))
+        qh = split(a.q_proj(q + tokens)).mul_(scale)
+        probs = torch.softmax(_scores(qh, q3[:, :, 0], z["sd3k"], r1, acat1), dim=-1)
+        q = l1.norm2(q + a.out_proj(merge(_values(probs, q3[:, :, 1], z["sd3v_t"], r1, acat1))))
         q = l1.norm3(q + l1.mlp(q))
         a = l1.cross_attn_image_to_token
-        kt = split(a.k_proj(q + tokens)).reshape(b * heads, t, d).mul_(d ** -0.5)
-        scores = torch.bmm(kt, y3[:, 2 * d:]).view(b, heads, t, n)
+        kh = split(a.k_proj(q + tokens)).mul_(scale)
+        scores = _scores(kh, q3[:, :, 2], z["sd3q"], r1, acat1)  # (B, H, T, N)
         a2 = acat[:, ht + 1:2 * ht + 1]
         a2.copy_(torch.softmax(scores, dim=-2).view(b, ht, n))
         acat[:, 2 * ht + 1] = 1.0
@@ -461,93 +522,233 @@ class FastBoxDecoder:
         r2 = torch.rsqrt(sumsq2.div_(c).add_(l1.norm4.eps))
         acat[:, 2 * ht + 2:] = mu2
         acat.mul_(r2)
-
-        # ---- final attention k, v and first ConvTranspose2d, as maps of keys2
-        q5 = torch.cat([torch.matmul(z["w5g21"], p1.transpose(1, 2)),
-                        z["q5_tail"][None, :, :1].expand(b, -1, -1),
-                        torch.matmul(z["w5g2"], p2.transpose(1, 2)),
-                        z["q5_tail"][None, :, 1:].expand(b, -1, -1)], 2)
-        # q5 columns match acat's rows: [r12 A1; r12 mu1; r2 A2; r2; r2 mu2]
         r12 = r1 * r2
+
+        # ---- final attention: k, v (and the first ConvTranspose2d) are r12 S + Q acat + D
+        def keys2_map(rows: slice) -> Tensor:  # Q (B, rows, 2HT+3), columns as acat's rows
+            tail = z["q5_tail"][rows]
+            return torch.cat([torch.matmul(z["w5g21"][rows], p1.transpose(1, 2)),
+                              tail[None, :, :1].expand(b, -1, -1),
+                              torch.matmul(z["w5g2"][rows], p2.transpose(1, 2)),
+                              tail[None, :, 1:].expand(b, -1, -1)], 2)
+
         kv = 2 * z["dk"]
-        y5 = torch.addcmul(z["d5"][:kv], z["s5"][:kv], r12).baddbmm_(q5[:, :kv], acat)
-        y5 = y5.view(b * heads, 2 * d, n)  # (B H, {k, v} d, N)
+        q5 = keys2_map(slice(0, kv)).view(b, heads, 2, d, -1)  # rows (head, {k, v}, d)
         fin = tr.final_attn_token_to_image
-        o = attend(fin.q_proj(q + tokens), y5[:, :d], y5[:, d:])
-        hs = tr.norm_final_attn(q + fin.out_proj(o))
-        # first ConvTranspose2d (+ feat_s1), rows (o, i, j)
-        dc1 = torch.addcmul(z["d5"][kv:], z["s5"][kv:], r12).baddbmm_(q5[:, kv:], acat)
+        # Only the IoU and mask tokens are used after it, and in the final attention each token
+        # attends to the image alone: the others are left out.
+        used = slice(s, s + 1 + dec.num_mask_tokens)
+        qu = q[:, used]
+        tu = qu.shape[1]
+        qh = fin.q_proj(qu + tokens[:, used]).reshape(b, tu, heads, d).transpose(1, 2).mul_(scale)
+        probs = torch.softmax(_scores(qh, q5[:, :, 0], z["sd5k"], r12, acat), dim=-1)
+        o = _values(probs, q5[:, :, 1], z["sd5v_t"], r12, acat)  # (B, H, T', d)
+        hs = tr.norm_final_attn(qu + fin.out_proj(o.transpose(1, 2).reshape(b, tu, -1)))
 
         # ---- heads
-        iou = dec.iou_prediction_head(hs[:, s]).to(f32)
-        mask_tokens = hs[:, s + 1:s + 1 + dec.num_mask_tokens]
+        iou = dec.iou_prediction_head(hs[:, 0]).to(f32)
+        mask_tokens = hs[:, 1:]
         mlps = dec.output_hypernetworks_mlps
-        dynamic = False
-        if multimask:
-            hyper = torch.stack([mlps[i](mask_tokens[:, i]) for i in range(1, len(mlps))], 1)
-        else:
-            dynamic = dec.dynamic_multimask_via_stability and not dec.training
-            if dynamic:
-                rows = torch.arange(b, device=sparse.device)
-                best = torch.argmax(iou[:, 1:], dim=-1)  # (B,)
-                multi = torch.stack([mlps[i](mask_tokens[:, i]) for i in range(1, len(mlps))], 1)
-                hyper = torch.stack([mlps[0](mask_tokens[:, 0]), multi[rows, best]], 1)
-            else:
-                hyper = mlps[0](mask_tokens[:, 0])[:, None]
+        hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(mlps)], 1).to(f32)
+        return _Tokens(acat=acat, r12=r12, qdc=keys2_map(slice(kv, None)), hyper=hyper, iou=iou)
 
-        # ---- upscaling and masks, in sub-pixel order
-        masks = self._upscale(dc1, hyper.to(f32))  # (B, K, 16N)
-        if multimask:
-            iou_out = iou[:, 1:]
-        elif not dynamic:
-            iou_out = iou[:, :1]
-        else:
-            # sam2's _dynamic_multimask_via_stability (areas do not depend on the pixel order)
-            single = masks[:, 0]
-            delta = dec.dynamic_multimask_stability_delta
-            area_i = torch.sum(single > delta, dim=-1).float()
-            area_u = torch.sum(single > -delta, dim=-1).float()
-            stability = torch.where(area_u > 0, area_i / area_u, 1.0)
-            stable = stability >= dec.dynamic_multimask_stability_thresh  # (B,)
-            masks = torch.where(stable[:, None, None], masks[:, :1], masks[:, 1:2])
-            iou_out = torch.where(stable[:, None], iou[:, :1], iou[:, 1:][rows, best][:, None])
-        k = masks.shape[1]
-        h, w = z["h"], z["w"]
-        masks = (masks.reshape(b, k, 2, 2, 2, 2, h, w).permute(0, 1, 6, 4, 2, 7, 5, 3)
-                 .reshape(b, k, 4 * h, 4 * w))
-        return masks, iou_out
-
-    def _upscale(self, dc1: Tensor, hyper: Tensor) -> Tensor:
-        """Masks from the first ConvTranspose2d's output (+ feat_s1) and the hypernetworks.
-
-        Args:
-            dc1: (B, 4 * C/4, N), rows (o, i, j) (overwritten).
-            hyper: (B, K, C/8) hypernetwork outputs.
+    # ------------------------------------------------------------------ pixel side
+    def _masks(self, tok: _Tokens, j: int, window: list[int], multimask: bool, areas: bool,
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Prompt ``j`` of a chunk: its masks in ``window`` (cells), IoU predictions, areas.
 
         Returns:
-            (B, K, 16 N) mask logits in sub-pixel order (i2, j2, i, j, y, x).
+            (logits (K, rows, cols), iou (K,), positive areas over the whole grid (K,) or None).
+        """
+        dec = self.model.sam_mask_decoder
+        iou, hyper = tok.iou[j], tok.hyper[j]
+        dynamic = not multimask and dec.dynamic_multimask_via_stability and not dec.training
+        if multimask:
+            chosen, iou_out = hyper[1:], iou[1:]
+        elif dynamic:  # mask 0 and the best multimask output; sam2's rule picks one of them
+            best = int(torch.argmax(iou[1:])) + 1
+            chosen, iou_out = hyper[[0, best]], iou[[0, best]]
+        else:
+            chosen, iou_out = hyper[:1], iou[:1]
+        delta = dec.dynamic_multimask_stability_delta
+        # thresholds of the whole-grid counts: mask 0's stability (> delta, > -delta), areas (> 0)
+        thresholds = [delta, -delta] if dynamic else []
+        if areas:
+            thresholds.append(0.0)
+        thr = torch.tensor(thresholds, device=hyper.device, dtype=torch.float32)
+        masks, counts = self._window(tok, j, window, chosen, thr)
+        area = None
+        if dynamic:
+            # sam2's _dynamic_multimask_via_stability on mask 0, from its whole-grid counts
+            area_i, area_u = counts[0, 0].float(), counts[0, 1].float()
+            stability = torch.where(area_u > 0, area_i / area_u, 1.0)
+            pick = 0 if bool(stability >= dec.dynamic_multimask_stability_thresh) else 1
+            masks, iou_out, counts = masks[pick:pick + 1], iou_out[pick:pick + 1], counts[pick:pick + 1]
+        if areas:
+            area = counts[:, -1]
+        return masks, iou_out, area
 
-        Works on column tiles so that the intermediates stay in the CPU caches.
+    def _tile_tokens(self, device: torch.device) -> int:
+        return max(64, (self.tile or (4096 if device.type == "cpu" else 4 * self._cache["n"])) // 4)
+
+    def _window(self, tok: _Tokens, j: int, window: list[int], hyper: Tensor, thr: Tensor,
+                ) -> tuple[Tensor, Tensor]:
+        """Masks of ``hyper`` (K, C/8) in ``window`` (top, left, bottom, right cells) and, when
+        ``thr`` (T,) is not empty, their counts above ``thr`` over the whole grid.
+
+        Image tokens are taken in bands of whole token rows (a token is a 4 x 4 block of cells):
+        only the window's bands and columns when no counts are asked for, every token else.
+
+        Returns:
+            (K, rows, cols) logits, (K, T) int64 counts.
         """
         z = self._cache
-        b, k = hyper.shape[:2]
-        c4, n = z["c"] // 4, z["n"]
-        up = dc1.reshape(b, c4, 4 * n)
+        gh, gw = z["h"], z["w"]
+        top, left, bottom, right = window
+        ty0, tx0, ty1, tx1 = top // 4, left // 4, -(-bottom // 4), -(-right // 4)
+        k = hyper.shape[0]
+        out = torch.empty(k, 4 * (ty1 - ty0), 4 * (tx1 - tx0), device=hyper.device)
+        counts = torch.zeros(k, len(thr), dtype=torch.int64, device=hyper.device)
+        whole = len(thr) > 0
+        x0, x1 = (0, gw) if whole else (tx0, tx1)
+        band = max(1, self._tile_tokens(hyper.device) // (x1 - x0))
+        for y0 in range(0 if whole else ty0, gh if whole else ty1, band):
+            y1 = min(y0 + band, gh if whole else ty1)
+            logits = self._pixels(tok, j, (y0, y1, x0, x1), hyper)  # (K, 4 (y1-y0), 4 (x1-x0))
+            if whole:
+                counts += (logits.view(k, 1, -1) > thr[:, None]).sum(-1)
+            r0, r1 = max(y0, ty0), min(y1, ty1)
+            if r0 < r1:
+                out[:, 4 * (r0 - ty0):4 * (r1 - ty0)] = logits[:, 4 * (r0 - y0):4 * (r1 - y0),
+                                                               4 * (tx0 - x0):4 * (tx1 - x0)]
+        crop = out[:, top - 4 * ty0:bottom - 4 * ty0, left - 4 * tx0:right - 4 * tx0]
+        return crop.contiguous() if crop.shape != out.shape else out, counts
+
+    def _pixels(self, tok: _Tokens, j: int, block: tuple[int, int, int, int], hyper: Tensor,
+                ) -> Tensor:
+        """Everything after the transformer for prompt ``j``'s image tokens in ``block`` (token
+        rows y0..y1-1, columns x0..x1-1): the first ConvTranspose2d (+ feat_s1), LayerNorm2d,
+        GELU, the second ConvTranspose2d (+ feat_s0), GELU and the hypernetwork product.
+
+        Returns:
+            (K, 4 (y1 - y0), 4 (x1 - x0)) logits of the masks of ``hyper`` (K, C/8): the cells
+            ``4 y0 ..`` x ``4 x0 ..`` of the grid.
+        """
+        z = self._cache
+        gw, c4 = z["w"], z["c"] // 4
+        y0, y1, x0, x1 = block
+        ny, nx = y1 - y0, x1 - x0
+
+        def cols(x: Tensor) -> Tensor:  # (..., N) -> (..., M) the block's tokens, row-major
+            rows = x[..., y0 * gw:y1 * gw]
+            if nx == gw:
+                return rows
+            return rows.unflatten(-1, (ny, gw))[..., x0:x1].flatten(-2)
+
+        # first ConvTranspose2d (+ feat_s1) as a map of keys2: rows (o, i, j)
+        x = torch.addcmul(cols(z["d5dc"]), cols(z["s5dc"]), cols(tok.r12[j]))
+        x = x.addmm_(tok.qdc[j], cols(tok.acat[j]))
+        m = ny * nx
+        x = x.view(c4, 4 * m)  # columns (i, j, m)
         lw, lb, leps = z["ln_up"]
-        lw, lb = lw[:, None], lb[:, None]
-        wd2 = z["wd2"].expand(b, -1, -1)
+        _, var = _center(x, z["ones_c4"])
+        x.mul_(torch.rsqrt(var.add_(leps)))
         _, _, act1, _, act2 = self.model.sam_mask_decoder.output_upscaling
-        out = torch.empty(b, k, 4, 4 * n, device=dc1.device, dtype=torch.float32)
-        tile = self.tile or (4096 if dc1.device.type == "cpu" else 4 * n * b)
-        tile = max(256, tile // b)
-        for start in range(0, 4 * n, tile):
-            cols = slice(start, min(start + tile, 4 * n))
-            x = up[:, :, cols]
-            _, var = _center(x, z["ones_c4"])
-            x.mul_(torch.rsqrt(var.add_(leps)))
-            x = F.gelu(torch.addcmul(lb, x, lw), approximate=act1.approximate)
-            # second ConvTranspose2d + feat_s0: (B, 4 * C/8, tile), rows (o2, i2, j2)
-            x = F.gelu(torch.baddbmm(z["f0"][:, cols], wd2, x), approximate=act2.approximate)
-            width = x.shape[-1]
-            out[:, :, :, cols] = torch.bmm(hyper, x.view(b, -1, 4 * width)).view(b, k, 4, width)
-        return out.view(b, k, 16 * n)
+        x = F.gelu(torch.addcmul(lb, x, lw), approximate=act1.approximate)
+        # second ConvTranspose2d + feat_s0: rows (o2, i2, j2)
+        y = torch.addmm(cols(z["f0"]).reshape(-1, 4 * m), z["wd2"], x)
+        y = F.gelu(y, approximate=act2.approximate)
+        k = hyper.shape[0]
+        logits = torch.mm(hyper, y.view(hyper.shape[1], 16 * m))  # columns (i2, j2, i, j, m)
+        return (logits.view(k, 2, 2, 2, 2, ny, nx).permute(0, 5, 3, 1, 6, 4, 2)
+                .reshape(k, 4 * ny, 4 * nx))
+
+
+@dataclass
+class _Tokens:
+    """What the pixel side needs of a chunk's transformer pass (B prompts, R = 2HT + 3).
+
+    Attributes:
+        acat: (B, R, N) ``r2 [r1 A1; r1 mu1; A2; 1; mu2]``.
+        r12: (B, 1, N) ``r1 r2``.
+        qdc: (B, 4 * C/4, R) the first ConvTranspose2d's rows (o, i, j) as maps of ``acat``.
+        hyper: (B, M, C/8) every mask token's hypernetwork output.
+        iou: (B, M) IoU predictions of the M mask tokens.
+    """
+
+    acat: Tensor
+    r12: Tensor
+    qdc: Tensor
+    hyper: Tensor
+    iou: Tensor
+
+
+@dataclass
+class WindowedLogits:
+    """:meth:`FastBoxDecoder.decode_windows`'s answer for B prompts, K masks each.
+
+    Attributes:
+        logits: B float32 tensors (K, rows, cols): prompt b's logits in ``windows[b]``.
+        iou: (B, K) float32 IoU predictions.
+        windows: int64 (B, 4) ``(top, left, bottom, right)`` grid cells each prompt's logits
+            cover (the requested windows, clipped to the grid).
+        areas: (B, K) int64 cells with logit > 0 over the whole grid, when asked for.
+    """
+
+    logits: list[Tensor]
+    iou: Tensor
+    windows: np.ndarray
+    areas: Tensor | None = None
+
+
+def _scores(qh: Tensor, coef: Tensor, sd: Tensor, rr: Tensor, acat: Tensor) -> Tensor:
+    """Attention scores of token queries against image keys that are linear in ``acat``.
+
+    The keys are ``k_h(n) = rr(n) S_h(n) + D_h(n) + Q_h acat(n)``: S and D shared by all
+    prompts, Q per prompt; so ``q . k_h(n) = rr(n) (q . S_h(n)) + q . D_h(n) + (q^T Q_h) acat(n)``
+    and the keys themselves are never formed.
+
+    Args:
+        qh: (B, H, T, d) queries (already scaled).
+        coef: (B, H, d, R) Q per head.
+        sd: (H, d, 2N) ``[S_h | D_h]``.
+        rr: (B, 1, N) the per-prompt factor of S.
+        acat: (B, R, N).
+
+    Returns:
+        (B, H, T, N) scores.
+    """
+    b, heads, t, d = qh.shape
+    n = acat.shape[-1]
+    shared = torch.matmul(qh.transpose(0, 1).reshape(heads, b * t, d), sd)  # (H, BT, 2N)
+    shared = shared.view(heads, b, t, 2, n).permute(1, 0, 2, 3, 4)  # (B, H, T, 2, N)
+    out = torch.empty(b, heads, t, n, device=qh.device, dtype=qh.dtype)
+    torch.addcmul(shared[..., 1, :], shared[..., 0, :], rr.view(b, 1, 1, n), out=out)
+    out.view(b, heads * t, n).baddbmm_(torch.matmul(qh, coef).view(b, heads * t, -1), acat)
+    return out
+
+
+def _values(probs: Tensor, coef: Tensor, sd_t: Tensor, rr: Tensor, acat: Tensor) -> Tensor:
+    """Attention output over values that are linear in ``acat`` (as the keys of :func:`_scores`):
+    ``sum_n p(n) v_h(n) = S_h (p rr)^T + D_h p^T + Q_h (acat p^T)``.
+
+    Args:
+        probs: (B, H, T, N) attention probabilities.
+        coef: (B, H, d, R) Q per head.
+        sd_t: (H, 2N, d) ``[S_h^T; D_h^T]``.
+        rr: (B, 1, N).
+        acat: (B, R, N).
+
+    Returns:
+        (B, H, T, d).
+    """
+    b, heads, t, n = probs.shape
+    d = coef.shape[2]
+    ph = probs.transpose(0, 1)  # (H, B, T, N)
+    both = torch.empty(heads, b, t, 2, n, device=probs.device, dtype=probs.dtype)
+    torch.mul(ph, rr.view(1, b, 1, n), out=both[:, :, :, 0])
+    both[:, :, :, 1].copy_(ph)
+    shared = torch.bmm(both.view(heads, b * t, 2 * n), sd_t).view(heads, b, t, d)
+    zt = torch.bmm(acat, probs.reshape(b, heads * t, n).transpose(1, 2))  # (B, R, HT)
+    own = torch.matmul(coef, zt.view(b, -1, heads, t).permute(0, 2, 1, 3))  # (B, H, d, T)
+    return shared.transpose(0, 1) + own.transpose(2, 3)

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sam2_refine.logits import GridPatch, cells_for_windows, crop_to_cells
+
 
 @dataclass(frozen=True)
 class Decoded:
@@ -20,12 +22,44 @@ class Decoded:
         logits: float32 (N, C, h, w) mask logits on a grid that covers the whole embedded image
             (stretched: grid row i spans image rows [i*H/h, (i+1)*H/h)). Positive = object.
             Upsampling to the image is bilinear with ``align_corners=False``
-            (:func:`sam2_refine.logits.upsample_window`).
+            (:func:`sam2_refine.logits.upsample_window`). When ``windows`` is set: N arrays
+            (C, rows_k, cols_k), prompt k's logits in its window of the grid only.
         scores: float32 (N, C) the model's own quality estimate of each mask.
+        windows: None (the logits cover the whole grid), or int (N, 4) ``(top, left, bottom,
+            right)`` grid cells (half-open) that prompt k's logits cover.
+        grid_hw: (h, w) of the whole grid; None: ``logits.shape[-2:]`` (whole-grid logits).
+        areas: None, or int (N, C): each mask's cells with logit > 0 over the whole grid (asked
+            for with ``decode(..., areas=True)``; what windowed logits alone cannot tell).
     """
 
-    logits: np.ndarray
+    logits: np.ndarray | tuple[np.ndarray, ...]
     scores: np.ndarray
+    windows: np.ndarray | None = None
+    grid_hw: tuple[int, int] | None = None
+    areas: np.ndarray | None = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of the whole logit grid."""
+        if self.grid_hw is not None:
+            return self.grid_hw
+        shape = np.shape(self.logits)
+        return int(shape[-2]), int(shape[-1])
+
+    def mask(self, k: int, c: int) -> GridPatch:
+        """Prompt ``k``'s mask ``c``: its logits and where they lie on the grid."""
+        if self.windows is None:
+            return GridPatch(self.logits[k][c], 0, 0, self.grid_size)
+        top, left = (int(v) for v in self.windows[k][:2])
+        return GridPatch(self.logits[k][c], top, left, self.grid_size)
+
+    def positive_areas(self, k: int) -> np.ndarray:
+        """int (C,): prompt ``k``'s masks' cells with logit > 0 over the whole grid."""
+        if self.areas is not None:
+            return np.asarray(self.areas[k])
+        if self.windows is not None:
+            raise ValueError("windowed logits without areas: decode with areas=True")
+        return np.count_nonzero(np.asarray(self.logits[k]) > 0, axis=(1, 2))
 
 
 class BoxPredictor(Protocol):
@@ -37,6 +71,10 @@ class BoxPredictor(Protocol):
     max_batch: int
     #: (h, w) of the mask logits :meth:`decode` accepts as ``mask_inputs`` (SAM2: 256 x 256).
     mask_input_size: tuple[int, int]
+
+    #: Optional: (h, w) of the logit grid :meth:`decode` returns, when it does not depend on the
+    #: image (SAM2: 256 x 256). Only predictors that have it are asked for ``windows``.
+    #: logit_grid: tuple[int, int]
 
     #: Side of the square the model resizes every image to (SAM2: 1024), or None when the
     #: predictor needs the image at full resolution. With a size, the engine may hand over a
@@ -51,7 +89,8 @@ class BoxPredictor(Protocol):
         region's pixels, and the logit grid covers the region."""
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+               multimask: bool = False, *, windows: np.ndarray | None = None,
+               areas: bool = False) -> Decoded:
         """Masks for box prompts on the embedded image.
 
         Args:
@@ -60,4 +99,22 @@ class BoxPredictor(Protocol):
             mask_inputs: Optional float32 (N, 1, h, w) mask logits (``mask_input_size``) over the
                 embedded image, given as an extra prompt.
             multimask: Ask for three masks per prompt instead of one.
+            windows: Optional int (N, 4) ``(top, left, bottom, right)`` pixels of the embedded
+                image (half-open): the caller needs prompt k's logits only to upsample these
+                pixels. The answer may then hold only the grid cells they need
+                (:func:`sam2_refine.logits.cells_for_windows`; ``Decoded.windows``), and must
+                not depend on the windows otherwise. Only given to predictors with ``logit_grid``.
+            areas: Also give each mask's positive area over the whole grid (``Decoded.areas``).
         """
+
+
+def from_whole_grid(logits: np.ndarray, scores: np.ndarray, region_hw: tuple[int, int], *,
+                    windows: np.ndarray | None = None, areas: bool = False) -> Decoded:
+    """The answer to :meth:`BoxPredictor.decode` from whole-grid logits (N, C, h, w): cut to the
+    cells each window needs when ``windows`` are given, with whole-grid areas when asked."""
+    counts = np.count_nonzero(logits > 0, axis=(2, 3)) if areas else None
+    if windows is None:
+        return Decoded(logits, scores, areas=counts)
+    grid_hw = (int(logits.shape[2]), int(logits.shape[3]))
+    cells = cells_for_windows(windows, grid_hw, region_hw)
+    return Decoded(crop_to_cells(logits, cells), scores, cells, grid_hw, counts)

@@ -35,8 +35,8 @@ from sam2_refine.geometry import (
     select_component,
     touches_edges,
 )
-from sam2_refine.logits import upsample_window
-from sam2_refine.predictor import BoxPredictor
+from sam2_refine.logits import GridPatch, grid_window, upsample_window
+from sam2_refine.predictor import BoxPredictor, Decoded
 from sam2_refine.imaging import ArrayImage, LocationImage
 from sam2_refine.regions import AUTO, CROPS, plan_regions
 from sam2_refine.selection import Original
@@ -143,35 +143,79 @@ def shape_logits(on_grid: np.ndarray) -> np.ndarray:
     return (8.0 * np.tanh((inside - outside) / 2.0)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class LargerWindow:
+    """:func:`mask_to_polygon` needs logits beyond the grid cells it was given: decode the prompt
+    again for ``window`` (frame pixels; :func:`decode_window`) and call again with ``margin``."""
+
+    margin: float
+    window: Window
+
+
+def first_margin(box: np.ndarray, region: Window, grid_hw: tuple[int, int]) -> float:
+    """The margin (pixels) of the first window around a prompt box: 8 px, a quarter of the box's
+    larger side, or two grid cells, whichever is largest."""
+    x0, y0, x1, y1 = box
+    cell = max(region.height / grid_hw[0], region.width / grid_hw[1])
+    return max(8.0, 0.25 * max(x1 - x0, y1 - y0), 2.0 * cell)
+
+
+def decode_window(prompt: _Prompt, margin: float, region: Window, grid_hw: tuple[int, int],
+                  reference: np.ndarray | None = None) -> Window:
+    """The frame pixels whose logits :func:`mask_to_polygon` reads at ``margin``: the box plus
+    the margin, clipped to the region (and, given the prompt's ``reference`` cells on the
+    grid, enlarged to cover them, so that its overlap with each mask is in the window)."""
+    window = Window.around(prompt.box, margin, region)
+    if reference is not None and reference.any():
+        rows, cols = np.flatnonzero(reference.any(axis=1)), np.flatnonzero(reference.any(axis=0))
+        sy, sx = region.height / grid_hw[0], region.width / grid_hw[1]
+        covered = Window(region.top + int(rows[0] * sy), region.left + int(cols[0] * sx),
+                         region.top + int(np.ceil((rows[-1] + 1) * sy)),
+                         region.left + int(np.ceil((cols[-1] + 1) * sx)))
+        window = Window(min(window.top, covered.top), min(window.left, covered.left),
+                        max(window.bottom, covered.bottom), max(window.right, covered.right))
+    return window.intersect(region)
+
+
 def mask_to_polygon(
-    grid: np.ndarray,
+    grid: np.ndarray | GridPatch,
     prompt: _Prompt,
     region: Window,
     frame_hw: tuple[int, int],
     options: GeometryOptions,
-) -> Polygon:
+    margin: float | None = None,
+) -> Polygon | LargerWindow:
     """One polygon from one mask's low-resolution logits (see the module docstring).
 
+    Pure: no model call. When the chosen component reaches the edge of its window the window
+    grows; when the grown window needs logits that ``grid`` does not hold, the answer is a
+    :class:`LargerWindow` and the caller decodes the prompt again.
+
     Args:
-        grid: float32 (h, w) logits covering ``region``.
+        grid: float32 (h, w) logits covering ``region``, or a :class:`GridPatch` of them.
         prompt: The original and its box (frame coordinates).
         region: The window of the frame the model embedded.
         frame_hw: (H, W) of the frame.
+        margin: The window's margin around the box (pixels); default :func:`first_margin`.
 
     Raises:
         AnnotationProblem: empty mask, no overlap with the original, far larger than the
             original's box, cut by the edge of its crop, or no valid polygon.
     """
+    patch = grid if isinstance(grid, GridPatch) else GridPatch.whole(grid)
     height, width = frame_hw
     x0, y0, x1, y1 = prompt.box
     box_area = max((x1 - x0) * (y1 - y0), 1.0)
-    cell = max(region.height / grid.shape[0], region.width / grid.shape[1])
-    margin = max(8.0, 0.25 * max(x1 - x0, y1 - y0), 2.0 * cell)
+    if margin is None:
+        margin = first_margin(prompt.box, region, patch.grid_hw)
     region_hw = (region.height, region.width)
     while True:
         window = Window.around(prompt.box, margin, region)  # frame coordinates, inside the region
-        logits = upsample_window(grid, region_hw, (window.top - region.top, window.bottom - region.top),
-                                 (window.left - region.left, window.right - region.left))
+        rows = (window.top - region.top, window.bottom - region.top)
+        cols = (window.left - region.left, window.right - region.left)
+        if not patch.covers(grid_window(patch.grid_hw, region_hw, rows, cols)):
+            return LargerWindow(margin, window)
+        logits = upsample_window(patch, region_hw, rows, cols)
         mask = logits > 0
         if not mask.any():
             raise AnnotationProblem("empty mask")
@@ -194,14 +238,25 @@ def mask_to_polygon(
     return finish_polygon(outline, options.smoothing, options.padding, frame_polygon(width, height))
 
 
-def _choose_mask(decoded_logits: np.ndarray, scores: np.ndarray, reference: np.ndarray | None) -> int:
-    """Which of a prompt's C masks to use: the one overlapping ``reference`` most (ties: the
-    model's score), or the best-scored when there is no reference."""
-    if reference is None or decoded_logits.shape[0] == 1:
+def _choose_mask(decoded: Decoded, k: int, reference: np.ndarray | None) -> int:
+    """Which of prompt ``k``'s C masks to use: the one overlapping ``reference`` (bool, the whole
+    grid) most (ties: the model's score), or the best-scored when there is no reference.
+
+    The overlap is the IoU on the grid; with windowed logits the intersection is counted in the
+    window (which holds the whole reference) and each mask's area comes from the whole grid
+    (``Decoded.areas``), so the choice is the same as over whole-grid logits."""
+    scores = decoded.scores[k]
+    if reference is None or scores.shape[0] == 1:
         return int(np.argmax(scores))
-    masks = decoded_logits > 0
-    inter = np.count_nonzero(masks & reference[None], axis=(1, 2))
-    union = np.count_nonzero(masks | reference[None], axis=(1, 2))
+    inter = np.zeros(scores.shape[0], dtype=np.int64)
+    for c in range(scores.shape[0]):
+        patch = decoded.mask(k, c)
+        rows, cols = patch.values.shape
+        inside = reference[patch.top:patch.top + rows, patch.left:patch.left + cols]
+        if np.count_nonzero(inside) != np.count_nonzero(reference):
+            raise ValueError("the decoded window does not hold the whole reference")
+        inter[c] = np.count_nonzero((patch.values > 0) & inside)
+    union = decoded.positive_areas(k) + np.count_nonzero(reference) - inter
     iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
     return int(np.lexsort((scores, iou))[-1])
 
@@ -241,7 +296,6 @@ def refine_location(
     outcomes: dict[str, Outcome] = {k.original_id: k for k in kept}
     done = len(kept)
     boxes = np.stack([p.box for p in prompts]) if prompts else np.zeros((0, 4))
-    gate = f"its overlap with the original is below the minimum ({options.min_overlap:g})"
     resolution = options.resolution
     if height * width > MAX_WHOLE_FRAME_PIXELS and resolution != CROPS:
         resolution = CROPS  # a whole-frame RGB copy would not fit in memory: crops need only windows
@@ -253,34 +307,85 @@ def refine_location(
                             region_hw=(win.height, win.width))
         else:
             predictor.embed(source.window(win.top, win.left, win.bottom, win.right))
-        offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
         members = [prompts[i] for i in region.members]
         for start in range(0, len(members), max(1, predictor.max_batch)):
             chunk = members[start:start + predictor.max_batch]
-            references = None
-            if options.prompt in (BOX_AND_SHAPE, BEST_OF_THREE):
-                references = [shape_on_grid(p.original.shape, win, predictor.mask_input_size) for p in chunk]
-            mask_inputs = (np.stack([shape_logits(r) for r in references])[:, None]
-                           if options.prompt == BOX_AND_SHAPE else None)
-            decoded = predictor.decode(np.stack([p.box for p in chunk]) - offset, mask_inputs,
-                                       multimask=options.prompt == BEST_OF_THREE)
-            for k, prompt in enumerate(chunk):
-                reference = None
-                if options.prompt == BEST_OF_THREE and references is not None:
-                    reference = _regrid(references[k], decoded.logits.shape[-2:])
-                best = _choose_mask(decoded.logits[k], decoded.scores[k], reference)
-                try:
-                    polygon = mask_to_polygon(decoded.logits[k, best], prompt, win, (height, width), options)
-                    if options.min_overlap > 0 and overlap(polygon, prompt.original.shape) < options.min_overlap:
-                        raise AnnotationProblem(gate)
-                    outcomes[prompt.original.id] = Refined(prompt.original.id, polygon,
-                                                           float(decoded.scores[k, best]))
-                except AnnotationProblem as exc:
-                    outcomes[prompt.original.id] = Kept(prompt.original.id, exc.reason)
+            for prompt, outcome in zip(chunk, _refine_chunk(predictor, chunk, win, (height, width), options),
+                                       strict=True):
+                outcomes[prompt.original.id] = outcome
             done += len(chunk)
             if on_progress is not None:
                 on_progress(done)
     return [outcomes[o.id] for o in originals]
+
+
+def _refine_chunk(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window,
+                  frame_hw: tuple[int, int], options: GeometryOptions) -> list[Outcome]:
+    """The outcomes of one batch of prompts in the embedded region ``win``.
+
+    Every model call happens here, on the calling thread; :func:`mask_to_polygon` is pure. A
+    predictor with a fixed ``logit_grid`` is asked only for each prompt's window of logits; a
+    prompt whose mask outgrows its window is decoded again for the larger window (all such
+    prompts of the batch in one call), as often as needed.
+    """
+    grid_hw = getattr(predictor, "logit_grid", None)
+    offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
+    references = None
+    if options.prompt in (BOX_AND_SHAPE, BEST_OF_THREE):
+        references = [shape_on_grid(p.original.shape, win, predictor.mask_input_size) for p in chunk]
+    mask_inputs = (np.stack([shape_logits(r) for r in references])[:, None]
+                   if options.prompt == BOX_AND_SHAPE and references is not None else None)
+    multimask = options.prompt == BEST_OF_THREE
+    best3 = multimask and references is not None
+    if grid_hw is not None:
+        grid_refs = [_regrid(r, grid_hw) for r in references] if best3 and references else None
+        margins = [first_margin(p.box, win, grid_hw) for p in chunk]
+        windows = [decode_window(p, m, win, grid_hw, grid_refs[k] if grid_refs else None)
+                   for k, (p, m) in enumerate(zip(chunk, margins, strict=True))]
+        decoded = predictor.decode(np.stack([p.box for p in chunk]) - offset, mask_inputs, multimask=multimask,
+                                   windows=_relative(windows, win), areas=best3)
+    else:
+        margins = [None] * len(chunk)
+        decoded = predictor.decode(np.stack([p.box for p in chunk]) - offset, mask_inputs, multimask=multimask)
+    outcomes: list[Outcome | None] = [None] * len(chunk)
+    todo = []  # (index in chunk, mask index, margin, logits, score) still to trace
+    for k in range(len(chunk)):
+        reference = None
+        if best3 and references is not None:
+            reference = _regrid(references[k], decoded.grid_size)
+        best = _choose_mask(decoded, k, reference)
+        todo.append((k, best, margins[k], decoded.mask(k, best), float(decoded.scores[k, best])))
+    while todo:
+        again = []
+        for k, best, margin, patch, score in todo:
+            prompt = chunk[k]
+            try:
+                result = mask_to_polygon(patch, prompt, win, frame_hw, options, margin)
+                if isinstance(result, LargerWindow):
+                    again.append((k, best, result, score))
+                    continue
+                if options.min_overlap > 0 and overlap(result, prompt.original.shape) < options.min_overlap:
+                    raise AnnotationProblem(
+                        f"its overlap with the original is below the minimum ({options.min_overlap:g})")
+                outcomes[k] = Refined(prompt.original.id, result, score)
+            except AnnotationProblem as exc:
+                outcomes[k] = Kept(prompt.original.id, exc.reason)
+        todo = []
+        if again:  # the same prompts, larger windows; the mask chosen first is kept
+            idx = [k for k, _, _, _ in again]
+            redecoded = predictor.decode(
+                np.stack([chunk[k].box for k in idx]) - offset,
+                None if mask_inputs is None else mask_inputs[idx], multimask=multimask,
+                windows=_relative([grow.window for _, _, grow, _ in again], win))
+            todo = [(k, best, grow.margin, redecoded.mask(i, best), score)
+                    for i, (k, best, grow, score) in enumerate(again)]
+    return [o for o in outcomes if o is not None]
+
+
+def _relative(windows: Sequence[Window], region: Window) -> np.ndarray:
+    """Frame windows as int (N, 4) (top, left, bottom, right) pixels of the region."""
+    return np.array([[w.top - region.top, w.left - region.left, w.bottom - region.top,
+                      w.right - region.left] for w in windows], dtype=np.int64).reshape(-1, 4)
 
 
 def _regrid(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

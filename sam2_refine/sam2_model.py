@@ -10,8 +10,9 @@ The only module that imports torch and sam2. It
 - embeds an image once (resized to the model's 1024x1024 input here, with area averaging, so
   a huge frame is never copied into a full-size tensor), and decodes batches of box prompts
   straight through the prompt encoder and mask decoder, returning the 256x256 low-resolution
-  logits. It does not upsample masks to the frame: the engine does that only around each
-  object (:mod:`sam2_refine.logits`).
+  logits (or, asked for windows, only the cells each prompt's window needs). It does not
+  upsample masks to the frame: the engine does that only around each object
+  (:mod:`sam2_refine.logits`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
-from sam2_refine.predictor import Decoded
+from sam2_refine.logits import cells_for_windows
+from sam2_refine.predictor import Decoded, from_whole_grid
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,7 @@ class Sam2BoxPredictor:
         self.max_batch = max_batch
         mask_size = 4 * int(model.sam_prompt_encoder.image_embedding_size[0])
         self.mask_input_size = (mask_size, mask_size)  # 256 x 256 for the 1024 px input
+        self.logit_grid = self.mask_input_size  # decode's logits: the same grid
         self.description = f"{name} ({choice.describe()})"
         self._predictor = SAM2ImagePredictor(model)
         self.input_size = int(model.image_size)
@@ -219,12 +222,18 @@ class Sam2BoxPredictor:
         self._image_hw = (height, width)
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+               multimask: bool = False, *, windows: np.ndarray | None = None,
+               areas: bool = False) -> Decoded:
         """Decode box prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
 
+        With ``windows``, each prompt's logits cover only the grid cells its window of pixels
+        needs: computed only there by the fast decoder (which still computes exactly what
+        depends on the whole grid: the dynamic-multimask rule and, with ``areas``, each mask's
+        positive area), cut from the whole grid otherwise.
+
         Returns:
-            logits (N, C, 256, 256) clamped to [-32, 32] as sam2 does, scores (N, C); C = 3
-            with ``multimask``, else 1.
+            logits (N, C, 256, 256), or N arrays (C, rows, cols) with ``windows``, clamped to
+            [-32, 32] as sam2 does; scores (N, C); C = 3 with ``multimask``, else 1.
         """
         if self._image_hw is None:
             raise RuntimeError("embed() an image before decode()")
@@ -232,6 +241,7 @@ class Sam2BoxPredictor:
         height, width = self._image_hw
         scale = np.array([width, height, width, height], dtype=np.float32)
         model_boxes = (boxes + 0.5) / scale * self.input_size  # pixel centres -> model input space
+        cells = None if windows is None else cells_for_windows(windows, self.logit_grid, (height, width))
         features = self._predictor._features
         device = self.choice.device
         with inference_mode(self.choice):
@@ -241,6 +251,11 @@ class Sam2BoxPredictor:
             if mask_inputs is not None:
                 masks = torch.as_tensor(np.asarray(mask_inputs, dtype=np.float32), device=device)
             sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+            if masks is None and self._fast_ready and cells is not None:  # --- fast decoder, windowed
+                out = self._fast.decode_windows(sparse, cells, multimask, areas=areas)
+                logits = tuple(torch.clamp(x, -32.0, 32.0).cpu().numpy() for x in out.logits)
+                return Decoded(logits, out.iou.cpu().numpy(), out.windows, self.logit_grid,
+                               None if out.areas is None else out.areas.cpu().numpy())
             if masks is None and self._fast_ready:  # --- fast decoder (same output as below)
                 low_res, scores = self._fast(sparse, multimask)
             else:
@@ -253,5 +268,6 @@ class Sam2BoxPredictor:
                     repeat_image=len(boxes) > 1,
                     high_res_features=list(features["high_res_feats"]),
                 )
-            low_res = torch.clamp(low_res.float(), -32.0, 32.0)
-        return Decoded(low_res.cpu().numpy(), scores.float().cpu().numpy())
+            low_res = torch.clamp(low_res.float(), -32.0, 32.0).cpu().numpy()
+        return from_whole_grid(low_res, scores.float().cpu().numpy(), (height, width), windows=windows,
+                               areas=areas)

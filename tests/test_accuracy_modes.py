@@ -292,9 +292,10 @@ def test_real_sam2_takes_shape_prompts_and_three_masks(checkpoint_dir):
     seen = []
     real_decode = predictor.decode
 
-    def spy(boxes, mask_inputs=None, multimask=False):
-        decoded = real_decode(boxes, mask_inputs, multimask)
-        seen.append((None if mask_inputs is None else mask_inputs.shape, decoded.logits.shape, decoded.scores.shape))
+    def spy(boxes, mask_inputs=None, multimask=False, **kwargs):
+        decoded = real_decode(boxes, mask_inputs, multimask, **kwargs)
+        seen.append((None if mask_inputs is None else mask_inputs.shape, np.shape(decoded.logits[0]),
+                     decoded.scores.shape))
         return decoded
 
     predictor.decode = spy
@@ -304,9 +305,11 @@ def test_real_sam2_takes_shape_prompts_and_three_masks(checkpoint_dir):
     for prompt in ("box", "box+shape", "best3"):
         outcomes = refine_location(predictor, image, originals, GeometryOptions(prompt=prompt))
         assert len(outcomes) == 2 and all(isinstance(o, (Refined, Kept)) for o in outcomes)
-    assert seen == [(None, (2, 1, 256, 256), (2, 1)),
-                    ((2, 1, 256, 256), (2, 1, 256, 256), (2, 1)),
-                    (None, (2, 3, 256, 256), (2, 3))]
+    # the engine asks for each prompt's window of the grid: here the whole frame (the box and
+    # its margin cover all of it)
+    assert seen == [(None, (1, 256, 256), (2, 1)),
+                    ((2, 1, 256, 256), (1, 256, 256), (2, 1)),
+                    (None, (3, 256, 256), (2, 3))]
 
 
 def test_frames_too_large_for_a_whole_frame_copy_are_refined_in_crops(monkeypatch):

@@ -450,9 +450,9 @@ class CountingPredictor(KnownMaskPredictor):
         self.batch_sizes: list[int] = []
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+               multimask: bool = False, **kwargs: Any) -> Decoded:
         self.batch_sizes.append(len(boxes))
-        return super().decode(boxes, mask_inputs, multimask)
+        return super().decode(boxes, mask_inputs, multimask, **kwargs)
 
 
 def grid_of_disks(count: int) -> list[np.ndarray]:

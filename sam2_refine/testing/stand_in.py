@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from sam2_refine.predictor import Decoded
+from sam2_refine.predictor import Decoded, from_whole_grid
 
 #: Logit magnitude of a known mask: inside +LOGIT, outside -LOGIT.
 LOGIT = 8.0
@@ -68,6 +68,8 @@ class KnownMaskPredictor:
         self.embed_calls = 0
         self.decode_calls = 0
         self.prompts = 0
+        #: decode's grid when it does not depend on the image (else windows are not offered)
+        self.logit_grid = grid
         self._labels: np.ndarray | None = None
 
     def embed(self, image: np.ndarray) -> None:
@@ -75,7 +77,8 @@ class KnownMaskPredictor:
         self._labels = self.truth if self.truth is not None else _labels(image, self.threshold)
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+               multimask: bool = False, *, windows: np.ndarray | None = None,
+               areas: bool = False) -> Decoded:
         assert self._labels is not None, "embed() first"
         self.decode_calls += 1
         self.prompts += len(boxes)
@@ -91,7 +94,8 @@ class KnownMaskPredictor:
         logits = np.stack(out)[:, None]
         channels = 3 if multimask else 1
         logits = np.repeat(logits, channels, axis=1)
-        return Decoded(logits, np.ones((len(out), channels), dtype=np.float32))
+        return from_whole_grid(logits, np.ones((len(out), channels), dtype=np.float32), (height, width),
+                               windows=windows, areas=areas)
 
 
 class ModelResolutionPredictor:
@@ -111,6 +115,7 @@ class ModelResolutionPredictor:
         self.input_size = input_size
         self.grid = grid
         self.max_batch = max_batch
+        self.logit_grid = (grid, grid)
         self._labels: np.ndarray | None = None
         self._hw: tuple[int, int] = (0, 0)
 
@@ -120,7 +125,8 @@ class ModelResolutionPredictor:
         self._labels = _labels(small, self.threshold)
 
     def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+               multimask: bool = False, *, windows: np.ndarray | None = None,
+               areas: bool = False) -> Decoded:
         assert self._labels is not None, "embed() first"
         height, width = self._hw
         scale = np.array([self.input_size / width, self.input_size / height] * 2)
@@ -135,4 +141,5 @@ class ModelResolutionPredictor:
             out.append(_to_grid(mask, (self.grid, self.grid)))
         logits = np.stack(out)[:, None]
         channels = 3 if multimask else 1
-        return Decoded(np.repeat(logits, channels, axis=1), np.ones((len(out), channels), dtype=np.float32))
+        return from_whole_grid(np.repeat(logits, channels, axis=1), np.ones((len(out), channels), dtype=np.float32),
+                               (height, width), windows=windows, areas=areas)
