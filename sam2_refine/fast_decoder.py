@@ -82,15 +82,6 @@ def _plain_attention(attn: nn.Module, dim: int) -> None:
     _require(attn.embedding_dim == dim and attn.kv_in_dim == dim, "attention widths")
 
 
-def _center(x: Tensor, ones: Tensor) -> tuple[Tensor, Tensor]:
-    """Subtract the channel mean from (B, K, M) ``x`` in place; return the (B, 1, M) mean and
-    (biased) variance. ``ones`` is (1, K) filled with 1/K. (Faster than ``torch.var_mean``
-    over a non-innermost dimension on the CPU.)"""
-    mean = torch.matmul(ones, x)
-    x.sub_(mean)
-    return mean, torch.matmul(ones, x * x)
-
-
 def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer`` applied to channel-first ``x`` (in_features, N) -> (out_features, N)."""
     return torch.addmm(layer.bias[:, None], layer.weight, x)
@@ -291,21 +282,26 @@ class FastBoxDecoder:
                 mg0=(g1 @ k0c)[None] / c, mean_bb=bb.mean().reshape(1, 1),
                 v1_rhs=torch.cat([wo1.t() @ k0c, wo1.t() @ gu], 1).reshape(heads, d, 2 * n),
                 u2t=(wo2.t() @ u).reshape(heads, d, n), bc=bc[:, None], f2c=(bc @ u)[None],
-                zero_c=torch.zeros(c, 1, device=device, dtype=f32),
-                zero_n=torch.zeros(1, n, device=device, dtype=f32))
+                zero_c=torch.zeros(c, 1, device=device, dtype=f32))
 
-            # Second ConvTranspose2d: rows (o2, i2, j2); feat_s0 + bias in order
-            # (o2, i2, j2, i, j, y, x) with pixel (4y + 2i + i2, 4x + 2j + j2).
-            wd2 = dc2.weight.to(f32).permute(1, 2, 3, 0).reshape(4 * c8, c4)
-            fs0 = (feat_s0[0].to(f32).reshape(c8, h, 2, 2, w, 2, 2).permute(0, 3, 6, 2, 5, 1, 4)
-                   .reshape(4 * c8, 4 * n))
-            f0 = fs0 + dc2.bias.to(f32).repeat_interleave(4)[:, None]
+            # The pixel side works pixel-major (a row per cell, the channels along it), so that
+            # LayerNorm2d is a plain layer norm and each ConvTranspose2d one matrix product.
+            # First ConvTranspose2d rows reordered (o, i, j) -> (i, j, o): a token's (M, 4 C/4)
+            # row block is then its 4 half-resolution cells (i, j) x C/4 channels.
+            kv = 2 * dk
+            ijo = kv + torch.arange(4 * c4, device=device).view(c4, 4).t().reshape(-1)
+            rows5 = torch.cat([torch.arange(kv, device=device), ijo])
+            w5g2, w5g21, s5, d5, q5_tail = (w5g2[rows5], w5g21[rows5], s5[rows5], d5[rows5], q5_tail[rows5])
+            # Second ConvTranspose2d: (C/4, 4 C/8), columns (i2, j2, o2); feat_s0 + bias as
+            # (4N, 4 C/8): row (token, i, j), column (i2, j2, o2) = cell (4y + 2i + i2, 4x + 2j + j2).
+            wd2 = dc2.weight.to(f32).permute(0, 2, 3, 1).reshape(c4, 4 * c8)
+            f0 = (feat_s0[0].to(f32).reshape(c8, h, 2, 2, w, 2, 2).permute(1, 4, 2, 5, 3, 6, 0)
+                  .reshape(4 * n, 4 * c8)) + dc2.bias.to(f32).repeat(4)
 
             # Folded attention (see _scores/_values): per head [S | D] (H, d, 2N) for the score
             # side and [S; D]^T (H, 2N, d) for the value side, S multiplied by r1 (block 1) or
             # r1 r2 (final attention) per prompt.
             s3h, d3h = s3.view(heads, 3, d, n), d3.view(heads, 3, d, n)
-            kv = 2 * dk
             s5h, d5h = s5[:kv].view(heads, 2, d, n), d5[:kv].view(heads, 2, d, n)
             folded = dict(
                 sd3k=torch.cat([s3h[:, 0], d3h[:, 0]], -1),
@@ -313,7 +309,7 @@ class FastBoxDecoder:
                 sd3q=torch.cat([s3h[:, 2], d3h[:, 2]], -1),
                 sd5k=torch.cat([s5h[:, 0], d5h[:, 0]], -1),
                 sd5v_t=torch.cat([s5h[:, 1], d5h[:, 1]], -1).transpose(1, 2).contiguous(),
-                s5dc=s5[kv:].contiguous(), d5dc=d5[kv:].contiguous())
+                s5dc=s5[kv:].t().contiguous(), d5dc=d5[kv:].t().contiguous())  # (N, 4 C/4)
 
         self._features = (image_embed, list(high_res_feats))
         self._signature = self._weights_signature()
@@ -322,10 +318,9 @@ class FastBoxDecoder:
             t2i_k0=t2i_k0, t2i_v0=t2i_v0, i2t_q0=i2t_q0,
             g1=g1, w3g=w3g, w3g_sum=w3g.sum(1),
             w5g2=w5g2, w5g21=w5g21, q5_tail=q5_tail, dk=dk, **folded,
-            ln_up=(ln_up.weight.to(f32)[:, None], ln_up.bias.to(f32)[:, None], ln_up.eps),
-            wd2=wd2, f0=f0.view(4 * c8, 4, n),
+            ln_up=(ln_up.weight.to(f32), ln_up.bias.to(f32), ln_up.eps),
+            wd2=wd2, f0=f0,
             **stats,
-            ones_c4=torch.full((1, c4), 1.0 / c4, device=device, dtype=f32),
         )
 
     def reset(self) -> None:
@@ -354,35 +349,34 @@ class FastBoxDecoder:
 
     @torch.inference_mode()
     def decode_windows(self, sparse_embeddings: Tensor, windows: Any, multimask: bool = False, *,
-                       areas: bool = False) -> WindowedLogits:
+                       areas: bool = False, statistics: Any = None) -> WindowedLogits:
         """Decode a batch of prompts on the current image, each only in its window of the grid.
 
         Inside its window a prompt's logits are those of :meth:`__call__` (float rounding
         aside); the rest of the grid is not computed where the output does not depend on it.
-        Two outputs depend on the whole grid, and those are computed exactly over all of it:
-        the single-mask output's dynamic-multimask rule (the stability score of mask 0), and,
-        with ``areas``, each mask's positive area.
+        Two outputs depend on the whole grid: the single-mask output's dynamic-multimask rule
+        (sam2 counts mask 0's cells above +-delta, its stability, over the whole grid) and,
+        with ``areas``, each mask's positive area. By default they are counted exactly over
+        every cell, which costs the per-pixel work of the whole grid for those prompts.
 
         Args:
             sparse_embeddings: (B, Ts, C) from the prompt encoder (box or points, no mask input).
             windows: int (B, 4) ``(top, left, bottom, right)`` cells of the (4h, 4w) logit grid,
                 half-open (row = y, column = x); clipped to the grid.
             multimask: Return the three multimask outputs instead of one mask.
-            areas: Also count each returned mask's cells with logit > 0 over the whole grid.
+            areas: Also count each returned mask's cells with logit > 0 (``WindowedLogits.areas``).
+            statistics: None (count over the whole grid: sam2's rule exactly), or int (B, 4)
+                cells: count only there. Then the rule (and the areas) differ from sam2's
+                exactly when mask 0 has cells above -delta (a mask has cells above 0)
+                outside them.
 
         Returns:
             :class:`WindowedLogits`.
         """
         z = self._ready(sparse_embeddings)
         sparse = sparse_embeddings
-        gh, gw = 4 * z["h"], 4 * z["w"]
-        boxes = torch.as_tensor(np.asarray(windows), dtype=torch.int64).reshape(-1, 4).cpu()
-        if len(boxes) != len(sparse):
-            raise ValueError(f"{len(sparse)} prompts but {len(boxes)} windows")
-        boxes = torch.stack([boxes[:, 0].clamp(0, gh - 1), boxes[:, 1].clamp(0, gw - 1),
-                             boxes[:, 2].clamp(1, gh), boxes[:, 3].clamp(1, gw)], 1)
-        boxes[:, 2] = torch.maximum(boxes[:, 2], boxes[:, 0] + 1)
-        boxes[:, 3] = torch.maximum(boxes[:, 3], boxes[:, 1] + 1)
+        boxes = self._cells(windows, len(sparse))
+        stats = None if statistics is None else self._cells(statistics, len(sparse))
         k = self.model.sam_mask_decoder.num_mask_tokens - 1 if multimask else 1
         logits: list[Tensor] = []
         ious, counts = [], []
@@ -391,8 +385,8 @@ class FastBoxDecoder:
             chunk = self.chunk or (2 if z["device"].type == "cpu" else 64)
             for i in range(0, sparse.shape[0], chunk):
                 tok = self._tokens(sparse[i:i + chunk])
-                for j in range(tok.acat.shape[0]):
-                    masks, iou, area = self._masks(tok, j, boxes[i + j].tolist(), multimask, areas)
+                part = None if stats is None else stats[i:i + chunk].tolist()
+                for masks, iou, area in self._masks(tok, boxes[i:i + chunk].tolist(), multimask, areas, part):
                     logits.append(masks)
                     ious.append(iou)
                     counts.append(area)
@@ -401,6 +395,18 @@ class FastBoxDecoder:
         if areas:
             area_out = torch.stack(counts) if counts else torch.zeros(0, k, dtype=torch.int64)
         return WindowedLogits(logits, iou_out, boxes.numpy(), area_out)
+
+    def _cells(self, windows: Any, count: int) -> Tensor:
+        """int64 (count, 4) grid windows, clipped to the grid and at least one cell each."""
+        gh, gw = 4 * self._cache["h"], 4 * self._cache["w"]
+        boxes = torch.as_tensor(np.asarray(windows), dtype=torch.int64).reshape(-1, 4).cpu()
+        if len(boxes) != count:
+            raise ValueError(f"{count} prompts but {len(boxes)} windows")
+        boxes = torch.stack([boxes[:, 0].clamp(0, gh - 1), boxes[:, 1].clamp(0, gw - 1),
+                             boxes[:, 2].clamp(1, gh), boxes[:, 3].clamp(1, gw)], 1)
+        boxes[:, 2] = torch.maximum(boxes[:, 2], boxes[:, 0] + 1)
+        boxes[:, 3] = torch.maximum(boxes[:, 3], boxes[:, 1] + 1)
+        return boxes
 
     def _ready(self, sparse: Tensor) -> dict[str, Any]:
         if self._cache is None or self._features is None:
@@ -466,7 +472,6 @@ class FastBoxDecoder:
         scores = scores.reshape(heads, b, t, n).transpose(0, 1)  # (B, H, T, N)
         # acat rows: [r1 A1 (HT); r1 mu1; A2 (HT); 1; mu2], later all times r2
         acat = torch.empty(b, 2 * ht + 3, n, device=sparse.device, dtype=f32)
-        ones = torch.ones(1, 1, 2 * ht + 2, device=sparse.device, dtype=f32)
         a1 = acat[:, :ht]
         a1.copy_(torch.softmax(scores, dim=-2).reshape(b, ht, n))
         v1 = a.v_proj(q)
@@ -477,8 +482,8 @@ class FastBoxDecoder:
         p1c = p1 - pbar1
         f1 = from_heads(torch.matmul(heads_first(v1), z["v1_rhs"]), 2 * n)  # [k0c.P1 | u1.P1]
         mu1 = torch.baddbmm(z["m0"], pbar1.transpose(1, 2), a1)  # (B, 1, N)
-        t1 = torch.baddbmm(f1[..., :n], torch.bmm(p1c, p1c.transpose(1, 2)), a1, beta=2)
-        sumsq1 = torch.baddbmm(z["e0"], ones[:, :, :ht].expand(b, -1, -1), t1.mul_(a1))
+        t1 = torch.bmm(torch.bmm(p1c, p1c.transpose(1, 2)), a1).add_(f1[..., :n], alpha=2).mul_(a1)
+        sumsq1 = t1.sum(1, keepdim=True).add_(z["e0"])
         r1 = torch.rsqrt(sumsq1.div_(c).add_(l0.norm4.eps))  # (B, 1, N)
         a1.mul_(r1)
         torch.mul(mu1, r1, out=acat[:, ht:ht + 1])
@@ -514,11 +519,14 @@ class FastBoxDecoder:
         lmat = torch.cat([u1 - u1.mean(1, keepdim=True), z["zero_c"].expand(b, -1, -1),
                           (p2 - pbar2).transpose(1, 2), z["bc"].expand(b, -1, -1)], 2)
         w = acat[:, :2 * ht + 2]
-        f2 = torch.cat([f1[..., n:], z["zero_n"].expand(b, -1, -1),
-                        from_heads(torch.matmul(heads_first(v2), z["u2t"]), n),
-                        z["f2c"].expand(b, -1, -1)], 1)  # u . L
-        t2 = torch.baddbmm(f2.mul_(2 * r1), torch.bmm(lmat.transpose(1, 2), lmat), w)
-        sumsq2 = torch.baddbmm(z["e1"] * r1.square(), ones.expand(b, -1, -1), t2.mul_(w))
+        # |X2 - mu2|^2 = r1^2 |u|^2 + 2 r1 (u . L) w + w^T (L^T L) w, where
+        # (u . L) w = (u . P1-part) r1 A1 + (u . P2c) A2 + u . bc (heads-first for the P2 part)
+        u2 = torch.matmul(heads_first(v2), z["u2t"]).view(heads, b, t, n)
+        uw = (f1[..., n:] * acat[:, :ht]).sum(1, keepdim=True)
+        uw += (u2 * a2.view(b, heads, t, n).transpose(0, 1)).sum((0, 2)).unsqueeze(1)
+        uw += z["f2c"]
+        t2 = torch.bmm(torch.bmm(lmat.transpose(1, 2), lmat), w).mul_(w)
+        sumsq2 = t2.sum(1, keepdim=True).addcmul_(uw, r1, value=2).addcmul_(z["e1"], r1.square())
         r2 = torch.rsqrt(sumsq2.div_(c).add_(l1.norm4.eps))
         acat[:, 2 * ht + 2:] = mu2
         acat.mul_(r2)
@@ -553,115 +561,152 @@ class FastBoxDecoder:
         return _Tokens(acat=acat, r12=r12, qdc=keys2_map(slice(kv, None)), hyper=hyper, iou=iou)
 
     # ------------------------------------------------------------------ pixel side
-    def _masks(self, tok: _Tokens, j: int, window: list[int], multimask: bool, areas: bool,
-               ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Prompt ``j`` of a chunk: its masks in ``window`` (cells), IoU predictions, areas.
+    def _masks(self, tok: _Tokens, windows: list[list[int]], multimask: bool, areas: bool,
+               statistics: list[list[int]] | None) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """A chunk's masks in their windows (cells ``(top, left, bottom, right)``); the rule's
+        and the areas' counts over the whole grid, or over ``statistics`` cells.
 
         Returns:
-            (logits (K, rows, cols), iou (K,), positive areas over the whole grid (K,) or None).
+            Per prompt: (logits (K, rows, cols), iou (K,), positive areas over the whole grid
+            (K,) or None).
         """
         dec = self.model.sam_mask_decoder
-        iou, hyper = tok.iou[j], tok.hyper[j]
+        b = tok.iou.shape[0]
+        rows = torch.arange(b, device=tok.iou.device)
         dynamic = not multimask and dec.dynamic_multimask_via_stability and not dec.training
         if multimask:
-            chosen, iou_out = hyper[1:], iou[1:]
+            hyper, iou = tok.hyper[:, 1:], tok.iou[:, 1:]
         elif dynamic:  # mask 0 and the best multimask output; sam2's rule picks one of them
-            best = int(torch.argmax(iou[1:])) + 1
-            chosen, iou_out = hyper[[0, best]], iou[[0, best]]
+            best = torch.argmax(tok.iou[:, 1:], dim=-1) + 1
+            pick = torch.stack([torch.zeros_like(best), best], 1)
+            hyper, iou = tok.hyper[rows[:, None], pick], tok.iou[rows[:, None], pick]
         else:
-            chosen, iou_out = hyper[:1], iou[:1]
+            hyper, iou = tok.hyper[:, :1], tok.iou[:, :1]
         delta = dec.dynamic_multimask_stability_delta
-        # thresholds of the whole-grid counts: mask 0's stability (> delta, > -delta), areas (> 0)
+        # whole-grid counts above: mask 0's stability (> delta, > -delta), the areas (> 0)
         thresholds = [delta, -delta] if dynamic else []
         if areas:
             thresholds.append(0.0)
         thr = torch.tensor(thresholds, device=hyper.device, dtype=torch.float32)
-        masks, counts = self._window(tok, j, window, chosen, thr)
-        area = None
-        if dynamic:
-            # sam2's _dynamic_multimask_via_stability on mask 0, from its whole-grid counts
-            area_i, area_u = counts[0, 0].float(), counts[0, 1].float()
-            stability = torch.where(area_u > 0, area_i / area_u, 1.0)
-            pick = 0 if bool(stability >= dec.dynamic_multimask_stability_thresh) else 1
-            masks, iou_out, counts = masks[pick:pick + 1], iou_out[pick:pick + 1], counts[pick:pick + 1]
-        if areas:
-            area = counts[:, -1]
-        return masks, iou_out, area
+        if thresholds and statistics is None:
+            masks, counts = self._whole_grid(tok, hyper, windows, thr)
+        else:
+            both = [self._window(tok, j, windows[j], hyper[j], thr, statistics and statistics[j])
+                    for j in range(b)]
+            masks, counts = [m for m, _ in both], [c for _, c in both]
+        out = []
+        for j in range(b):
+            logits, iou_j = masks[j], iou[j]
+            counts_j = counts[j] if thresholds else None
+            if dynamic:
+                # sam2's _dynamic_multimask_via_stability on mask 0, from its whole-grid counts
+                area_i, area_u = counts_j[0, 0].float(), counts_j[0, 1].float()
+                stability = torch.where(area_u > 0, area_i / area_u, 1.0)
+                k = 0 if bool(stability >= dec.dynamic_multimask_stability_thresh) else 1
+                logits, iou_j, counts_j = logits[k:k + 1], iou_j[k:k + 1], counts_j[k:k + 1]
+            out.append((logits, iou_j, counts_j[:, -1] if areas else None))
+        return out
 
     def _tile_tokens(self, device: torch.device) -> int:
         return max(64, (self.tile or (4096 if device.type == "cpu" else 4 * self._cache["n"])) // 4)
 
     def _window(self, tok: _Tokens, j: int, window: list[int], hyper: Tensor, thr: Tensor,
-                ) -> tuple[Tensor, Tensor]:
-        """Masks of ``hyper`` (K, C/8) in ``window`` (top, left, bottom, right cells) and, when
-        ``thr`` (T,) is not empty, their counts above ``thr`` over the whole grid.
+                statistics: list[int] | None) -> tuple[Tensor, Tensor]:
+        """Prompt ``j``'s masks of ``hyper`` (K, C/8) in ``window`` (top, left, bottom, right
+        cells), and their counts above ``thr`` (T,) in the ``statistics`` cells (if any).
 
-        Image tokens are taken in bands of whole token rows (a token is a 4 x 4 block of cells):
-        only the window's bands and columns when no counts are asked for, every token else.
+        Only the image tokens these cells touch are computed (a token is a 4 x 4 block of
+        cells), in bands of token rows.
 
         Returns:
             (K, rows, cols) logits, (K, T) int64 counts.
         """
-        z = self._cache
-        gh, gw = z["h"], z["w"]
-        top, left, bottom, right = window
-        ty0, tx0, ty1, tx1 = top // 4, left // 4, -(-bottom // 4), -(-right // 4)
-        k = hyper.shape[0]
-        out = torch.empty(k, 4 * (ty1 - ty0), 4 * (tx1 - tx0), device=hyper.device)
-        counts = torch.zeros(k, len(thr), dtype=torch.int64, device=hyper.device)
-        whole = len(thr) > 0
-        x0, x1 = (0, gw) if whole else (tx0, tx1)
-        band = max(1, self._tile_tokens(hyper.device) // (x1 - x0))
-        for y0 in range(0 if whole else ty0, gh if whole else ty1, band):
-            y1 = min(y0 + band, gh if whole else ty1)
-            logits = self._pixels(tok, j, (y0, y1, x0, x1), hyper)  # (K, 4 (y1-y0), 4 (x1-x0))
-            if whole:
-                counts += (logits.view(k, 1, -1) > thr[:, None]).sum(-1)
-            r0, r1 = max(y0, ty0), min(y1, ty1)
-            if r0 < r1:
-                out[:, 4 * (r0 - ty0):4 * (r1 - ty0)] = logits[:, 4 * (r0 - y0):4 * (r1 - y0),
-                                                               4 * (tx0 - x0):4 * (tx1 - x0)]
-        crop = out[:, top - 4 * ty0:bottom - 4 * ty0, left - 4 * tx0:right - 4 * tx0]
-        return crop.contiguous() if crop.shape != out.shape else out, counts
+        cells = window if statistics is None else [min(window[0], statistics[0]), min(window[1], statistics[1]),
+                                                   max(window[2], statistics[2]), max(window[3], statistics[3])]
+        ty0, tx0, ty1, tx1 = cells[0] // 4, cells[1] // 4, -(-cells[2] // 4), -(-cells[3] // 4)
+        band = max(1, self._tile_tokens(hyper.device) // (tx1 - tx0))
+        parts = []
+        for y0 in range(ty0, ty1, band):
+            y1 = min(y0 + band, ty1)
+            logits = self._pixels(tok, slice(j, j + 1), (y0, y1, tx0, tx1), hyper[None])
+            parts.append(_cells(logits.view(y1 - y0, tx1 - tx0, 2, 2, 2, 2, -1)))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
-    def _pixels(self, tok: _Tokens, j: int, block: tuple[int, int, int, int], hyper: Tensor,
-                ) -> Tensor:
-        """Everything after the transformer for prompt ``j``'s image tokens in ``block`` (token
-        rows y0..y1-1, columns x0..x1-1): the first ConvTranspose2d (+ feat_s1), LayerNorm2d,
-        GELU, the second ConvTranspose2d (+ feat_s0), GELU and the hypernetwork product.
+        def crop(w: list[int]) -> Tensor:
+            return out[:, w[0] - 4 * ty0:w[2] - 4 * ty0, w[1] - 4 * tx0:w[3] - 4 * tx0]
+
+        counts = torch.zeros(hyper.shape[0], len(thr), dtype=torch.int64, device=hyper.device)
+        if statistics is not None and len(thr):
+            counts = (crop(statistics).reshape(hyper.shape[0], 1, -1) > thr[:, None]).sum(-1)
+        return crop(window).contiguous(), counts
+
+    def _whole_grid(self, tok: _Tokens, hyper: Tensor, windows: list[list[int]], thr: Tensor,
+                    ) -> tuple[list[Tensor], Tensor]:
+        """Every prompt's masks of ``hyper`` (B, K, C/8) over the whole grid, in bands of token
+        rows (all prompts of the chunk together): their counts above ``thr`` (T,) and the part
+        in each prompt's window.
 
         Returns:
-            (K, 4 (y1 - y0), 4 (x1 - x0)) logits of the masks of ``hyper`` (K, C/8): the cells
-            ``4 y0 ..`` x ``4 x0 ..`` of the grid.
+            (B tensors (K, rows, cols), (B, K, T) int64 counts).
+        """
+        z = self._cache
+        gh, gw = z["h"], z["w"]
+        b, k = hyper.shape[:2]
+        tokens = [(w[0] // 4, w[1] // 4, -(-w[2] // 4), -(-w[3] // 4)) for w in windows]
+        outs = [torch.empty(k, 4 * (y1 - y0), 4 * (x1 - x0), device=hyper.device) for y0, x0, y1, x1 in tokens]
+        counts = torch.zeros(b, k, len(thr), dtype=torch.int64, device=hyper.device)
+        band = max(1, self._tile_tokens(hyper.device) // (gw * b))
+        for y0 in range(0, gh, band):
+            y1 = min(y0 + band, gh)
+            logits = self._pixels(tok, slice(None), (y0, y1, 0, gw), hyper)  # (B, 16 M, K)
+            counts += (logits[..., None] > thr).sum(1)
+            logits = logits.view(b, y1 - y0, gw, 2, 2, 2, 2, k)
+            for j, (ty0, tx0, ty1, tx1) in enumerate(tokens):
+                r0, r1 = max(y0, ty0), min(y1, ty1)
+                if r0 < r1:
+                    outs[j][:, 4 * (r0 - ty0):4 * (r1 - ty0)] = _cells(logits[j, r0 - y0:r1 - y0, tx0:tx1])
+        crops = [out[:, w[0] - 4 * t[0]:w[2] - 4 * t[0], w[1] - 4 * t[1]:w[3] - 4 * t[1]].contiguous()
+                 for out, w, t in zip(outs, windows, tokens, strict=True)]
+        return crops, counts
+
+    def _pixels(self, tok: _Tokens, js: slice, block: tuple[int, int, int, int], hyper: Tensor) -> Tensor:
+        """Everything after the transformer, for the prompts ``js`` of the chunk and the image
+        tokens in ``block`` (token rows y0..y1-1, columns x0..x1-1; M = their number): the first
+        ConvTranspose2d (+ feat_s1), LayerNorm2d, GELU, the second ConvTranspose2d (+ feat_s0),
+        GELU and the hypernetwork product, pixel-major.
+
+        Args:
+            hyper: (B', K, C/8) hypernetwork outputs of the masks wanted, per prompt.
+
+        Returns:
+            (B', 16 M, K) logits, rows (token y, token x, i, j, i2, j2): cell
+            (4y + 2i + i2, 4x + 2j + j2).
         """
         z = self._cache
         gw, c4 = z["w"], z["c"] // 4
         y0, y1, x0, x1 = block
         ny, nx = y1 - y0, x1 - x0
-
-        def cols(x: Tensor) -> Tensor:  # (..., N) -> (..., M) the block's tokens, row-major
-            rows = x[..., y0 * gw:y1 * gw]
-            if nx == gw:
-                return rows
-            return rows.unflatten(-1, (ny, gw))[..., x0:x1].flatten(-2)
-
-        # first ConvTranspose2d (+ feat_s1) as a map of keys2: rows (o, i, j)
-        x = torch.addcmul(cols(z["d5dc"]), cols(z["s5dc"]), cols(tok.r12[j]))
-        x = x.addmm_(tok.qdc[j], cols(tok.acat[j]))
         m = ny * nx
-        x = x.view(c4, 4 * m)  # columns (i, j, m)
+
+        def rows(x: Tensor, dim: int) -> Tensor:  # the block's tokens along ``dim`` (row-major)
+            x = x.narrow(dim, y0 * gw, ny * gw)
+            if nx == gw:
+                return x
+            return x.unflatten(dim, (ny, gw)).narrow(dim + 1, x0, nx).flatten(dim, dim + 1)
+
+        acat, r12, qdc = tok.acat[js], tok.r12[js], tok.qdc[js]
+        b = acat.shape[0]
+        # first ConvTranspose2d (+ feat_s1) as a map of keys2: (B', M, 4 C/4), columns (i, j, o)
+        x = torch.addcmul(rows(z["d5dc"], 0), rows(z["s5dc"], 0), rows(r12, 2).transpose(1, 2))
+        x = x.baddbmm_(rows(acat, 2).transpose(1, 2), qdc.transpose(1, 2))
         lw, lb, leps = z["ln_up"]
-        _, var = _center(x, z["ones_c4"])
-        x.mul_(torch.rsqrt(var.add_(leps)))
         _, _, act1, _, act2 = self.model.sam_mask_decoder.output_upscaling
-        x = F.gelu(torch.addcmul(lb, x, lw), approximate=act1.approximate)
-        # second ConvTranspose2d + feat_s0: rows (o2, i2, j2)
-        y = torch.addmm(cols(z["f0"]).reshape(-1, 4 * m), z["wd2"], x)
+        x = F.gelu(F.layer_norm(x.view(b * 4 * m, c4), (c4,), lw, lb, leps), approximate=act1.approximate)
+        # second ConvTranspose2d + feat_s0: (B', 4M, 4 C/8), columns (i2, j2, o2)
+        f0 = rows(z["f0"].view(-1, 4, z["f0"].shape[1]), 0).reshape(4 * m, -1)
+        y = torch.matmul(x.view(b, 4 * m, c4), z["wd2"]).add_(f0)
         y = F.gelu(y, approximate=act2.approximate)
-        k = hyper.shape[0]
-        logits = torch.mm(hyper, y.view(hyper.shape[1], 16 * m))  # columns (i2, j2, i, j, m)
-        return (logits.view(k, 2, 2, 2, 2, ny, nx).permute(0, 5, 3, 1, 6, 4, 2)
-                .reshape(k, 4 * ny, 4 * nx))
+        return torch.bmm(y.view(b, 16 * m, -1), hyper.transpose(1, 2))
 
 
 @dataclass
@@ -681,6 +726,13 @@ class _Tokens:
     qdc: Tensor
     hyper: Tensor
     iou: Tensor
+
+
+def _cells(logits: Tensor) -> Tensor:
+    """(ny, nx, 2, 2, 2, 2, K) logits of a block of tokens (rows y, x, i, j, i2, j2) as
+    (K, 4 ny, 4 nx) cells."""
+    ny, nx, k = logits.shape[0], logits.shape[1], logits.shape[-1]
+    return logits.view(ny, nx, 2, 2, 2, 2, k).permute(6, 0, 2, 4, 1, 3, 5).reshape(k, 4 * ny, 4 * nx)
 
 
 @dataclass

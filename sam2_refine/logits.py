@@ -163,5 +163,5 @@ def cells_for_windows(windows: np.ndarray, grid_hw: tuple[int, int], region_hw: 
 def crop_to_cells(logits: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, ...]:
     """Whole-grid logits (N, C, h, w) cut to each prompt's cells (N, 4): N arrays (C, rows, cols),
     each a copy, so that no prompt keeps more than its window."""
-    return tuple(np.ascontiguousarray(logits[k, :, top:bottom, left:right])
+    return tuple(logits[k, :, top:bottom, left:right].copy()
                  for k, (top, left, bottom, right) in enumerate(np.asarray(cells)))

@@ -104,3 +104,49 @@ def test_float64_input_accepted() -> None:
 def test_windows_outside_raise(rows: tuple[int, int], cols: tuple[int, int]) -> None:
     with pytest.raises(ValueError):
         upsample_window(grid_of(64, 64), (100, 150), rows, cols)
+
+
+# -- windows of the grid ---------------------------------------------------------------------------
+
+def test_grid_window_is_exactly_the_cells_read() -> None:
+    """grid_window names the cells upsample_window reads: a patch of exactly those cells gives
+    the same values, one cell less on any side is refused."""
+    from sam2_refine.logits import GridPatch, grid_window
+
+    rng = np.random.default_rng(9)
+    grid = grid_of(256, 256, seed=9)
+    for out_hw in ((1024, 1024), (613, 877), (200, 150), (256, 256)):
+        full = reference(grid, out_hw)
+        for _ in range(20):
+            r0 = int(rng.integers(0, out_hw[0]))
+            r1 = int(rng.integers(r0 + 1, out_hw[0] + 1))
+            c0 = int(rng.integers(0, out_hw[1]))
+            c1 = int(rng.integers(c0 + 1, out_hw[1] + 1))
+            top, left, bottom, right = grid_window((256, 256), out_hw, (r0, r1), (c0, c1))
+            assert 0 <= top < bottom <= 256 and 0 <= left < right <= 256
+            patch = GridPatch(grid[top:bottom, left:right].copy(), top, left, (256, 256))
+            got = upsample_window(patch, out_hw, (r0, r1), (c0, c1))
+            np.testing.assert_allclose(got, full[r0:r1, c0:c1], atol=1e-3, rtol=0)
+            for shrunk in ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, -1, 0), (0, 0, 0, -1)):
+                t, lf, b, rt = top + shrunk[0], left + shrunk[1], bottom + shrunk[2], right + shrunk[3]
+                if t >= b or lf >= rt:
+                    continue
+                smaller = GridPatch(grid[t:b, lf:rt].copy(), t, lf, (256, 256))
+                assert not smaller.covers((top, left, bottom, right))
+                with pytest.raises(ValueError, match="needs grid cells"):
+                    upsample_window(smaller, out_hw, (r0, r1), (c0, c1))
+
+
+def test_cells_for_windows_clips_to_the_region() -> None:
+    from sam2_refine.logits import cells_for_windows, crop_to_cells, grid_window
+
+    windows = np.array([[-10, -10, 20, 30], [990, 1000, 2000, 2000], [100, 200, 101, 201]])
+    cells = cells_for_windows(windows, (256, 256), (1024, 1024))
+    assert cells[0].tolist() == list(grid_window((256, 256), (1024, 1024), (0, 20), (0, 30)))
+    assert cells[1].tolist() == list(grid_window((256, 256), (1024, 1024), (990, 1024), (1000, 1024)))
+    assert cells[1, 2] == 256 and cells[1, 3] == 256
+    logits = np.arange(3 * 2 * 256 * 256, dtype=np.float32).reshape(3, 2, 256, 256)
+    crops = crop_to_cells(logits, cells)
+    for k, (top, left, bottom, right) in enumerate(cells):
+        np.testing.assert_array_equal(crops[k], logits[k, :, top:bottom, left:right])
+        assert crops[k].base is None or crops[k].base.nbytes == crops[k].nbytes  # a copy, not a view
