@@ -1,17 +1,20 @@
-"""A faster, output-equivalent SAM2 mask decoder for box prompts without a mask input.
+"""A faster, output-equivalent SAM2 mask decoder for prompts without a mask input.
 
 :class:`FastBoxDecoder` computes what ``model.sam_mask_decoder(...)`` computes (logits within
 float32 rounding, the same masks chosen by the dynamic-multimask rule) when every prompt's
 dense embedding is the prompt encoder's ``no_mask_embed``, i.e. no mask input. It reads the
 weights from the SAM2 model's own modules (nothing is copied at construction); what depends
 only on the image and the weights is computed once per image by :meth:`set_image_features`.
+It can decode each prompt only in a window of the logit grid (:meth:`decode_windows`).
 
 Shapes (SAM2.1: C = 256 channels, N = h*w = 64*64 image tokens, D = C/2 attention width,
-H = 8 heads of d = D/H = 16, T = 6 output + 3 sparse = 9 tokens):
+H = 8 heads of d = D/H = 16, T = 6 output + Ts sparse tokens, 9 for a box):
 
 - ``set_image_features(image_embed (1, C, h, w), [feat_s0 (1, C/8, 4h, 4w), feat_s1 (1, C/4, 2h, 2w)])``
 - ``__call__(sparse_embeddings (B, Ts, C), multimask)`` -> ``(logits (B, K, 4h, 4w) float32,
   iou (B, K) float32)``, K = 3 with ``multimask`` else 1; logits are not clamped.
+- ``decode_windows(sparse_embeddings, windows (B, 4) cells, multimask, areas=...)`` ->
+  :class:`WindowedLogits`: B tensors (K, rows, cols), one per prompt's window.
 
 Derivation (image-token tensors are kept channel-first, (B, channels, N); g, beta are a
 LayerNorm's weight and bias, mu and r = 1/std its per-token statistics):
@@ -24,14 +27,18 @@ LayerNorm's weight and bias, mu and r = 1/std its per-token statistics):
   the T tokens (H*T x N, all heads stacked) and v the token values, ``out_proj(concat_h A_h v_h)
   = P^T A + b_o`` where P (H*T x C) stacks the rows ``v_h[t] W_o[:, head h]^T``. So
   X1 = K0 + b_o + P1^T A1 and keys1 = LN(X1) = g1 (X1 - mu1) r1 + beta1.
-- Any linear map W of keys1 is ``r1 (S + Q [A1; mu1]) + D`` with S = (W g1)(K0 + b_o) and
-  D = W beta1 + b (+ W PE where PE is added) shared by all prompts (once per image) and a small
-  per-prompt Q = [(W g1) P1^T, -(W g1) 1] (rows x 73): the second block's three projections
-  cost one (384 x 73) @ (73 x N) product instead of (384 x C) @ (C x N).
+- Any linear map W of keys1 is ``r1 S + Q acat1 + D`` with S = (W g1)(K0 + b_o) and
+  D = W beta1 + b (+ W PE where PE is added) shared by all prompts (once per image), a small
+  per-prompt Q = [(W g1) P1^T, -(W g1) 1] (rows x 73) and acat1 = r1 [A1; mu1].
 - keys2 = LN(X2), X2 = keys1 + b_o2 + P2^T A2. The final token->image attention's k and v and
   the first ConvTranspose2d of the upscaling (kernel 2, stride 2: a per-token linear map
-  C -> 4 * C/4) are linear maps of keys2: ``r1 r2 S' + Q' r2 [r1 A1; r1 mu1; A2; 1; mu2] + D'``,
-  one (512 x 147) @ (147 x N) product per prompt.
+  C -> 4 * C/4) are linear maps of keys2: ``r1 r2 S' + Q' acat + D'`` with
+  acat = r2 [r1 A1; r1 mu1; A2; 1; mu2] (147 rows).
+- Those keys and values are never formed: the token queries are folded into the low-rank form
+  (``_scores``, ``_values``): ``q . k_h(n) = rr(n) (q . S_h(n)) + q . D_h(n) + (q^T Q_h) acat(n)``
+  and ``sum_n p(n) v_h(n) = S_h (p rr)^T + D_h p^T + Q_h (acat p^T)``, the shared parts as one
+  product per head for all prompts. The final attention is computed only for the IoU and mask
+  tokens (each token attends to the image alone there, and only those are used after it).
 - X1 and X2 are never formed; their LayerNorm statistics come from Gram matrices. With
   X1 - mu1 = K0c + P1c^T A1 (c: centred over the channels): mu1 = mean(K0 + b_o) + mean(P1) A1
   and |X1 - mu1|^2 = |K0c|^2 + 2 (K0c . P1) A1 + A1^T (P1c P1c^T) A1, where
@@ -39,14 +46,20 @@ LayerNorm's weight and bias, mu and r = 1/std its per-token statistics):
   Likewise X2 - mu2 = r1 u + L w with the shared u = centred(g1 K0c), a per-prompt
   L (C x 146) and w = [r1 A1; r1 mu1; A2; 1], so |X2 - mu2|^2 = r1^2 |u|^2 + 2 r1 (u^T L) w
   + w^T (L^T L) w.
-- The upscaling's pixel shuffle is deferred: the ConvTranspose outputs stay in sub-pixel order
-  (channel, i, j, y, x) (LayerNorm2d and GELU act per pixel, the second ConvTranspose too; the
-  high-resolution features are rearranged to that order once per image); it runs on column
-  tiles so that its intermediates stay in the CPU caches, and only the final masks are
-  shuffled to (4h, 4w).
+- Everything after the transformer acts per image token: the first ConvTranspose2d is a
+  per-token map of keys2 (so of acat(n)), LayerNorm2d and GELU act per cell, the second
+  ConvTranspose2d and the hypernetwork product too. Image token (y, x) makes the 4 x 4 cells
+  (4y + 2i + i2, 4x + 2j + j2) of the (4h, 4w) grid, so a window of cells needs only the tokens
+  it touches. This runs pixel-major (a row per cell: LayerNorm2d is a plain layer norm, each
+  ConvTranspose2d one matrix product) in bands of token rows that stay in the CPU caches.
+- Two results depend on the whole grid: sam2's dynamic-multimask rule (single-mask output: mask
+  0 unless its stability, counted over all 4h x 4w cells, is below the threshold; then the
+  multimask output with the best predicted IoU) and the masks' positive areas (best of three).
+  Windowing would change them whenever a mask has cells above the thresholds outside the
+  window, so they are counted over every cell (``statistics=None``), which costs the per-pixel
+  work of the whole grid for those prompts, or, when asked, only in given cells.
 - Token-side work (self-attention, MLPs, LayerNorms of the tokens, hypernetworks, IoU head)
-  calls the model's own modules. The single-mask output applies sam2's dynamic multimask
-  fallback via the stability score (only the two candidate masks are computed).
+  calls the model's own modules.
 
 Everything runs in float32 (autocast is disabled inside). The per-image precomputation is
 redone automatically if the model's decoder or prompt-encoder parameters change (in place,
@@ -93,9 +106,9 @@ class FastBoxDecoder:
     Args:
         model: A built SAM2 model (``SAM2Base``) with high-resolution features in the decoder.
         chunk: Prompts processed together inside one call (bounds memory; the output does not
-            depend on it). Default: 2 on the CPU (fastest there), 64 elsewhere.
-        tile: Sub-pixel columns (of 4N) per step of the upscaling, summed over the prompts of
-            a chunk. Default: 4096 on the CPU, everything at once elsewhere.
+            depend on it). Default: 4 on the CPU (fastest there), 64 elsewhere.
+        tile: Half-resolution cells (4 per image token) per step of the pixel side, summed over
+            the prompts of a chunk. Default: 8192 on the CPU, everything at once elsewhere.
 
     Raises:
         UnsupportedModelError: the decoder's configuration differs from SAM2/SAM2.1's
@@ -382,7 +395,7 @@ class FastBoxDecoder:
         ious, counts = [], []
         with torch.autocast(device_type=z["device"].type, enabled=False):
             sparse = sparse.to(z["device"], torch.float32)
-            chunk = self.chunk or (2 if z["device"].type == "cpu" else 64)
+            chunk = self.chunk or (4 if z["device"].type == "cpu" else 64)
             for i in range(0, sparse.shape[0], chunk):
                 tok = self._tokens(sparse[i:i + chunk])
                 part = None if stats is None else stats[i:i + chunk].tolist()
@@ -469,11 +482,11 @@ class FastBoxDecoder:
         a = l0.cross_attn_image_to_token
         kt = heads_first(a.k_proj(q + tokens))
         scores = torch.matmul(kt, z["i2t_q0"]).mul_(scale)  # (H, BT, N)
-        scores = scores.reshape(heads, b, t, n).transpose(0, 1)  # (B, H, T, N)
         # acat rows: [r1 A1 (HT); r1 mu1; A2 (HT); 1; mu2], later all times r2
         acat = torch.empty(b, 2 * ht + 3, n, device=sparse.device, dtype=f32)
         a1 = acat[:, :ht]
-        a1.copy_(torch.softmax(scores, dim=-2).reshape(b, ht, n))
+        # (the softmax over the tokens in this layout, then transposed: 5x faster than on a view)
+        a1.view(b, heads, t, n).copy_(torch.softmax(scores.view(heads, b, t, n), dim=2).transpose(0, 1))
         v1 = a.v_proj(q)
         p1 = lowrank_p(v1, a.out_proj)  # (B, HT, C): X1 = k0b + P1^T A1
         # LayerNorm statistics of X1 without forming it (k0c = k0b - mean_c k0b):
@@ -520,10 +533,10 @@ class FastBoxDecoder:
                           (p2 - pbar2).transpose(1, 2), z["bc"].expand(b, -1, -1)], 2)
         w = acat[:, :2 * ht + 2]
         # |X2 - mu2|^2 = r1^2 |u|^2 + 2 r1 (u . L) w + w^T (L^T L) w, where
-        # (u . L) w = (u . P1-part) r1 A1 + (u . P2c) A2 + u . bc (heads-first for the P2 part)
-        u2 = torch.matmul(heads_first(v2), z["u2t"]).view(heads, b, t, n)
+        # (u . L) w = (u . P1-part) r1 A1 + (u . P2c) A2 + u . bc
+        u2 = from_heads(torch.matmul(heads_first(v2), z["u2t"]), n)  # (B, HT, N)
         uw = (f1[..., n:] * acat[:, :ht]).sum(1, keepdim=True)
-        uw += (u2 * a2.view(b, heads, t, n).transpose(0, 1)).sum((0, 2)).unsqueeze(1)
+        uw += u2.mul_(a2).sum(1, keepdim=True)
         uw += z["f2c"]
         t2 = torch.bmm(torch.bmm(lmat.transpose(1, 2), lmat), w).mul_(w)
         sumsq2 = t2.sum(1, keepdim=True).addcmul_(uw, r1, value=2).addcmul_(z["e1"], r1.square())
@@ -608,7 +621,7 @@ class FastBoxDecoder:
         return out
 
     def _tile_tokens(self, device: torch.device) -> int:
-        return max(64, (self.tile or (4096 if device.type == "cpu" else 4 * self._cache["n"])) // 4)
+        return max(64, (self.tile or (8192 if device.type == "cpu" else 4 * self._cache["n"])) // 4)
 
     def _window(self, tok: _Tokens, j: int, window: list[int], hyper: Tensor, thr: Tensor,
                 statistics: list[int] | None) -> tuple[Tensor, Tensor]:
