@@ -22,7 +22,8 @@ configuration (frame size, objects per location N, locations L) it measures, sid
      default (Auto) would use object crops, that run is timed too (one encoder pass per crop:
      slower, more accurate on small objects);
   c  the floor: the encoder once per location plus the mask decoder for all N prompts (in the
-     engine's batches), on images already in memory, and nothing else.
+     engine's batches and, with the windowed decoder, the engine's first windows), on images
+     already in memory, and nothing else.
 
 After one untimed warm-up call of the model, b and c run three times (twice for the
 longest configuration), interleaved, and the fastest run of each is reported (identical model
@@ -176,13 +177,32 @@ def remove_tagged(server: NimbusTestServer, dataset_id: str, tag: str) -> None:
         client.delete_annotations(ids)
 
 
+def first_windows(boxes: np.ndarray, height: int, width: int, grid_hw: tuple[int, int] | None) -> np.ndarray | None:
+    """The windows (pixels) the engine asks the model for on its first pass over each box."""
+    from sam2_refine.geometry import Window
+    from sam2_refine.refine import first_margin
+
+    if grid_hw is None:
+        return None
+    region = Window(0, 0, height, width)
+    wins = [Window.around(box, first_margin(box, region, grid_hw), region) for box in boxes]
+    return np.array([[w.top, w.left, w.bottom, w.right] for w in wins], dtype=np.int64)
+
+
 def run_floor(images: list[np.ndarray], boxes: np.ndarray, predictor) -> int:
+    """The model alone: each image embedded once, every box decoded in the engine's batches and
+    (with a windowed decoder) in the engine's first windows."""
     decoded = 0
     for image in images:
         predictor.embed(image)
+        windows = first_windows(boxes, image.shape[0], image.shape[1], getattr(predictor, "logit_grid", None))
         for start in range(0, len(boxes), predictor.max_batch):
-            predictor.decode(boxes[start:start + predictor.max_batch])
-            decoded += len(boxes[start:start + predictor.max_batch])
+            part = slice(start, start + predictor.max_batch)
+            if windows is None:
+                predictor.decode(boxes[part])
+            else:
+                predictor.decode(boxes[part], windows=windows[part])
+            decoded += len(boxes[part])
     return decoded
 
 
@@ -284,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small configurations")
     parser.add_argument("--no-per-box", action="store_true", help="skip variant a")
     parser.add_argument("--sam2-decoder", action="store_true", help="use sam2's own mask decoder in b and c")
+    parser.add_argument("--local-statistics", action="store_true",
+                        help="count the dynamic-multimask rule near each box, not over the whole grid "
+                             "(not sam2's rule; for measuring what the exact rule costs)")
     parser.add_argument("--only", help="comma-separated indices of configurations to run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's JSON and stop")
@@ -302,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_dir = Path(tmp)
         make_untrained_checkpoint(checkpoint_dir / "sam2.1_hiera_tiny.pt")
         kwargs = {"fast_decoder": False} if args.sam2_decoder else {}
+        if args.local_statistics:
+            kwargs["local_statistics"] = True
         predictor, _ = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt", **kwargs)
         predictor.embed(np.zeros((1024, 1024, 3), np.float32))  # warm-up: first calls allocate
         predictor.decode(np.array([[10.0, 10.0, 60.0, 60.0]] * 4))

@@ -201,7 +201,10 @@ class Sam2BoxPredictor:
     @property
     def decoder_name(self) -> str:
         """Which mask decoder runs box prompts without mask input."""
-        return "FastBoxDecoder (sam2_refine.fast_decoder)" if self._fast is not None else "sam2's MaskDecoder"
+        if self._fast is None:
+            return "sam2's MaskDecoder"
+        rule = "rule near each box" if self.local_statistics else "sam2's rule over the whole grid"
+        return f"FastBoxDecoder (sam2_refine.fast_decoder), windowed, {rule}"
 
     @classmethod
     def load(cls, checkpoint: Path, choice: DeviceChoice | None = None, max_batch: int = 64,
