@@ -596,43 +596,40 @@ class FastBoxDecoder:
         else:
             hyper, iou = tok.hyper[:, :1], tok.iou[:, :1]
         delta = dec.dynamic_multimask_stability_delta
-        # whole-grid counts above: mask 0's stability (> delta, > -delta), the areas (> 0)
-        thresholds = [delta, -delta] if dynamic else []
-        if areas:
-            thresholds.append(0.0)
-        thr = torch.tensor(thresholds, device=hyper.device, dtype=torch.float32)
-        if thresholds and statistics is None:
-            masks, counts = self._whole_grid(tok, hyper, windows, thr)
+        # what is counted: mask 0's cells above +-delta (its stability), each mask's above 0
+        count = _Count(torch.tensor([delta, -delta], device=hyper.device) if dynamic else None, areas)
+        if count and statistics is None:
+            masks, counts = self._whole_grid(tok, hyper, windows, count)
         else:
-            both = [self._window(tok, j, windows[j], hyper[j], thr, statistics and statistics[j])
+            both = [self._window(tok, j, windows[j], hyper[j], count, statistics and statistics[j])
                     for j in range(b)]
             masks, counts = [m for m, _ in both], [c for _, c in both]
         out = []
         for j in range(b):
-            logits, iou_j = masks[j], iou[j]
-            counts_j = counts[j] if thresholds else None
+            logits, iou_j, area = masks[j], iou[j], counts[j][:, 2] if areas else None
             if dynamic:
                 # sam2's _dynamic_multimask_via_stability on mask 0, from its whole-grid counts
-                area_i, area_u = counts_j[0, 0].float(), counts_j[0, 1].float()
+                area_i, area_u = counts[j][0, 0].float(), counts[j][0, 1].float()
                 stability = torch.where(area_u > 0, area_i / area_u, 1.0)
                 k = 0 if bool(stability >= dec.dynamic_multimask_stability_thresh) else 1
-                logits, iou_j, counts_j = logits[k:k + 1], iou_j[k:k + 1], counts_j[k:k + 1]
-            out.append((logits, iou_j, counts_j[:, -1] if areas else None))
+                logits, iou_j = logits[k:k + 1], iou_j[k:k + 1]
+                area = None if area is None else area[k:k + 1]
+            out.append((logits, iou_j, area))
         return out
 
     def _tile_tokens(self, device: torch.device) -> int:
         return max(64, (self.tile or (8192 if device.type == "cpu" else 4 * self._cache["n"])) // 4)
 
-    def _window(self, tok: _Tokens, j: int, window: list[int], hyper: Tensor, thr: Tensor,
+    def _window(self, tok: _Tokens, j: int, window: list[int], hyper: Tensor, count: _Count,
                 statistics: list[int] | None) -> tuple[Tensor, Tensor]:
         """Prompt ``j``'s masks of ``hyper`` (K, C/8) in ``window`` (top, left, bottom, right
-        cells), and their counts above ``thr`` (T,) in the ``statistics`` cells (if any).
+        cells), and their ``count`` in the ``statistics`` cells (if any).
 
         Only the image tokens these cells touch are computed (a token is a 4 x 4 block of
         cells), in bands of token rows.
 
         Returns:
-            (K, rows, cols) logits, (K, T) int64 counts.
+            (K, rows, cols) logits, (K, 3) int64 counts (:class:`_Count`).
         """
         cells = window if statistics is None else [min(window[0], statistics[0]), min(window[1], statistics[1]),
                                                    max(window[2], statistics[2]), max(window[3], statistics[3])]
@@ -648,31 +645,31 @@ class FastBoxDecoder:
         def crop(w: list[int]) -> Tensor:
             return out[:, w[0] - 4 * ty0:w[2] - 4 * ty0, w[1] - 4 * tx0:w[3] - 4 * tx0]
 
-        counts = torch.zeros(hyper.shape[0], len(thr), dtype=torch.int64, device=hyper.device)
-        if statistics is not None and len(thr):
-            counts = (crop(statistics).reshape(hyper.shape[0], 1, -1) > thr[:, None]).sum(-1)
+        counts = torch.zeros(hyper.shape[0], 3, dtype=torch.int64, device=hyper.device)
+        if statistics is not None and count:
+            count.add(counts[None], crop(statistics).reshape(hyper.shape[0], -1).t()[None])
         return crop(window).contiguous(), counts
 
-    def _whole_grid(self, tok: _Tokens, hyper: Tensor, windows: list[list[int]], thr: Tensor,
+    def _whole_grid(self, tok: _Tokens, hyper: Tensor, windows: list[list[int]], count: _Count,
                     ) -> tuple[list[Tensor], Tensor]:
         """Every prompt's masks of ``hyper`` (B, K, C/8) over the whole grid, in bands of token
-        rows (all prompts of the chunk together): their counts above ``thr`` (T,) and the part
-        in each prompt's window.
+        rows (all prompts of the chunk together): their ``count`` and the part in each
+        prompt's window.
 
         Returns:
-            (B tensors (K, rows, cols), (B, K, T) int64 counts).
+            (B tensors (K, rows, cols), (B, K, 3) int64 counts).
         """
         z = self._cache
         gh, gw = z["h"], z["w"]
         b, k = hyper.shape[:2]
         tokens = [(w[0] // 4, w[1] // 4, -(-w[2] // 4), -(-w[3] // 4)) for w in windows]
         outs = [torch.empty(k, 4 * (y1 - y0), 4 * (x1 - x0), device=hyper.device) for y0, x0, y1, x1 in tokens]
-        counts = torch.zeros(b, k, len(thr), dtype=torch.int64, device=hyper.device)
+        counts = torch.zeros(b, k, 3, dtype=torch.int64, device=hyper.device)
         band = max(1, self._tile_tokens(hyper.device) // (gw * b))
         for y0 in range(0, gh, band):
             y1 = min(y0 + band, gh)
             logits = self._pixels(tok, slice(None), (y0, y1, 0, gw), hyper)  # (B, 16 M, K)
-            counts += (logits[..., None] > thr).sum(1)
+            count.add(counts, logits)
             logits = logits.view(b, y1 - y0, gw, 2, 2, 2, 2, k)
             for j, (ty0, tx0, ty1, tx1) in enumerate(tokens):
                 r0, r1 = max(y0, ty0), min(y1, ty1)
@@ -739,6 +736,26 @@ class _Tokens:
     qdc: Tensor
     hyper: Tensor
     iou: Tensor
+
+
+@dataclass
+class _Count:
+    """What the rule and the areas need counted: mask 0's cells above each of ``rule`` (+delta,
+    -delta), each mask's cells above 0 (``areas``); into int64 (B, K, 3): [..., :2] the rule's
+    (mask 0 only), [..., 2] the areas."""
+
+    rule: Tensor | None
+    areas: bool
+
+    def __bool__(self) -> bool:
+        return self.rule is not None or self.areas
+
+    def add(self, counts: Tensor, logits: Tensor) -> None:
+        """Add the counts of ``logits`` (B, P, K): P cells of K masks."""
+        if self.rule is not None:
+            counts[:, 0, :2] += (logits[:, :, :1] > self.rule).sum(1)
+        if self.areas:
+            counts[:, :, 2] += (logits > 0).sum(1)
 
 
 def _cells(logits: Tensor) -> Tensor:
