@@ -50,6 +50,11 @@ MAX_WHOLE_FRAME_PIXELS = 16384 * 16384
 MAX_AREA_RATIO = 4.0
 
 
+#: Windowed decoding asks for each prompt's logits in the window of this multiple of its first
+#: margin, so that the first two growths of the window (margin x 2, x 4) need no second decoding
+#: (a few cells more per prompt; a second decoding costs a whole prompt's transformer pass).
+GROWTH_PAID = 4.0
+
 BOX, BOX_AND_SHAPE, BEST_OF_THREE = "box", "box+shape", "best3"
 
 
@@ -340,7 +345,8 @@ def _refine_chunk(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window
     if grid_hw is not None:
         grid_refs = [_regrid(r, grid_hw) for r in references] if best3 and references else None
         margins = [first_margin(p.box, win, grid_hw) for p in chunk]
-        windows = [decode_window(p, m, win, grid_hw, grid_refs[k] if grid_refs else None)
+        # decoded for GROWTH_PAID x the first margin; tracing starts at the first margin
+        windows = [decode_window(p, GROWTH_PAID * m, win, grid_hw, grid_refs[k] if grid_refs else None)
                    for k, (p, m) in enumerate(zip(chunk, margins, strict=True))]
         decoded = predictor.decode(np.stack([p.box for p in chunk]) - offset, mask_inputs, multimask=multimask,
                                    windows=_relative(windows, win), areas=best3)

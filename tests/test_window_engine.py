@@ -85,14 +85,26 @@ class ModelPlusObject:
         return Decoded(combined, real.scores, real.windows, real.grid_hw)
 
 
-def _dataset(server: Any) -> tuple[str, list[dict]]:
+#: Rods (x, top, bottom) right of the disks, each outlined by a short box at its middle: its
+#: mask runs far beyond the first window, beyond what is decoded at first (GROWTH_PAID)
+RODS = [(560, 60, 220), (620, 200, 380), (670, 300, 470)]
+
+
+def _dataset(server: Any) -> tuple[str, list[str]]:
     scene = grid_scene(512, 512, 30, seed=2)
     rng = np.random.default_rng(3)
     rings = rough_octagons(scene.centres, scene.radii, rng)
     # every third outline half its object's size: its mask overflows the first window, which grows
     small = rough_octagons(scene.centres, scene.radii * 0.5, rng, jitter=0.05)
     rings = [small[k] if k % 3 == 0 else ring for k, ring in enumerate(rings)]
-    ds = server.add_dataset(scene.channels[None, None, None])
+    pixels = np.full((1, 512, 720), 2000, np.uint16)
+    pixels[:, :, :512] = scene.channels
+    for x, top, bottom in RODS:
+        pixels[0, top:bottom, x - 4:x + 4] = 30000
+        middle = (top + bottom) / 2
+        rings.append(np.array([[x - 10, middle - 15], [x + 10, middle - 15], [x + 10, middle + 15],
+                               [x - 10, middle + 15]], float))
+    ds = server.add_dataset(pixels[None, None, None])
     docs = [annotation_doc(ring, tags=["rough"]) for ring in rings]
     ids = server.add_annotations(ds.dataset_id, docs)
     return ds.dataset_id, ids
@@ -132,7 +144,8 @@ def test_job_outlines_and_counts_do_not_change_with_windows(server: Any, checkpo
         results.append(_refinements(server, dataset_id, originals))
         calls.append(model.calls)
     whole, windowed = results
-    assert len(whole) >= 25  # realistic masks: (nearly) all accepted
+    assert len(whole) >= 28  # realistic masks: (nearly) all accepted
+    assert all(k in whole for k in range(30, 33))  # the rods, whole
     assert sorted(whole) == sorted(windowed)  # the same originals refined, the same kept
     for k, polygon in whole.items():
         other = windowed[k]
@@ -144,8 +157,8 @@ def test_job_outlines_and_counts_do_not_change_with_windows(server: Any, checkpo
     assert {t for t, _, _ in calls[0] + calls[1]} == {main}
     assert not any(w for _, _, w in calls[0]) and all(w for _, _, w in calls[1])
     first_pass = sum(n for _, n, _ in calls[0])
-    assert sum(n for _, n, _ in calls[1]) > first_pass  # growth re-decoded some prompts
-    assert first_pass == 30
+    assert first_pass == 33
+    assert sum(n for _, n, _ in calls[1]) >= first_pass + 3  # growth re-decoded the rods
 
 
 def _original(shape: Polygon, oid: str = "a") -> Original:
@@ -156,9 +169,8 @@ def test_tracing_asks_for_a_larger_window_and_the_engine_re_decodes() -> None:
     """A mask that outgrows the logits it was given: mask_to_polygon (pure) answers LargerWindow;
     refine_location decodes that prompt again for it and ends with the whole-grid outline."""
     frame = np.zeros((256, 256, 3), np.float32)
-    yy, xx = np.mgrid[0:256, 0:256]
-    frame[(xx - 128) ** 2 + (yy - 128) ** 2 < 21 ** 2] = 1.0
-    shape = Polygon([(118, 118), (138, 118), (138, 138), (118, 138)])  # smaller than the disk
+    frame[124:132, 50:206] = 1.0  # a rod
+    shape = Polygon([(113, 118), (143, 118), (143, 138), (113, 138)])  # a box on its middle
     whole = KnownMaskPredictor(grid=(128, 128))
     whole.logit_grid = None  # the same answers, never windowed
     windowed = KnownMaskPredictor(grid=(128, 128))
@@ -178,8 +190,8 @@ def test_tracing_asks_for_a_larger_window_and_the_engine_re_decodes() -> None:
     assert len(calls) >= 2 and {t for t, _ in calls} == {threading.get_ident()}  # grew, decoded again
     # the pure step: a patch holding only the first window's cells
     windowed.embed(frame)
-    first = real(np.array([[118.0, 118.0, 138.0, 138.0]]), windows=np.array([[110, 110, 147, 147]]))
-    prompt = _Prompt(_original(shape), np.array([118.0, 118.0, 138.0, 138.0]))
+    first = real(np.array([[113.0, 118.0, 143.0, 138.0]]), windows=np.array([[110, 105, 147, 152]]))
+    prompt = _Prompt(_original(shape), np.array([113.0, 118.0, 143.0, 138.0]))
     answer = mask_to_polygon(first.mask(0, 0), prompt, frame_window(256, 256), (256, 256), options)
     assert isinstance(answer, LargerWindow) and answer.margin > 8.0
     assert answer.window.contains(Window.around(prompt.box, answer.margin / 2, frame_window(256, 256)))
