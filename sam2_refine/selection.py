@@ -15,7 +15,8 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 
 from sam2_refine.geometry import AnnotationProblem, polygon_from_ring, ring_from_coordinates
-from sam2_refine.markers import original_of
+from sam2_refine.markers import read_mark
+from sam2_refine.refinements import RefinementIndex, Unreadable
 from sam2_refine.settings import Location
 
 
@@ -40,7 +41,9 @@ class Original:
     doc: dict[str, Any]
 
 
-def _location(doc: dict[str, Any]) -> Location | None:
+def annotation_location(doc: dict[str, Any]) -> Location | None:
+    """The document's (XY, Z, Time), 0-based; no ``location`` means the first position; None when
+    the location is not whole numbers."""
     loc = doc.get("location")
     if loc is None:
         return Location(0, 0, 0)
@@ -70,7 +73,7 @@ def has_any_tag(doc: dict[str, Any], tags: Sequence[str]) -> bool:
 def to_original(doc: dict[str, Any]) -> Original:
     """Check one annotation document and prepare its shape (see :class:`Original`)."""
     ann_id = str(doc.get("_id", ""))
-    location = _location(doc) or Location(-1, -1, -1)
+    location = annotation_location(doc) or Location(-1, -1, -1)
     tags = annotation_tags(doc)
     if location.xy < 0:
         return Original(ann_id, location, tags, None, "its location is not whole numbers", doc)
@@ -89,18 +92,24 @@ class Selection:
         by_location: Location -> originals there, locations sorted (XY, then Z, then Time).
         duplicates: Ids listed more than once by the server (refined once).
         without_id: How many documents had no ``_id`` (they cannot be refined or deleted).
-        refinements: original id -> id of an existing annotation that refines it (made by an
-            earlier run; see :mod:`sam2_refine.markers`). Such annotations are never originals.
+        index: Every refinement on the server (made by an earlier or a concurrent job; see
+            :mod:`sam2_refine.markers`) and every annotation with an unreadable mark. Neither
+            is ever an original.
     """
 
     by_location: dict[Location, list[Original]]
     duplicates: tuple[str, ...] = ()
     without_id: int = 0
-    refinements: dict[str, str] = field(default_factory=dict)
+    index: RefinementIndex = field(default_factory=RefinementIndex)
 
     @property
     def count(self) -> int:
         return sum(len(v) for v in self.by_location.values())
+
+    @property
+    def refinements(self) -> dict[str, str]:
+        """original id -> the id of its surviving refinement on the server."""
+        return self.index.survivors()
 
 
 def select(
@@ -121,15 +130,18 @@ def select(
     grouped: dict[Location, list[Original]] = defaultdict(list)
     seen: set[str] = set()
     duplicates: list[str] = []
-    refinements: dict[str, str] = {}
+    index = RefinementIndex()
     without_id = 0
     for doc in docs:
         if not isinstance(doc, dict):
             continue
-        refines = original_of(doc)
-        if refines is not None:
-            if isinstance(doc.get("_id"), str):
-                refinements.setdefault(refines, doc["_id"])
+        mark, unreadable = read_mark(doc)
+        if mark is not None or unreadable is not None:  # a refinement, or a mark not to trust
+            if isinstance(doc.get("_id"), str) and doc["_id"]:
+                if mark is not None:
+                    index.add(doc["_id"], mark, annotation_location(doc))
+                else:
+                    index.unreadable.append(Unreadable(doc["_id"], annotation_location(doc), str(unreadable)))
             continue
         if not has_any_tag(doc, refine_tags):
             continue
@@ -141,10 +153,10 @@ def select(
             duplicates.append(ann_id)
             continue
         seen.add(ann_id)
-        location = _location(doc)
+        location = annotation_location(doc)
         if location is not None and not (location.xy in xy_set and location.z in z_set and location.time in t_set):
             continue
         original = to_original(doc)
         grouped[original.location].append(original)
     ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda loc: (loc.xy, loc.z, loc.time))}
-    return Selection(ordered, tuple(duplicates), without_id, refinements)
+    return Selection(ordered, tuple(duplicates), without_id, index)
