@@ -149,7 +149,15 @@ def _key(con: dict[str, Any]) -> tuple[Any, ...]:
 
 @dataclass
 class MoveReport:
-    created: int = 0
+    """What :func:`move_connections` did.
+
+    Attributes:
+        created: The connections it created: connection id -> the targets it points to (its
+            substituted ends).
+        deduplicated: How many identical connections it deleted.
+    """
+
+    created: dict[str, set[str]] = field(default_factory=dict)
     deduplicated: int = 0
 
 
@@ -158,9 +166,11 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
 
     Both ends are substituted when both are in ``mapping``. A copy that already exists (same
     parent, child, label and tags) is not made again. The listing is repeated until it shows
-    nothing missing (another job may be adding connections to the same sources meanwhile), and
-    identical connections touching a target are then reduced to the one with the smallest id.
-    The sources keep their connections (the server deletes them with the source).
+    nothing missing (another job may be adding connections to the same sources meanwhile); a
+    copy made here and gone from a later listing is not made again (its target was deleted by
+    another job: the caller's next reading shows that). Identical connections touching a target
+    are then reduced to the one with the smallest id. The sources keep their connections (the
+    server deletes them with the source).
 
     Raises:
         NimbusAPIError: listing, creating or deleting connections failed (nothing may be
@@ -170,8 +180,9 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
     if not mapping:
         return report
     connections = client.list_connections(dataset_id)
+    made: set[tuple[Any, ...]] = set()
     for _ in range(MAX_COPY_PASSES):
-        have = {_key(c) for c in connections}
+        have = {_key(c) for c in connections} | made
         wanted = []
         for con in connections:
             parent, child = con.get("parentId"), con.get("childId")
@@ -186,9 +197,30 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
             wanted.append(new)
         if not wanted:
             break
-        report.created += len(client.create_connections(wanted))
+        for doc in client.create_connections(wanted):
+            made.add(_key(doc))
+            report.created[str(doc["_id"])] = {doc.get(end) for end in ("parentId", "childId")} & set(
+                mapping.values())
         connections = client.list_connections(dataset_id)
-    targets = set(mapping.values())
+    report.deduplicated = remove_identical_connections(client, dataset_id, set(mapping.values()), connections)
+    return report
+
+
+def remove_identical_connections(client: NimbusClient, dataset_id: str, targets: set[str],
+                                 connections: list[dict[str, Any]] | None = None) -> int:
+    """Of connections touching ``targets`` that are identical (same parent, child, label and
+    tags: two jobs copied the same one at once), keep the one with the smallest id.
+
+    Args:
+        connections: The dataset's connections, if just listed (else they are listed here).
+
+    Returns:
+        How many were deleted.
+    """
+    if not targets:
+        return 0
+    if connections is None:
+        connections = client.list_connections(dataset_id)
     same: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for con in connections:
         if (con.get("parentId") in targets or con.get("childId") in targets) and isinstance(con.get("_id"), str):
@@ -196,8 +228,7 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
     extra = [i for ids in same.values() if len(ids) > 1 for i in sorted(ids)[1:]]
     if extra:
         client.delete_connections(extra)
-        report.deduplicated = len(extra)
-    return report
+    return len(extra)
 
 
 # -- the rounds ---------------------------------------------------------------------------------
@@ -212,6 +243,8 @@ class ConvergeReport:
             refinements coexisted with this job's, or replaced its upload).
         removed: original id -> refinements this job removed as duplicates.
         moved: Connections re-created on survivors (from duplicates and from originals).
+        withdrawn: Connections this job had made whose target another job removed meanwhile
+            (deleted again: they would point to nothing).
         left_alone: Groups of refinements whose original refers to nothing or to another
             dataset: (original id, reason, refinement ids). Never touched.
         unreadable: Annotations of the batch with an unreadable mark.
@@ -226,6 +259,7 @@ class ConvergeReport:
     concurrent: set[str] = field(default_factory=set)
     removed: dict[str, list[str]] = field(default_factory=dict)
     moved: int = 0
+    withdrawn: int = 0
     left_alone: list[tuple[str, str, list[str]]] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
     misplaced: list[Refinement] = field(default_factory=list)
@@ -282,12 +316,33 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
     orphans = _Orphans(client, dataset_id)
     shapes = tuple(shapes)
     mine = ledger.locations
+    made: dict[str, set[str]] = {}  # connections made here -> their targets
+
+    def withdraw(view: ServerView) -> None:
+        """Delete connections made here whose target no longer exists (another job removed it
+        as a duplicate after this job listed it as a survivor)."""
+        present = set(view.others) | {r.id for group in view.index.groups.values() for r in group}
+        dangling = [c for c, targets in made.items() if not targets <= present]
+        if dangling:
+            report.stage = "links"
+            client.delete_connections(dangling)
+            report.withdrawn += len(dangling)
+            for c in dangling:
+                del made[c]
+
+    def move(mapping: dict[str, str]) -> None:
+        report.stage = "links"
+        moved = move_connections(client, dataset_id, mapping)
+        made.update(moved.created)
+        report.moved += len(moved.created)
+
     try:
         for round_number in range(MAX_ROUNDS):
             if on_round is not None:
                 on_round(round_number)
             report.stage = "read"
             view = read_view(client, dataset_id, shapes)
+            withdraw(view)
             groups = _groups_in_scope(view, ledger, orphans, in_batch, report)
             for original_id, group in groups.items():
                 if original_id in mine:
@@ -298,21 +353,26 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
             doomed = {o: g[0].id for o, g in groups.items()
                       if delete and o in mine and o in view.others and o not in ledger.deleted}
             if not duplicates and not doomed:
+                # A job stopped between copying connections and checking its copies may have left
+                # identical ones (another job copied the same at once): one each stays.
+                report.stage = "links"
+                remove_identical_connections(client, dataset_id, {
+                    r.id for group in view.index.groups.values() for r in group
+                    if r.location is not None and in_batch(r.location)})
                 report.stable = True
                 break
             if duplicates:
-                report.stage = "links"
-                report.moved += move_connections(client, dataset_id, duplicates).created
+                move(duplicates)
                 report.stage = "duplicates"
                 _delete_chunked(client, list(duplicates))
                 for group in groups.values():
                     if len(group) > 1:
                         report.removed.setdefault(group[0].original_id, []).extend(r.id for r in group[1:])
             if doomed:
-                report.stage = "links"
-                report.moved += move_connections(client, dataset_id, doomed).created
+                move(doomed)
                 report.stage = "read"
                 check = read_view(client, dataset_id, shapes)
+                withdraw(check)
                 confirmed = [o for o, survivor in doomed.items()
                              if o in check.others and _survivor(check.index, o, mine[o]) == survivor]
                 gone = [o for o in doomed if o not in check.others]

@@ -239,11 +239,11 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
 
 
 def _needs_converge(selection: Selection, batch: Batch) -> bool:
-    """Whether the batch holds refinements to bring to one per original, or marks to report,
-    although no original is left to refine (e.g. a job stopped after its upload)."""
+    """Whether the batch holds refinements (to bring to one per original, and whose connections
+    a stopped job may have left twice) or marks to report, although no original is left to
+    refine."""
     index = selection.index
-    return (any(len(g) > 1 and any(r.location is not None and batch.holds(r.location) for r in g)
-                for g in index.groups.values())
+    return (any(r.location is not None and batch.holds(r.location) for g in index.groups.values() for r in g)
             or any(u.location is not None and batch.holds(u.location) for u in index.unreadable))
 
 
@@ -405,7 +405,7 @@ class _Uploader:
         """Upload what is pending if there are ``at_least`` documents (no-op after a failure)."""
         if self.error is not None or self.pending() < at_least:
             return
-        while self.error is None:
+        while self.error is None and self.pending():
             _skip_refined_elsewhere(self.watch, self.ledger,
                                     {r.original_id: self.ledger.locations[r.original_id]
                                      for r in pending_upload(self.ledger)})

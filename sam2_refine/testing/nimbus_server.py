@@ -173,8 +173,9 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class _Dropped(Exception):
-    """Close the connection without an answer."""
+class DroppedRequest(Exception):
+    """Close the connection without an answer (raised by a fault, or by a ``before_acting`` hook)."""
+
 
 
 @dataclass
@@ -209,8 +210,12 @@ class NimbusTestServer:
         #: token -> client name, for tokens other than ``token`` (several jobs, told apart).
         self._clients: dict[str, str] = {}
         #: Called as ``hook(request)`` before the server acts on each authorized request (in the
-        #: request's thread: it may sleep or wait, to force an interleaving of several clients).
+        #: request's thread: it may sleep or wait, to force an interleaving of several clients;
+        #: see :mod:`sam2_refine.testing.interleave`).
         self.before_acting: Callable[[RecordedRequest], None] | None = None
+        #: Called as ``ids(client)`` for the id of each annotation a client creates, when set (to
+        #: choose which of two jobs' refinements has the smaller id); else :meth:`new_id`.
+        self.annotation_ids: Callable[[str | None], str] | None = None
         self._lock = threading.RLock()
         self.state = _State()
         self.requests: list[RecordedRequest] = []
@@ -431,26 +436,26 @@ class NimbusTestServer:
             fault = None
         if fault is not None and fault.action == "drop_before":
             record.status = -1
-            raise _Dropped()
+            raise DroppedRequest()
         if fault is not None and fault.action == "status":
             record.status = fault.status
             return _json_response(fault.status, {"message": f"injected failure {fault.status}", "type": "rest"})
         try:
             if not authorized:
                 raise _BadRequest(401, "You must be logged in.")
-            status, payload, ctype, headers = self._route(method, path, params, body)
+            status, payload, ctype, headers = self._route(method, path, params, body, record.client)
         except _BadRequest as exc:
             record.status = exc.status
             return _json_response(exc.status, {"message": exc.message, "type": "rest"})
         if fault is not None and fault.action == "drop_after":
             record.status = -1
-            raise _Dropped()
+            raise DroppedRequest()
         record.status = status
         if ctype == "application/json":
             return status, json.dumps(_finite(payload)).encode(), ctype, headers
         return status, payload, ctype, headers
 
-    def _route(self, method: str, path: str, params: dict[str, str], body: Any,
+    def _route(self, method: str, path: str, params: dict[str, str], body: Any, client: str | None = None,
                ) -> tuple[int, Any, str, dict[str, str]]:
         json_ok = "application/json"
         m = re.fullmatch(r"folder/(\w+)", path)
@@ -486,7 +491,7 @@ class NimbusTestServer:
         if method == "GET" and m:
             return 200, self._get(self.state.annotations, m.group(1), "upenn_annotation"), json_ok, {}
         if method == "POST" and path == "upenn_annotation/multiple":
-            return 200, self._create_annotations(body), json_ok, {}
+            return 200, self._create_annotations(body, client), json_ok, {}
         if method == "DELETE" and path == "upenn_annotation/multiple":
             self._delete_annotations(body)
             return 200, None, json_ok, {}
@@ -602,7 +607,7 @@ class NimbusTestServer:
             docs = docs[:limit]
         return docs, total
 
-    def _create_annotations(self, body: Any) -> list[dict[str, Any]]:
+    def _create_annotations(self, body: Any, client: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         for index, ann in enumerate(body):
@@ -613,7 +618,7 @@ class NimbusTestServer:
         with self._lock:
             for ann in body:
                 doc = {k: v for k, v in ann.items() if k != "_id"}
-                doc["_id"] = self.new_id()
+                doc["_id"] = self.annotation_ids(client) if self.annotation_ids is not None else self.new_id()
                 self.state.annotations[doc["_id"]] = doc
                 created.append(doc)
         return created
@@ -753,7 +758,7 @@ def _make_handler(server: NimbusTestServer) -> type[BaseHTTPRequestHandler]:
             try:
                 status, payload, ctype, headers = server.handle(
                     method, path, params, body, self.headers.get("Girder-Token"))
-            except _Dropped:
+            except DroppedRequest:
                 self.close_connection = True
                 try:
                     self.connection.shutdown(socket.SHUT_RDWR)
