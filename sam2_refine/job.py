@@ -50,8 +50,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
 SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
 #: How many ids a warning lists before it says "and N more".
 LISTED_IDS = 50
-#: Refined annotations are uploaded during the job once this many are waiting.
+#: Refined annotations are uploaded during the job once this many are waiting...
 UPLOAD_CHUNK = 1000
+#: ... or once the oldest waiting one has waited this many seconds (so that another job
+#: started meanwhile on the same batch finds them and does not refine them again).
+UPLOAD_AFTER_S = 10.0
 
 #: Loads the model from a checkpoint path: (predictor, untrained?).
 PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
@@ -351,14 +354,14 @@ def _warn_converge(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -
                          (f"{removed} duplicate refinement(s) removed, their connections moved to the one kept. "
                           if removed else "") + _ids_text(sorted(result.concurrent)),
                          title="Refined by another job")
-    for refinement_ids, reason in [([u.id for u in result.unreadable], "their sam2Refine mark cannot be read "
-                                    "(not a string, or not an annotation id)"),
-                                   ([r.id for r in result.misplaced], "their sam2Refine mark names an original "
-                                    "at another location")]:
-        if refinement_ids:
-            reporter.warning(f"{len(refinement_ids)} annotation(s) carry a mark this worker does not trust: "
-                             f"{reason}; they were left alone.", _ids_text(sorted(refinement_ids)),
-                             title="Marks not trusted")
+    untrusted: dict[str, list[str]] = {}
+    for u in result.unreadable:
+        untrusted.setdefault(u.reason, []).append(u.id)
+    if result.misplaced:
+        untrusted["its sam2Refine mark names an original at another location"] = [r.id for r in result.misplaced]
+    for reason, ids in sorted(untrusted.items()):
+        reporter.warning(f"{len(ids)} annotation(s) carry a mark this worker does not trust: {reason}; "
+                         "they were left alone.", _ids_text(sorted(ids)), title="Marks not trusted")
     by_reason: dict[str, list[str]] = {}
     for _, reason, ids in result.left_alone:
         by_reason.setdefault(reason, []).extend(ids)
@@ -396,15 +399,20 @@ class _Uploader:
                  watch: RefinementWatch) -> None:
         self.client, self.ledger, self.settings, self.watch = client, ledger, settings, watch
         self.error: NimbusAPIError | None = None
+        self._last = time.monotonic()
 
     def pending(self) -> int:
         """Refined shapes not uploaded yet."""
         return len(pending_upload(self.ledger))
 
-    def flush(self, at_least: int = 1) -> None:
-        """Upload what is pending if there are ``at_least`` documents (no-op after a failure)."""
-        if self.error is not None or self.pending() < at_least:
+    def flush(self, at_least: int = 1, or_after: float | None = None) -> None:
+        """Upload what is pending if there are ``at_least`` documents, or any once ``or_after``
+        seconds have passed since the last upload (no-op after a failure)."""
+        waiting = self.pending()
+        late = or_after is not None and time.monotonic() - self._last >= or_after
+        if self.error is not None or not waiting or (waiting < at_least and not late):
             return
+        self._last = time.monotonic()
         while self.error is None and self.pending():
             _skip_refined_elsewhere(self.watch, self.ledger,
                                     {r.original_id: self.ledger.locations[r.original_id]
@@ -472,7 +480,8 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
     """Refine every location; returns descriptions of locations that failed.
 
     Frames come from ``frames`` (fetched one location ahead), and refined annotations are
-    uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no
+    uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate (or after :data:`UPLOAD_AFTER_S`
+    seconds). After an upload failure no
     further location is processed (its originals are kept). Before a location, the refinements
     are read again when that is cheap relative to the job (:class:`RefinementWatch`): what
     another job has refined meanwhile is not refined again.
@@ -521,7 +530,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
         del image
         ledger.record(location, outcomes)
         done += len(originals)
-        uploader.flush(at_least=UPLOAD_CHUNK)
+        uploader.flush(at_least=UPLOAD_CHUNK, or_after=UPLOAD_AFTER_S)
     span.update(1.0, f"{len(locations)} location(s) done")
     return failed
 

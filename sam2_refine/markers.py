@@ -62,10 +62,10 @@ def read_mark(doc: dict[str, Any]) -> tuple[Mark | None, str | None]:
         return None, None
     mark = doc[MARKER_KEY]
     if not isinstance(mark, dict) or "originalId" not in mark:
-        return None, "its sam2Refine mark names no original"
+        return None, "its sam2Refine mark names no original (it cannot be read)"
     original = mark["originalId"]
     if not isinstance(original, str):
-        return None, f"its sam2Refine mark's original id is not a string ({type(original).__name__})"
+        return None, f"its sam2Refine mark's original id is not a string ({type(original).__name__}: it cannot be read)"
     if not _OBJECT_ID.fullmatch(original):
         return None, "its sam2Refine mark's original id refers to nothing (not an annotation id)"
     return Mark(original, mark.get("deleteOriginal") is True), None

@@ -633,3 +633,94 @@ def test_catalogue_current_tile_beyond_the_dataset(server, ckpt, monkeypatch, ca
     assert code == 2 and "Batch XY" in errors[0]["error"] and "1 position" in errors[0]["error"]
     assert server.requests_to("GET", "upenn_annotation") == []
     assert [r for r in server.requests if r.method != "GET"] == []
+
+
+# -- refinement marks (issue 11) ------------------------------------------------------------------
+
+
+def planted(original_id: Any, xy: int = 0, k: int = 2, delete_original: bool = False, **mark: Any) -> dict[str, Any]:
+    """An annotation carrying a sam2Refine mark (as if a refinement), tagged like an original."""
+    entry = dict(mark) if mark else {"originalId": original_id}
+    if delete_original:
+        entry["deleteOriginal"] = True
+    x, y, r = DISKS[k]
+    return doc(octagon(x, y, r), xy=xy, tags=("cell", "refined"), sam2Refine=entry)
+
+
+def not_trusted(reporter: Reporter) -> str:
+    return " ".join(f"{m['warning']} {m.get('info', '')}" for m in reporter.lines
+                    if m.get("title") == "Marks not trusted")
+
+
+@pytest.mark.parametrize("mark", [{"originalId": 42}, {"originalId": None}, {"originalId": ["x"]}, {}],
+                         ids=["number", "null", "list", "no_original_id"])
+def test_catalogue_mark_with_an_original_id_that_is_not_a_string(server, ckpt, tmp_path, mark):
+    ds = dataset(server)
+    bad, ok = server.add_annotations(ds.dataset_id, [planted(None, **mark) if mark else
+                                                     {**planted(None), "sam2Refine": {}}, good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    assert bad in stored_ids(server, ds) and bad not in summary["replacements"]  # not an original, not deleted
+    assert bad in not_trusted(reporter) and "cannot be read" in not_trusted(reporter)
+    assert bad in summary["not_trusted_ids"]
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_mark_that_refers_to_nothing(server, ckpt, tmp_path):
+    """An original id that is not an annotation id, alone; and two refinements sharing a
+    well-formed id that no annotation has (and that no job deleting originals made): warned
+    about, left alone, never counted as duplicates."""
+    ds = dataset(server)
+    nothing = "ffffffffffffffffffffffff"
+    ids = server.add_annotations(ds.dataset_id, [planted("not-an-id"), planted(nothing, k=1), planted(nothing, k=2),
+                                                 good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    assert set(ids[:3]) <= stored_ids(server, ds)
+    text = not_trusted(reporter)
+    assert ids[0] in text and "refers to nothing" in text
+    assert ids[1] in text and ids[2] in text
+    assert summary["duplicates_removed"] == 0 and set(ids[:3]) <= set(summary["not_trusted_ids"])
+    assert_refined(server, ds, summary, ids[3])
+
+
+def test_catalogue_mark_that_points_to_another_dataset(server, ckpt, tmp_path):
+    ds, other = dataset(server), dataset(server)
+    (foreign,) = server.add_annotations(other.dataset_id, [good(0)])
+    ids = server.add_annotations(ds.dataset_id, [planted(foreign, k=1, delete_original=True),
+                                                 planted(foreign, k=2, delete_original=True), good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    assert set(ids[:2]) <= stored_ids(server, ds) and foreign in stored_ids(server, other)
+    text = not_trusted(reporter)
+    assert "another dataset" in text and ids[0] in text and ids[1] in text
+    assert summary["duplicates_removed"] == 0
+    assert_refined(server, ds, summary, ids[2])
+
+
+def test_catalogue_mark_naming_an_original_at_another_location(server, ckpt, tmp_path):
+    """A mark at XY 2 naming an original at XY 1 does not make that original "already refined"."""
+    ds = dataset(server, n_xy=2)
+    (original,) = server.add_annotations(ds.dataset_id, [good(0)])
+    (misplaced,) = server.add_annotations(ds.dataset_id, [planted(original, xy=1)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0 and summary["already_refined"] == 0
+    new = assert_refined(server, ds, summary, original)
+    assert new["_id"] != misplaced and misplaced in stored_ids(server, ds)
+    assert misplaced in not_trusted(reporter) and "another location" in not_trusted(reporter)
+
+
+def test_catalogue_refinements_left_by_a_stopped_job_after_the_original_was_replaced(server, ckpt, tmp_path):
+    """Two refinements of an original that a job deleting originals already deleted (its
+    original is gone: a job was stopped after uploading a duplicate): one stays (the smaller
+    id), silently; a lone one is the normal state after a replacement and is not reported."""
+    ds = dataset(server)
+    gone, alone = server.new_id(), server.new_id()
+    pair = server.add_annotations(ds.dataset_id, [planted(gone, k=1, delete_original=True),
+                                                  planted(gone, k=2, delete_original=True)])
+    (lone,) = server.add_annotations(ds.dataset_id, [planted(alone, k=3, delete_original=True)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    kept = stored_ids(server, ds)
+    assert min(pair) in kept and max(pair) not in kept and lone in kept
+    assert not not_trusted(reporter)

@@ -508,3 +508,46 @@ def test_a_job_killed_between_any_two_requests(ckpt, delete):
             run_in_thread(server, data, "rerun", ckpt, delete=delete, outcome=outcome).join(120)
             assert outcome["rerun"]["code"] == 0, (n, outcome["rerun"]["lines"][-3:])
             assert_converged(server, data, delete=delete)
+
+
+# -- scale-out: a dataset split by Batch XY over several jobs -------------------------------------
+
+
+def outcome_of(server: NimbusTestServer, data: Data) -> dict[str, Any]:
+    """What the jobs left, in terms that do not depend on which job made what: each original's
+    refined outline (exact coordinates), which originals remain, and the connections with each
+    refinement named by its original."""
+    docs = server.annotations(data.dataset_id)
+    made = {original_of(d): d for d in docs if original_of(d)}
+    name = {d["_id"]: f"refinement of {o}" for o, d in made.items()}
+    return {
+        "outlines": {o: [(p["x"], p["y"]) for p in d["coordinates"]] for o, d in made.items()},
+        "refinements": len(made),
+        "originals left": sorted(d["_id"] for d in docs if d["_id"] in set(data.originals)),
+        "connections": Counter((name.get(c["parentId"], c["parentId"]), name.get(c["childId"], c["childId"]),
+                                c.get("label", "")) for c in server.connections()),
+    }
+
+
+@pytest.mark.parametrize("delete", [False, True])
+def test_quarter_batches_and_a_shared_batch_give_what_one_job_gives(ckpt, tmp_path, delete):
+    """docs/deployment.md's scale-out: 4 jobs on disjoint quarter batches (XY 1, 2, 3, 4) at once
+    make exactly what one job makes over all of it (same outlines, counts, connections); 4 jobs
+    at once on the same full batch converge to that too."""
+    results = {}
+    for scenario, batches in [("one job", {"solo": "all"}),
+                              ("quarters", {f"q{k}": str(k) for k in range(1, 5)}),
+                              ("four on all", {f"a{k}": "all" for k in range(1, 5)})]:
+        with NimbusTestServer(token=TOKEN) as server:
+            data = make_data(server, n_xy=4, count=3)
+            lane = Interleaver(server)
+            lane.random_delays(list(batches), seed=len(scenario), max_delay=0.01)
+            folder = tmp_path / scenario.replace(" ", "-")
+            folder.mkdir()
+            runs = run_together(server, data, ckpt, folder, list(batches), delete=delete, batches=batches)
+            assert all(r.returncode == 0 for r in runs.values()), {n: r.errors() for n, r in runs.items()}
+            assert_converged(server, data, delete=delete)
+            results[scenario] = outcome_of(server, data)
+    assert results["quarters"] == results["one job"]
+    assert results["four on all"] == results["one job"]
+    assert results["one job"]["refinements"] == 12
