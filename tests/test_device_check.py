@@ -73,6 +73,27 @@ def test_mask_comparison_refuses_runs_that_decoded_other_prompts():
         device_check.compare_masks(moved, reference)
 
 
+def test_runs_that_cannot_be_matched_fail_the_check_instead_of_crashing():
+    rng = np.random.default_rng(2)
+    reference = _calls(rng)
+    result = device_check.compare_runs(reference[:1], reference)
+    assert result["agreement"] == 0.0 and result["prompts"] == 0 and "decode calls" in result["error"]
+
+
+def test_a_stage_that_fails_on_the_device_is_recorded():
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    row = device_check._stage(device_check.Device("cpu"), out_of_memory, device_check.SELF_TEST, 4, host=False,
+                              masks=lambda: None, reference=None)
+    assert row == {"error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    logits = np.random.default_rng(3).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    row = device_check._stage(device_check.Device("cpu"), lambda: None, device_check.SELF_TEST, 4, host=True,
+                              masks=lambda: logits, reference=logits)
+    assert row["agreement_with_cpu"] == 1.0 and row["repeats"] == device_check.SELF_TEST.repeats
+    assert row["per_box_ms"] == pytest.approx(row["median_ms"] / 4)
+
+
 def test_the_cpu_device_helpers_time_without_cuda_calls():
     device = device_check.Device("cpu")
     calls = []
