@@ -200,7 +200,7 @@ def test_each_location_is_taken_once_and_skipped_ones_are_dropped():
 
 def test_closing_waits_for_running_fetches_and_cancels_the_rest():
     client = FakeClient()
-    fetch = Fetcher(seconds=0.2)
+    fetch = Fetcher(seconds=0.5)
     frames = FramePrefetcher(client, LOCATIONS, fetch, nbytes=1, policy=PrefetchPolicy(1 << 20, 2))
     frames.start()
     time.sleep(0.05)
