@@ -59,6 +59,9 @@ def test_mask_comparison_counts_pixels_that_differ():
     assert result["agreement"] == pytest.approx(1 - 64 / (5 * 256))
     assert result["worst_prompt_agreement"] == pytest.approx(1 - 64 / 256)
     assert result["prompts"] == 5 and result["finite"]
+    assert same["nontrivial_prompts"] == 1.0
+    empty = [(boxes, -np.abs(logits) - 1) for boxes, logits in reference]  # no mask at all: trivially equal
+    assert device_check.compare_masks(empty, empty)["nontrivial_prompts"] == 0.0
     nan = [(boxes, np.full_like(logits, np.nan)) for boxes, logits in reference]
     assert not device_check.compare_masks(nan, reference)["finite"]
 
