@@ -24,7 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.predictor import BoxPredictor
+from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
 from sam2_refine.refine import GeometryOptions, Kept, refine_location
 from sam2_refine.replace import Ledger, pending_upload, upload
 from sam2_refine.report import ProgressSpan, Reporter
@@ -220,8 +220,10 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
 
     watch = RefinementWatch(client, settings.dataset_id, settings.output_tags)
     uploader = _Uploader(client, ledger, settings, watch)
-    with _Prefetcher(client, info, layers, selection) as frames:
-        frames.want(0)  # the first location's frames arrive while the model loads
+    with FramePrefetcher(client, _locations_to_fetch(selection),
+                         lambda c, location: load_location_image(c, info, layers, location),
+                         location_bytes(info, layers), PrefetchPolicy.from_env()) as frames:
+        frames.start()  # the first locations' frames arrive while the model loads
         predictor = _load_model(settings, reporter, load_predictor, selection)
         failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames, watch)
 
@@ -308,6 +310,9 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
 
     summary = ledger.summary()
     elapsed = time.monotonic() - started
+    if summary["selected"] == 0:
+        reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
+        return EXIT_OK
     text = (f"Refined {summary['refined']} of {summary['selected']}, kept {summary['kept']}, "
             f"deleted {summary['deleted']}"
             + (f", {summary['already_refined']} already refined earlier" if summary["already_refined"] else "")
@@ -440,51 +445,22 @@ def _skip_refined_elsewhere(watch: RefinementWatch, ledger: Ledger, originals: d
     return taken
 
 
-class _Prefetcher:
-    """Fetches locations' frames in a background thread (with its own HTTP session), one ahead.
-
-    Only locations with something to refine are fetched. :meth:`take` returns a location's
-    :class:`~sam2_refine.imaging.LocationImage` (or raises the fetch's NimbusAPIError) and asks
-    for the next one, so the next frames travel while the current location is refined.
-    """
-
-    def __init__(self, client: NimbusClient, info: DatasetInfo, layers: list[Layer], selection: Selection) -> None:
-        self.wanted = [loc for loc, originals in selection.by_location.items()
-                       if any(o.problem is None for o in originals)]
-        self._info, self._layers = info, layers
-        self._client = client.clone()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._futures: dict[Location, Future[LocationImage]] = {}
-
-    def __enter__(self) -> _Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
-
-    def want(self, position: int) -> None:
-        if position < len(self.wanted) and self.wanted[position] not in self._futures:
-            location = self.wanted[position]
-            self._futures[location] = self._pool.submit(load_location_image, self._client, self._info,
-                                                        self._layers, location)
-
-    def take(self, location: Location) -> LocationImage:
-        self.want(self.wanted.index(location))
-        self.want(self.wanted.index(location) + 1)
-        return self._futures.pop(location).result()
+def _locations_to_fetch(selection: Selection) -> list[Location]:
+    """Locations with something to refine, in order: only their frames are fetched."""
+    return [loc for loc, originals in selection.by_location.items() if any(o.problem is None for o in originals)]
 
 
 def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPredictor, selection: Selection,
-                ledger: Ledger, uploader: _Uploader, frames: _Prefetcher, watch: RefinementWatch) -> list[str]:
+                ledger: Ledger, uploader: _Uploader, frames: FramePrefetcher[LocationImage],
+                watch: RefinementWatch) -> list[str]:
     """Refine every location; returns descriptions of locations that failed.
 
-    Frames come from ``frames`` (fetched one location ahead), and refined annotations are
-    uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate (or after :data:`UPLOAD_AFTER_S`
-    seconds). After an upload failure no
-    further location is processed (its originals are kept). Before a location, the refinements
-    are read again when that is cheap relative to the job (:class:`RefinementWatch`): what
-    another job has refined meanwhile is not refined again.
+    Frames come from ``frames`` (fetched ahead within its byte budget), and refined annotations
+    are uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate (or after
+    :data:`UPLOAD_AFTER_S` seconds). After an upload failure no further location is processed
+    (its originals are kept). Before a location, the refinements are read again when that is
+    cheap relative to the job (:class:`RefinementWatch`): what another job has refined meanwhile
+    is not refined again.
     """
     options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
                               resolution=settings.resolution, prompt=settings.prompt,
