@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 6
 #: Fixed-point passes of "list connections, copy what is missing" per move.
 MAX_COPY_PASSES = 4
+#: The shapes an annotation can have (the server's schema).
+ANNOTATION_SHAPES = ("point", "line", "polygon", "rectangle")
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,7 @@ class MoveReport:
     """What :func:`move_connections` did.
 
     Attributes:
-        created: The connections it created: connection id -> the targets it points to (its
-            substituted ends).
+        created: The connections it created: connection id -> its two ends (parent, child ids).
         deduplicated: How many identical connections it deleted.
     """
 
@@ -199,8 +200,7 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
             break
         for doc in client.create_connections(wanted):
             made.add(_key(doc))
-            report.created[str(doc["_id"])] = {doc.get(end) for end in ("parentId", "childId")} & set(
-                mapping.values())
+            report.created[str(doc["_id"])] = {str(doc.get(end)) for end in ("parentId", "childId")}
         connections = client.list_connections(dataset_id)
     report.deduplicated = remove_identical_connections(client, dataset_id, set(mapping.values()), connections)
     return report
@@ -301,7 +301,7 @@ class _Orphans:
 
 
 def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: bool, shapes: Iterable[str],
-             in_batch: InBatch, on_round: Callable[[int], None] | None = None) -> ConvergeReport:
+             in_batch: InBatch, on_step: Callable[[str, str], None] | None = None) -> ConvergeReport:
     """Bring this job's originals to one confirmed refinement each (and delete them if asked).
 
     Args:
@@ -310,25 +310,37 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         delete: Delete the originals whose survivor is confirmed.
         shapes: Shapes of this job's originals (so that their existence can be read).
         in_batch: Whether a location is in the job's batch (for groups left by stopped jobs).
-        on_round: Called with the round number before each round (progress).
+        on_step: Called as ``on_step(title, info)`` before each step that changes the server
+            (progress lines).
     """
     report = ConvergeReport()
     orphans = _Orphans(client, dataset_id)
     shapes = tuple(shapes)
     mine = ledger.locations
-    made: dict[str, set[str]] = {}  # connections made here -> their targets
+    made: dict[str, set[str]] = {}  # connections made here, not yet checked -> their ends
 
     def withdraw(view: ServerView) -> None:
-        """Delete connections made here whose target no longer exists (another job removed it
-        as a duplicate after this job listed it as a survivor)."""
+        """Check the connections made here against a reading taken after they were made: one
+        with an end that no longer exists was created after that end was deleted (another job
+        removed a survivor as a duplicate, or deleted an original at the other end meanwhile),
+        and would point to nothing: it is deleted. One whose ends all exist is safe from then
+        on (deleting an end later deletes it with the end) and is not checked again."""
+        if not made:
+            return
         present = set(view.others) | {r.id for group in view.index.groups.values() for r in group}
-        dangling = [c for c, targets in made.items() if not targets <= present]
+        unknown = {end for ends in made.values() for end in ends} - present
+        if unknown:  # an end of a shape this job does not list (a point, a line): look it up
+            present |= _existing(client, dataset_id, unknown, listed=("polygon", *shapes))
+        dangling = [c for c, ends in made.items() if not ends <= present]
+        made.clear()
         if dangling:
             report.stage = "links"
             client.delete_connections(dangling)
             report.withdrawn += len(dangling)
-            for c in dangling:
-                del made[c]
+
+    def step(title: str, info: str) -> None:
+        if on_step is not None:
+            on_step(title, info)
 
     def move(mapping: dict[str, str]) -> None:
         report.stage = "links"
@@ -337,9 +349,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         report.moved += len(moved.created)
 
     try:
-        for round_number in range(MAX_ROUNDS):
-            if on_round is not None:
-                on_round(round_number)
+        for _ in range(MAX_ROUNDS):
             report.stage = "read"
             view = read_view(client, dataset_id, shapes)
             withdraw(view)
@@ -362,6 +372,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                 report.stable = True
                 break
             if duplicates:
+                step("Removing duplicates", f"{len(duplicates)} refinement(s) made twice by jobs running at once")
                 move(duplicates)
                 report.stage = "duplicates"
                 _delete_chunked(client, list(duplicates))
@@ -369,6 +380,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                     if len(group) > 1:
                         report.removed.setdefault(group[0].original_id, []).extend(r.id for r in group[1:])
             if doomed:
+                step("Keeping links", "Re-creating the originals' connections on their refinements")
                 move(doomed)
                 report.stage = "read"
                 check = read_view(client, dataset_id, shapes)
@@ -377,6 +389,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                              if o in check.others and _survivor(check.index, o, mine[o]) == survivor]
                 gone = [o for o in doomed if o not in check.others]
                 ledger.already_deleted.update(gone)
+                step("Deleting originals", f"Deleting {len(confirmed)} replaced original(s)")
                 report.stage = "delete"
                 error = delete_originals(client, ledger, confirmed)
                 if error is not None:
@@ -386,6 +399,21 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
     except NimbusAPIError as exc:
         report.error = exc
     return report
+
+
+def _existing(client: NimbusClient, dataset_id: str, ids: set[str], listed: tuple[str, ...]) -> set[str]:
+    """Which of ``ids`` are annotations of the dataset: the shapes not listed yet are listed once,
+    and ids still not found are looked up one by one."""
+    found: set[str] = set()
+    for shape in ANNOTATION_SHAPES:
+        if shape in listed or not ids - found:
+            continue
+        for page in client.iter_annotation_pages(dataset_id, shape):
+            found |= {d["_id"] for d in page if isinstance(d, dict) and d.get("_id") in ids}
+    for annotation_id in sorted(ids - found):
+        if client.get_annotation(annotation_id) is not None:
+            found.add(annotation_id)
+    return found
 
 
 def _survivor(index: RefinementIndex, original_id: str, location: Location) -> str | None:

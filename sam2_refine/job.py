@@ -297,7 +297,9 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
     deleting = settings.delete_originals
     reporter.progress(0.9, "Checking refinements", "One refinement per original"
                       + (", then deleting the replaced originals" if deleting else ""))
-    result = converge(client, settings.dataset_id, ledger, delete=deleting, shapes=shapes, in_batch=batch.holds)
+    steps = iter((0.92, 0.94, 0.96, 0.97, 0.98))
+    result = converge(client, settings.dataset_id, ledger, delete=deleting, shapes=shapes, in_batch=batch.holds,
+                      on_step=lambda title, info: reporter.progress(next(steps, 0.98), title, info))
     _warn_kept(reporter, ledger)
     _warn_converge(reporter, ledger, result)
     if result.error is not None:

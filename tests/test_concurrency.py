@@ -369,7 +369,8 @@ def test_connections_moved_to_a_refinement_that_loses(ckpt, tmp_path):
         data = make_data(server)
         lane = Interleaver(server)
         first = start_job(server, data, "job1", ckpt, tmp_path, delete=True)
-        lane.hold("job1", "POST", CREATE, until=lambda: lane.count("job2", "GET", LIST) >= 2)
+        # job2's re-reads all come before job1's upload (job2's upload is sent, and held until job1 is done)
+        lane.hold("job1", "POST", CREATE, until=lambda: lane.count("job2", "POST", CREATE) >= 1)
         lane.hold("job2", "POST", CREATE, until=lambda: first.proc.poll() is not None)
         second = start_job(server, data, "job2", ckpt, tmp_path, delete=True)
         run1, run2 = first.finish(), second.finish()
@@ -433,6 +434,21 @@ def test_a_survivor_that_loses_while_its_originals_are_being_replaced(ckpt, tmp_
         assert (run1.returncode, run2.returncode) == (0, 0), (run1.errors(), run2.errors())
         assert_converged(server, data, delete=True)
         assert all(ids[0].startswith("0") for ids in refinements(server, data.dataset_id).values())
+
+
+def test_a_connection_whose_other_end_another_job_replaces_meanwhile(server, ckpt, tmp_path):
+    """A track from XY 1 to XY 2, each end replaced by a different job (disjoint batches).
+    job a lists the track while its child still exists, job b then replaces and deletes the
+    child, and only then does job a's copy land: it points to the deleted child and must be
+    withdrawn; the track ends once between the two refinements."""
+    data = make_data(server)  # the track: XY 1's first nucleus -> XY 2's first nucleus
+    lane = Interleaver(server)
+    lane.hold("b", "DELETE", CREATE, until=lambda: lane.answered("a", "GET", "annotation_connection") >= 1)
+    lane.hold("a", "POST", LINKS, until=lambda: lane.answered("b", "DELETE", CREATE) >= 1)
+    runs = run_together(server, data, ckpt, tmp_path, ["a", "b"], delete=True, batches={"a": "1", "b": "2"})
+    assert not lane.timed_out
+    assert all(r.returncode == 0 for r in runs.values()), {n: r.errors() for n, r in runs.items()}
+    assert_converged(server, data, delete=True)
 
 
 @pytest.mark.parametrize("seed", range(4))
