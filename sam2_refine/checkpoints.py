@@ -213,7 +213,8 @@ def inspect_model(path: Path) -> ModelEntry:
     except SidecarError as exc:
         raise ModelUnusable(str(exc)) from None
     if sidecar is not None and sidecar.config is not None and sidecar.config != arch.key:
-        raise ModelUnusable(f"its sidecar says config {sidecar.config}, but its weights are {arch.label} ({arch.key})")
+        raise ModelUnusable(f"its sidecar {sidecar_path(path).name} says config {sidecar.config}, but its weights "
+                            f"are {arch.label} ({arch.key})")
     return ModelEntry(
         name=name, path=path, recognised=recognised, label=_label(name, recognised, sidecar),
         description=sidecar.description if sidecar else None, sha256=sidecar.sha256 if sidecar else None,

@@ -128,7 +128,8 @@ def test_a_stock_name_holding_another_architecture_is_refused(tmp_path: Path) ->
 # -- foreign files: each with its reason ------------------------------------------------------------
 
 def _sam1(width: int, extra: dict | None = None) -> dict[str, tuple[int, ...]]:
-    shapes = {"image_encoder.pos_embed": (1, 64, 64, width), "image_encoder.patch_embed.proj.weight": (width, 3, 16, 16),
+    shapes = {"image_encoder.pos_embed": (1, 64, 64, width),
+              "image_encoder.patch_embed.proj.weight": (width, 3, 16, 16),
               "image_encoder.blocks.0.attn.qkv.weight": (3 * width, width),
               "image_encoder.blocks.0.norm1.weight": (width,), "image_encoder.neck.0.weight": (256, width, 1, 1),
               "prompt_encoder.point_embeddings.0.weight": (1, 256), "mask_decoder.iou_token.weight": (1, 256),
@@ -154,7 +155,8 @@ FOREIGN = {
                     "mask_decoder.iou_token.weight": (1, 256)}, r"a MobileSAM checkpoint \(TinyViT"),
     "random_state_dict": ({"fc1.weight": (10, 5), "fc1.bias": (10,), "fc2.weight": (2, 10)},
                           r"not a SAM2 checkpoint: none of its 3 weights are SAM2's \(e\.g\. fc1\.bias"),
-    "sam2_other_shape": (_sam2("sam2.1_hiera_s", lambda s: s.update({"image_encoder.trunk.pos_embed": (1, 96, 14, 14)})),
+    "sam2_other_shape": (_sam2("sam2.1_hiera_s",
+                               lambda s: s.update({"image_encoder.trunk.pos_embed": (1, 96, 14, 14)})),
                          r"an architecture sam2 cannot build: .*nearest is SAM2\.1 small \(sam2\.1_hiera_s\), from "
                          r"which 1 weight\(s\) have other shapes \(e\.g\. image_encoder\.trunk\.pos_embed: "
                          r"\(1, 96, 14, 14\), sam2\.1_hiera_s has \(1, 96, 7, 7\)\)"),
