@@ -324,18 +324,32 @@ def test_bad_command_lines_exit_non_zero_without_echoing_the_token(server, check
         assert json.loads(done.stdout.splitlines()[0])["type"] == "error"
 
 
-def test_demo_runs_end_to_end_and_labels_an_untrained_model(tmp_path, checkpoint_dir, monkeypatch):
-    """The README's first command, in-process (it starts its own server and worker subprocess)."""
+def test_demo_runs_end_to_end_and_labels_an_untrained_model(tmp_path, checkpoint_dir, monkeypatch, capsys):
+    """The README's first command, in-process (it starts its own server and worker subprocess).
+    Offline (an untrained checkpoint only): the honest SAM2 run rejects nearly every mask, and the
+    same job with the stand-in segmenter refines, confirms and replaces every original."""
     from sam2_refine import demo
 
     monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(checkpoint_dir))
     summary = demo.run(tmp_path, allow_download=False)
+    printed = capsys.readouterr().out
     assert summary["worker_exit_code"] == 0
     assert summary["untrained_model"] is True  # the test checkpoint carries the marker
     assert summary["annotations"] == 28
     assert summary["refined"] + summary["kept"] == 28
+    assert summary["refined"] <= 3  # random weights: the quality checks reject nearly every mask
     overlay = tmp_path / "overlay.png"
     import cv2
     image = cv2.imread(str(overlay))
     assert image is not None and image.shape[0] > 512 and image.shape[1] > 1024
+    assert tuple(image[5, 5]) == (0, 0, 160)  # the red UNTRAINED title bar
     assert json.loads((tmp_path / "summary.json").read_text())["overlay"] == str(overlay)
+    stand_in = summary["stand_in"]
+    assert stand_in["segmenter"] == "stand-in segmenter, not SAM2" and stand_in["exit_code"] == 0
+    assert stand_in["refined"] == stand_in["deleted"] == 28 and stand_in["kept"] == 0  # created, confirmed, replaced
+    assert stand_in["mean_iou_to_truth_after"] > stand_in["mean_iou_to_truth_before"] + 0.15
+    stand_in_image = cv2.imread(stand_in["overlay"])
+    assert stand_in_image is not None and tuple(stand_in_image[5, 5]) == (0, 90, 200)  # its own orange bar
+    lines = [line for line in printed.splitlines() if "STAND-IN" in line.upper()]
+    assert any("STAND-IN SEGMENTER, NOT SAM2: exit code 0" in line and "refined 28" in line for line in lines)
+    assert len(lines) >= 5 and all("stand-in segmenter, not sam2" in line.lower() for line in lines)
