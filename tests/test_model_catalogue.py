@@ -213,3 +213,16 @@ def test_resolution_only_ever_opens_a_listed_file(directory: Path, monkeypatch: 
         except CheckpointChoiceError:
             pass
     assert opened == [directory / SMALL]
+
+
+def test_the_readme_example_sidecar_is_valid() -> None:
+    """The example an operator copies from the README passes every rule."""
+    from sam2_refine.architectures import architectures
+    from sam2_refine.sidecar import parse_sidecar
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**The sidecar**"):]
+    example = section[section.index("```json") + len("```json"):section.index("```", section.index("```json") + 7)]
+    sidecar = parse_sidecar(example, set(architectures()), check_tuned_defaults)
+    assert sidecar.config == "sam2.1_hiera_s" and sidecar.label and sidecar.sha256
+    assert sidecar.defaults["Prompt"] == "Box + shape"
