@@ -226,3 +226,15 @@ def test_the_readme_example_sidecar_is_valid() -> None:
     sidecar = parse_sidecar(example, set(architectures()), check_tuned_defaults)
     assert sidecar.config == "sam2.1_hiera_s" and sidecar.label and sidecar.sha256
     assert sidecar.defaults["Prompt"] == "Box + shape"
+
+
+def test_default_is_the_first_usable_model_without_the_stock_small(tmp_path: Path) -> None:
+    write_layout_checkpoint(tmp_path / "b_large.pt", "sam2.1_hiera_l", untrained=False)
+    write_layout_checkpoint(tmp_path / "a_broken.pt", "sam2.1_hiera_t")
+    (tmp_path / "a_broken.json").write_text("{")
+    write_layout_checkpoint(tmp_path / "c_tiny.pt", "sam2_hiera_t", untrained=False)
+    catalogue = scan_models(tmp_path)
+    assert catalogue.default.name == "b_large.pt"
+    assert ui.build_interface(catalogue)["Model"]["default"] == "SAM2.1 large (b_large.pt)"
+    assert ui.build_interface(scan_models(tmp_path / "missing"))["Model"] == {
+        **ui.build_interface(scan_models(tmp_path / "missing"))["Model"], "items": [], "default": None}
