@@ -42,6 +42,7 @@ from sam2_refine.report import Reporter  # noqa: E402
 from sam2_refine.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import cell_scene, rough_polygon  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
+from sam2_refine.testing.checkpoints import write_layout_checkpoint  # noqa: E402
 from sam2_refine.testing.stand_in import ModelResolutionPredictor  # noqa: E402
 
 TOKEN = "bench-token"
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             predictor = ModelResolutionPredictor(threshold=0.35)
             checkpoint_dir, model = Path(tmp), "sam2.1_hiera_tiny.pt"
-            (checkpoint_dir / model).write_bytes(b"")  # settings only check that the file exists
+            write_layout_checkpoint(checkpoint_dir / model)  # recognised by settings, never loaded
             what = "stand-in: thresholds at the model's 1024 px input resolution"
         rows = []
         for name, (channels, truth) in scenes(args.quick).items():
