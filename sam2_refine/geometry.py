@@ -293,6 +293,29 @@ def select_component(mask: np.ndarray, reference: np.ndarray) -> tuple[np.ndarra
     return labels == best, best_overlap
 
 
+def point_component(mask: np.ndarray, row: int, col: int, reach: int = 2) -> np.ndarray | None:
+    """The 8-connected component of ``mask`` that holds pixel (row, col), else the one nearest
+    to it within ``reach`` pixels (the nearest pixel by Euclidean distance; None if none).
+
+    Args:
+        mask: bool (rows, columns).
+        row, col: The point's pixel (may lie outside the array).
+
+    Returns:
+        bool array of the same shape, or None.
+    """
+    height, width = mask.shape
+    r0, r1 = max(row - reach, 0), min(row + reach + 1, height)
+    c0, c1 = max(col - reach, 0), min(col + reach + 1, width)
+    if r0 >= r1 or c0 >= c1 or not mask[r0:r1, c0:c1].any():
+        return None
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    near = labels[r0:r1, c0:c1]
+    rows, cols = np.nonzero(near)
+    nearest = int(np.argmin((rows + r0 - row) ** 2 + (cols + c0 - col) ** 2))
+    return labels == near[rows[nearest], cols[nearest]]
+
+
 def fill_holes(component: np.ndarray) -> np.ndarray:
     """``component`` with every hole filled (bool, same shape)."""
     contours, _ = cv2.findContours(component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

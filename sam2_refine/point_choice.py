@@ -1,0 +1,104 @@
+"""Which of a point's three masks becomes its outline: the two-pass rule, pure functions.
+
+A point prompt carries no size: SAM2 answers it with three masks of different extents (for a
+nucleus, typically a part of it, the nucleus, and the nucleus with whatever it touches). The
+rule, after BIIGLE's Point-to-Polygon job (written afresh here):
+
+1. **First pass.** Each point's *first choice* is its mask with the model's best score. The
+   *expected area* of a group of points (the same tags, at one location) is the median area of
+   their first choices, when at least :data:`MIN_GROUP` points of the group have one.
+2. **Second pass.** Each point of such a group keeps the mask whose area is closest to the
+   expected area, measured as a ratio (``|log(area / expected)|``: twice too big and half too
+   small are equally far); equal distances go to the better score. Without an expected area
+   (fewer than :data:`MIN_GROUP` points in the group) the model's score decides.
+
+The quality checks that replace the original-shape gate of outlined annotations (a point has no
+outline to compare with): a mask must contain the point (:mod:`sam2_refine.refine`), must not
+cover more than :data:`MAX_FRAME_FRACTION` of the frame, and, where the group has an expected
+area, must lie within ``[MIN_RATIO, MAX_RATIO]`` times it (:func:`area_problem`).
+
+Areas are in frame pixels. Groups are any hashable key (the refine tags a point carries).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+#: Points of one group needed for an expected area (the median of fewer is not a typical size).
+MIN_GROUP = 3
+#: A mask may cover at most this share of the frame (a point marks one object among several).
+MAX_FRAME_FRACTION = 0.05
+#: Accepted range of a mask's area relative to its group's expected area.
+MIN_RATIO, MAX_RATIO = 0.25, 3.0
+
+
+def first_choice(areas: Sequence[float | None], scores: Sequence[float]) -> int | None:
+    """The candidate with the best score among those with an area (None: no candidate).
+
+    Args:
+        areas: Area of each candidate in pixels, None where the candidate is unusable.
+        scores: The model's score of each candidate.
+    """
+    usable = [k for k, area in enumerate(areas) if area is not None]
+    if not usable:
+        return None
+    return max(usable, key=lambda k: (scores[k], -k))
+
+
+def expected_areas(first_areas: Iterable[tuple[Hashable, float]], minimum: int = MIN_GROUP,
+                   ) -> dict[Hashable, float]:
+    """group -> median of its points' first-choice areas, for groups with >= ``minimum`` points.
+
+    Args:
+        first_areas: (group, area of that point's first choice) for every point that has one.
+    """
+    by_group: dict[Hashable, list[float]] = {}
+    for group, area in first_areas:
+        by_group.setdefault(group, []).append(float(area))
+    return {group: float(np.median(values)) for group, values in by_group.items() if len(values) >= minimum}
+
+
+def second_choice(areas: Sequence[float | None], scores: Sequence[float], expected: float | None) -> int | None:
+    """The candidate whose area is closest (as a ratio) to ``expected``; ties: the better score.
+    Without ``expected``: :func:`first_choice`."""
+    if expected is None or expected <= 0:
+        return first_choice(areas, scores)
+    usable = [k for k, area in enumerate(areas) if area is not None and area > 0]
+    if not usable:
+        return None
+    return min(usable, key=lambda k: (abs(math.log(areas[k] / expected)), -scores[k], k))
+
+
+def area_problem(area: float, expected: float | None, frame_area: float) -> str | None:
+    """Why a point's chosen mask of ``area`` pixels is not used, or None when it passes."""
+    if area > MAX_FRAME_FRACTION * frame_area:
+        return f"the mask is far larger than an object marked by a point (over {MAX_FRAME_FRACTION:.0%} of the frame)"
+    if expected is not None and not MIN_RATIO * expected <= area <= MAX_RATIO * expected:
+        return (f"its mask's area is far from the typical area of the objects its tags mark here "
+                f"(outside {MIN_RATIO:g}x to {MAX_RATIO:g}x the median)")
+    return None
+
+
+def choose_all(candidates: Mapping[str, tuple[Hashable, Sequence[float | None], Sequence[float]]],
+               by_area: bool = True) -> tuple[dict[str, int | None], dict[Hashable, float]]:
+    """Both passes over the points of one location.
+
+    Args:
+        candidates: point id -> (group, candidate areas (None = unusable), candidate scores).
+        by_area: False keeps every first choice (the model's score alone decides; for
+            measuring the rule against it); the expected areas are computed all the same.
+
+    Returns:
+        (point id -> chosen candidate index or None, group -> expected area).
+    """
+    firsts = {pid: first_choice(areas, scores) for pid, (_, areas, scores) in candidates.items()}
+    expected = expected_areas((candidates[pid][0], candidates[pid][1][k])
+                              for pid, k in firsts.items() if k is not None)
+    if not by_area:
+        return firsts, expected
+    chosen = {pid: second_choice(areas, scores, expected.get(group))
+              for pid, (group, areas, scores) in candidates.items()}
+    return chosen, expected
