@@ -22,6 +22,9 @@ tie exactly (saturated logits, flat stand-in masks), ``tau s_ab`` decides: the n
 wins. With several competitors, the highest logit wins. ``tau`` (:data:`TIE`) is below the
 magnitude floor of the tracing (1e-3), so it never overrides a real difference of logits.
 
+Padding comes after tracing; with a positive Padding, :func:`keep_padded_apart` lets each
+outline grow only into pixels that no neighbour's unpadded outline covers.
+
 Cost: each object is compared only with the objects whose windows meet its own (a sweep over
 the windows' columns), on the intersection of the two windows; no array larger than an
 object's window is made. Coordinates: windows are :class:`~sam2_refine.geometry.Window` in frame
@@ -34,8 +37,11 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
+from shapely.geometry import Polygon
+from shapely.geometry.base import BaseGeometry
 
-from sam2_refine.geometry import Window
+from sam2_refine.geometry import Window, largest_polygon
 
 #: Weight of the nearer-original term: decides exact ties of the logits only.
 TIE = 1e-4
@@ -118,4 +124,35 @@ def separate(claims: Sequence[Claim], tie: float = TIE) -> list[np.ndarray]:
             out.append(claim.field)
         else:
             out.append((claim.field - np.maximum(competitor, 0.0)).astype(np.float32))
+    return out
+
+
+def keep_padded_apart(padded: Sequence[Polygon | None], cores: Sequence[Polygon | None],
+                      groups: Sequence[Hashable]) -> list[Polygon | None]:
+    """Padded outlines (positive Padding) that do not overlap: each grows only into pixels that
+    no neighbour's unpadded outline (``cores``) covers, and where two grow into the same gap,
+    the one listed first keeps it. Polygons in frame coordinates; None entries are skipped.
+
+    Returns:
+        One polygon per entry (the largest part left, its exterior), or None where nothing is left.
+    """
+    index = [k for k, p in enumerate(padded) if p is not None]
+    if len(index) < 2:
+        return list(padded)
+    tree = shapely.STRtree([padded[k] for k in index])
+    out: list[Polygon | None] = list(padded)
+    for position, k in enumerate(index):
+        shape: BaseGeometry = padded[k]
+        for other in tree.query(padded[k]):
+            j = index[int(other)]
+            if j == k or groups[j] != groups[k]:
+                continue
+            core = cores[j]
+            if core is not None and shape.intersects(core):
+                shape = shape.difference(core)
+            if int(other) < position and out[j] is not None and shape.intersects(out[j]):
+                shape = shape.difference(out[j])
+        if shape is not padded[k]:
+            part = largest_polygon(shapely.set_precision(shape, 0.01)) if not shape.is_empty else None
+            out[k] = Polygon(part.exterior) if part is not None else None
     return out
