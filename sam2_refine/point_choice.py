@@ -12,6 +12,9 @@ rule, after BIIGLE's Point-to-Polygon job (written afresh here):
    small are equally far); equal distances go to the better score. Without an expected area
    (fewer than :data:`MIN_GROUP` points in the group) the model's score decides.
 
+(Repeating step 2 with the expected area taken from the masks it chose, until they stop
+changing, was measured too: no better, so not done.)
+
 In both passes, a candidate that holds another point of the group is set aside unless every
 candidate does (:func:`without_merges`): one click marks one object, so a mask around two
 clicks covers two objects. (Those other points could instead be given to the model as negative
