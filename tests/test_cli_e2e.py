@@ -75,7 +75,9 @@ def test_interface_posts_the_fields(server, checkpoint_dir):
     assert posted == build_interface(list_checkpoints(checkpoint_dir))
     assert list(posted) == ["SAM2 Refiner", "Batch XY", "Batch Z", "Batch Time", "Tag of objects to refine",
                             "Model", "Delete original annotations", "Padding", "Smoothing",
-                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags"]
+                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags",
+                            "Refine point annotations", "Refine rectangle annotations",
+                            "Keep touching objects apart"]
     assert posted["Model"]["items"] == ["sam2.1_hiera_tiny.pt"]
     assert posted["Model"]["default"] == "sam2.1_hiera_tiny.pt"
     # The interface job touches no dataset and no model: one request, and it is quick.
