@@ -194,9 +194,9 @@ def shape_fields(first_order: int) -> dict[str, Any]:
             "type": "checkbox",
             "default": REFINE_POINTS_DEFAULT,
             "tooltip": "Also turn point annotations carrying the tags into outlines: each point prompts "
-                       "the model for three masks, and the one closest to the typical size of that tag's "
-                       "objects at the location is kept (the model's score decides when fewer than three "
-                       "points share the tag). Masks far from that size are not used.",
+                       "the model for three masks; of those of a size typical for that tag's points at the "
+                       "location, the one the model rates best is kept (the model's rating alone when "
+                       "fewer than three points share the tag). Masks far from that size are not used.",
             "displayOrder": first_order,
         },
         REFINE_RECTANGLES: {

@@ -7,8 +7,8 @@ The frame is embedded whole or in object crops (:mod:`sam2_refine.regions`). Pol
 rectangles prompt with their box (optionally with the original outline as mask logits, or asking
 for three masks and keeping the one that agrees best with the original). Points prompt with the
 point and ask for three masks; which one is kept is decided once the whole location is decoded
-(:mod:`sam2_refine.point_choice`): the mask closest to the typical area of the point's tags,
-among those that hold no other point of the same tags. A location is refined in stages:
+(:mod:`sam2_refine.point_choice`): the best-scored mask of a size plausible for the point's
+tags, among those that hold no other point of the same tags. A location is refined in stages:
 
 1. **Object masks** (per region, while its embedding is current): each mask's low-resolution
    logits are upsampled only in a window around the object
@@ -77,8 +77,9 @@ POINT_CONTEXT = 128.0
 MAX_NEGATIVES = 8
 
 BOX, BOX_AND_SHAPE, BEST_OF_THREE = "box", "box+shape", "best3"
-#: Point mask choice: the two-pass rule (expected area of the tag), or the model's score alone.
-BY_AREA, BY_SCORE = "area", "score"
+#: Point mask choice (:mod:`sam2_refine.point_choice`): plausible size then score (the rule),
+#: BIIGLE's closest to the expected area, or the model's score alone (both for measuring).
+BY_SIZE_AND_SCORE, BY_AREA, BY_SCORE = "both", "area", "score"
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,9 @@ class GeometryOptions:
         min_overlap: Quality gate: a refined shape whose IoU with its original (polygon or
             rectangle) is below this is not used (0 = off; points have no area to compare).
         separate: Keep touching objects apart (:mod:`sam2_refine.separation`).
-        point_choice: :data:`BY_AREA` (the two-pass rule of :mod:`sam2_refine.point_choice`) or
-            :data:`BY_SCORE` (the model's score alone).
+        point_choice: :data:`BY_SIZE_AND_SCORE` (the two-pass rule of
+            :mod:`sam2_refine.point_choice`), or, for measuring it, :data:`BY_AREA` (BIIGLE's
+            second pass) or :data:`BY_SCORE` (the model's score alone).
         negative_points: Give the other points (same tags) that fall inside a point's candidate
             masks as negative points, in a second decoding of that point (off: measured worse
             than ``exclusive_points`` and twice the decoding; kept for measuring real models).
@@ -112,7 +114,7 @@ class GeometryOptions:
     prompt: str = BOX
     min_overlap: float = 0.0
     separate: bool = False
-    point_choice: str = BY_AREA
+    point_choice: str = BY_SIZE_AND_SCORE
     negative_points: bool = False
     exclusive_points: bool = True
     group_tags: tuple[str, ...] = ()
@@ -523,7 +525,7 @@ def _choose_points(prompts: Sequence[_Prompt], options: GeometryOptions, work: _
                              [c.score for c in work.candidates[p.original.id]]) for p in points}
     others = ({p.original.id: [c.others for c in work.candidates[p.original.id]] for p in points}
               if options.exclusive_points else None)
-    chosen, expected = point_choice.choose_all(table, by_area=options.point_choice == BY_AREA, others=others)
+    chosen, expected = point_choice.choose_all(table, rule=options.point_choice, others=others)
     frame_area = float(work.height * work.width)
     for prompt in points:
         pid = prompt.original.id

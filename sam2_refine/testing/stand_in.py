@@ -71,9 +71,10 @@ def _disk(radius: int) -> np.ndarray:
 class _Answers:
     """Masks as logit maps over a label image (0 = background, k = object k)."""
 
-    def __init__(self, labels: np.ndarray, spill: float) -> None:
+    def __init__(self, labels: np.ndarray, spill: float, wrong_scores: bool = True) -> None:
         self.labels = labels
         self.spill = spill
+        self.wrong_scores = wrong_scores
 
     def label_at(self, x: float, y: float, reach: int = 2) -> int:
         height, width = self.labels.shape
@@ -141,7 +142,7 @@ class _Answers:
         else:
             grown = cv2.dilate(own.astype(np.uint8), _disk(max(1, radius // 2))) > 0
             whole[win][grown & ~own & (others == 0)] = MERGE_LOGIT
-        scores = POINT_SCORES_WRONG if label % 3 == 0 else POINT_SCORES
+        scores = POINT_SCORES_WRONG if self.wrong_scores and label % 3 == 0 else POINT_SCORES
         return [part, middle, whole], scores
 
 
@@ -169,6 +170,8 @@ class KnownMaskPredictor:
         labels: (H, W) int label image to answer from instead of thresholding the image (the
             ground truth of a synthetic scene).
         spill: Pixels by which masks spill into touching neighbours (0: none).
+        wrong_scores: Score the largest of a point's masks best for one object in three (else
+            the object's mask always scores best).
     """
 
     description = "known-mask stand-in"
@@ -176,8 +179,9 @@ class KnownMaskPredictor:
     input_size = None
 
     def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16,
-                 labels: np.ndarray | None = None, spill: float = 0.0) -> None:
+                 labels: np.ndarray | None = None, spill: float = 0.0, wrong_scores: bool = True) -> None:
         self.threshold = threshold
+        self.wrong_scores = wrong_scores
         self.truth = labels
         self.grid = grid
         self.max_batch = max_batch
@@ -190,13 +194,16 @@ class KnownMaskPredictor:
 
     def embed(self, image: np.ndarray) -> None:
         self.embed_calls += 1
+        if self.truth is not None and image.shape[:2] != self.truth.shape:
+            raise ValueError(f"the truth labels {self.truth.shape} answer for the whole frame only, "
+                             f"not a {image.shape[:2]} crop")
         self._labels = self.truth if self.truth is not None else _labels(image, self.threshold)
 
     def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
                multimask: bool = False, *, points: np.ndarray | None = None,
                point_labels: np.ndarray | None = None) -> Decoded:
         assert self._labels is not None, "embed() first"
-        answers = _Answers(self._labels, self.spill)
+        answers = _Answers(self._labels, self.spill, self.wrong_scores)
         self.decode_calls += 1
         channels = 3 if multimask else 1
         if boxes is None:
