@@ -200,6 +200,8 @@ def _prepare(originals: Sequence[Original], width: int, height: int, group_tags:
             if original.kind == POINT:
                 point = np.array([original.shape.x, original.shape.y], dtype=np.float64)
                 point_in_frame(point, width, height)
+                # a point on the frame's last edge (x = W - 0.5) belongs to the last pixel
+                point = np.minimum(point, [width - 0.5 - 1e-6, height - 0.5 - 1e-6])
                 half = POINT_CONTEXT / 2
                 box = np.clip(np.concatenate([point - half, point + half]), -0.5,
                               [width - 0.5, height - 0.5, width - 0.5, height - 0.5])

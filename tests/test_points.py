@@ -301,3 +301,18 @@ def test_points_outside_the_frame_are_kept(where):
     (outcome,) = refine_location(KnownMaskPredictor(labels=scene.labels), image, [outside], GeometryOptions())
     assert outcome == Kept("out", "it lies outside the 128x128 frame")
 
+
+
+def test_points_on_the_frame_edges_belong_to_the_edge_pixels():
+    labels = np.zeros((64, 80), np.int32)
+    labels[:12, :12] = 1
+    labels[-12:, -12:] = 2
+    labels[:12, -12:] = 3
+    originals = [to_original(point_doc(-0.5, -0.5, "a")), to_original(point_doc(79.5, 63.5, "b")),
+                 to_original(point_doc(79.5, 0, "c"))]
+    image = np.repeat((labels > 0).astype(np.float32)[..., None], 3, axis=2)
+    outcomes = refine_location(KnownMaskPredictor(labels=labels, wrong_scores=False), image, originals,
+                               GeometryOptions())
+    assert all(isinstance(o, Refined) for o in outcomes), outcomes
+    for outcome, k in zip(outcomes, (1, 2, 3), strict=True):
+        assert mask_iou(rasterize(outcome.polygon, frame_window(80, 64)), labels == k) > 0.9
