@@ -17,7 +17,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.markers import original_of
 from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.predictor import BoxPredictor
+from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
 from sam2_refine.refine import GeometryOptions, Kept, refine_location
 from sam2_refine.replace import Ledger, delete_replaced, relink, upload
 from sam2_refine.report import ProgressSpan, Reporter
@@ -221,8 +221,10 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
         return _finish(settings, client, reporter, ledger, [], started)
 
     uploader = _Uploader(client, ledger, settings)
-    with _Prefetcher(client, info, layers, selection) as frames:
-        frames.want(0)  # the first location's frames arrive while the model loads
+    with FramePrefetcher(client, _locations_to_fetch(selection),
+                         lambda c, location: load_location_image(c, info, layers, location),
+                         location_bytes(info, layers), PrefetchPolicy.from_env()) as frames:
+        frames.start()  # the first locations' frames arrive while the model loads
         predictor = _load_model(settings, reporter, load_predictor, selection)
         failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames)
 
@@ -357,46 +359,16 @@ class _Uploader:
         self.error = report.error
 
 
-class _Prefetcher:
-    """Fetches locations' frames in a background thread (with its own HTTP session), one ahead.
-
-    Only locations with something to refine are fetched. :meth:`take` returns a location's
-    :class:`~sam2_refine.imaging.LocationImage` (or raises the fetch's NimbusAPIError) and asks
-    for the next one, so the next frames travel while the current location is refined.
-    """
-
-    def __init__(self, client: NimbusClient, info: DatasetInfo, layers: list[Layer], selection: Selection) -> None:
-        self.wanted = [loc for loc, originals in selection.by_location.items()
-                       if any(o.problem is None for o in originals)]
-        self._info, self._layers = info, layers
-        self._client = client.clone()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._futures: dict[Location, Future[LocationImage]] = {}
-
-    def __enter__(self) -> _Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
-
-    def want(self, position: int) -> None:
-        if position < len(self.wanted) and self.wanted[position] not in self._futures:
-            location = self.wanted[position]
-            self._futures[location] = self._pool.submit(load_location_image, self._client, self._info,
-                                                        self._layers, location)
-
-    def take(self, location: Location) -> LocationImage:
-        self.want(self.wanted.index(location))
-        self.want(self.wanted.index(location) + 1)
-        return self._futures.pop(location).result()
+def _locations_to_fetch(selection: Selection) -> list[Location]:
+    """Locations with something to refine, in order: only their frames are fetched."""
+    return [loc for loc, originals in selection.by_location.items() if any(o.problem is None for o in originals)]
 
 
 def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPredictor, selection: Selection,
-                ledger: Ledger, uploader: _Uploader, frames: _Prefetcher) -> list[str]:
+                ledger: Ledger, uploader: _Uploader, frames: FramePrefetcher[LocationImage]) -> list[str]:
     """Refine every location; returns descriptions of locations that failed.
 
-    Frames come from ``frames`` (fetched one location ahead), and refined annotations are
+    Frames come from ``frames`` (fetched ahead within its byte budget), and refined annotations are
     uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no
     further location is processed (its originals are kept).
     """

@@ -26,6 +26,9 @@ stop the spill into it.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -267,3 +270,82 @@ class ModelResolutionPredictor:
             out.append(_to_grid(answers.object_logits(answers.label_in_box(model_box)), grid))
         logits = np.stack(out)[:, None]
         return Decoded(np.repeat(logits, channels, axis=1), np.ones((len(out), channels), dtype=np.float32))
+
+
+class ZeroCostPredictor:
+    """Valid masks at (almost) no cost: the model's part of a job on a GPU, without a GPU.
+
+    :meth:`embed` reduces the embedded region to the ``grid`` x ``grid`` logit grid (area
+    averaging of its brightest band), thresholds and labels it once; :meth:`decode` gives each
+    box the labelled object covering most of it, as logits ``(fraction - 0.5) * 2 * LOGIT`` (a
+    ramp across the boundary, like a trained model's), ``-LOGIT`` elsewhere: one cached
+    (grid, grid) map per object, copied per prompt. Like SAM2 it takes regions already shrunk to
+    ``input_size`` (``region_hw``), so the engine prepares its input exactly as for SAM2.
+
+    Args:
+        threshold: An object is where the image's brightest band exceeds this.
+        embed_seconds: Time each :meth:`embed` call sleeps (the GIL released, as while a GPU
+            computes): one value, or one per call in order (repeated cyclically).
+        decode_seconds_per_box: Time each :meth:`decode` call sleeps per prompt.
+        grid: Side of the logit grid (SAM2: 256).
+        max_batch: Prompts per decode call.
+
+    Attributes:
+        embed_calls, decode_calls, prompts: Counters.
+    """
+
+    description = "zero-cost stand-in"
+
+    def __init__(self, threshold: float = 0.5, embed_seconds: float | Sequence[float] = 0.0,
+                 decode_seconds_per_box: float = 0.0, grid: int = 256, input_size: int = 1024,
+                 max_batch: int = 64) -> None:
+        self.threshold = threshold
+        self.embed_seconds = [embed_seconds] if isinstance(embed_seconds, (int, float)) else list(embed_seconds)
+        self.decode_seconds_per_box = decode_seconds_per_box
+        self.grid = grid
+        self.input_size = input_size
+        self.mask_input_size = (grid, grid)
+        self.max_batch = max_batch
+        self.embed_calls = self.decode_calls = self.prompts = 0
+        self._hw = (0, 0)
+        self._labels: np.ndarray | None = None  # (grid, grid) int32, 0 = background
+        self._ramp: np.ndarray | None = None  # (grid, grid) float32 logits where an object is
+        self._maps: dict[int, np.ndarray] = {}
+
+    def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
+        pause = self.embed_seconds[self.embed_calls % len(self.embed_seconds)] if self.embed_seconds else 0.0
+        self.embed_calls += 1
+        if pause > 0:
+            time.sleep(pause)
+        self._hw = tuple(region_hw or image.shape[:2])
+        bright = (np.asarray(image).max(axis=2) > self.threshold).astype(np.float32)
+        fraction = cv2.resize(bright, (self.grid, self.grid), interpolation=cv2.INTER_AREA)
+        _, self._labels = cv2.connectedComponents((fraction >= 0.5).astype(np.uint8), connectivity=4)
+        self._ramp = ((fraction - 0.5) * (2.0 * LOGIT)).astype(np.float32)
+        self._maps = {}
+
+    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False) -> Decoded:
+        assert self._labels is not None and self._ramp is not None, "embed() first"
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        self.decode_calls += 1
+        self.prompts += len(boxes)
+        if self.decode_seconds_per_box > 0:
+            time.sleep(self.decode_seconds_per_box * len(boxes))
+        height, width = self._hw
+        grid = self.grid
+        channels = 3 if multimask else 1
+        out = np.full((len(boxes), channels, grid, grid), -LOGIT, dtype=np.float32)
+        scaled = boxes * np.array([grid / width, grid / height] * 2)
+        for k, (x0, y0, x1, y1) in enumerate(scaled):
+            c0, r0 = int(np.clip(np.floor(x0), 0, grid - 1)), int(np.clip(np.floor(y0), 0, grid - 1))
+            c1, r1 = int(np.clip(np.ceil(x1), c0 + 1, grid)), int(np.clip(np.ceil(y1), r0 + 1, grid))
+            counts = np.bincount(self._labels[r0:r1, c0:c1].ravel())
+            counts[0] = 0
+            if counts.max(initial=0) == 0:
+                continue
+            label = int(np.argmax(counts))
+            if label not in self._maps:
+                self._maps[label] = np.where(self._labels == label, self._ramp, -LOGIT).astype(np.float32)
+            out[k, :] = self._maps[label]
+        return Decoded(out, np.ones((len(boxes), channels), dtype=np.float32))
