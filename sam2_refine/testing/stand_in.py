@@ -324,9 +324,16 @@ class ZeroCostPredictor:
         self._ramp = ((fraction - 0.5) * (2.0 * LOGIT)).astype(np.float32)
         self._maps = {}
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None) -> Decoded:
+        """Box prompts as above; a point prompt gets the object under its first point (the same
+        mask for each of the three with ``multimask``)."""
         assert self._labels is not None and self._ramp is not None, "embed() first"
+        if boxes is None:
+            assert points is not None, "boxes or points"
+            first = np.asarray(points, dtype=np.float64)[:, 0]
+            boxes = np.concatenate([first - 0.5, first + 0.5], axis=1)
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         self.decode_calls += 1
         self.prompts += len(boxes)
