@@ -18,9 +18,10 @@ their total area.
 
 Modes: every Resolution x Prompt for outlined inputs (points ignore the Prompt field, so they
 run once per Resolution); then, with Resolution Auto, "Keep touching objects apart" off, and
-two ablations of the point rule that no field offers (``job.geometry_options`` is wrapped):
-the model's score alone instead of the tag's expected area, and other points given as negative
-points instead of setting aside the masks that hold them.
+three ablations of the point rule that no field offers (``job.geometry_options`` is wrapped):
+the model's score alone; BIIGLE's second pass (the mask closest to the tag's expected area,
+whatever its score); other points given as negative points instead of setting aside the masks
+that hold them.
 
 Without ``--checkpoint`` the predictors are stand-ins. On the first two scenes one that segments
 like a model that sees only its 1024 px input (it thresholds the image after resizing it to the
@@ -55,7 +56,7 @@ sys.path.insert(0, str(REPO))
 from sam2_refine import job  # noqa: E402
 from sam2_refine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates  # noqa: E402
 from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
-from sam2_refine.refine import BY_SCORE  # noqa: E402
+from sam2_refine.refine import BY_AREA, BY_SCORE  # noqa: E402
 from sam2_refine.report import Reporter  # noqa: E402
 from sam2_refine.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import cell_scene, dense_scene, rough_polygon  # noqa: E402
@@ -70,6 +71,7 @@ PROMPTS = {"Box": "box", "Box + shape": "box+shape", "Best of three by overlap":
 EXTRA = [
     ("not apart", {"Keep touching objects apart": False}, {}, False),
     ("points by score", {}, {"point_choice": BY_SCORE}, True),
+    ("points by closest area", {}, {"point_choice": BY_AREA}, True),
     ("points with negatives", {}, {"negative_points": True, "exclusive_points": False}, True),
 ]
 LAYERS = [{"channel": 0, "color": "#ffffff", "visible": True,
@@ -259,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{time.strftime('%Y-%m-%d')}, predictor: {what}")
     print(table(rows, ["rough input", "whole / box", "crops / box", "auto / box"]))
     print()
-    print(table(rows, ["auto / box", "auto / not apart", "auto / points by score", "auto / points with negatives"],
-                overlap=True))
+    print(table(rows, ["auto / box", "auto / not apart", "auto / points by score", "auto / points by closest area",
+                       "auto / points with negatives"], overlap=True))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "predictor": what, "rows": rows}, indent=2))
     print(f"\nwritten {args.out}")
