@@ -101,7 +101,8 @@ class GeometryOptions:
             second pass) or :data:`BY_SCORE` (the model's score alone).
         negative_points: Give the other points (same tags) that fall inside a point's candidate
             masks as negative points, in a second decoding of that point (off: measured worse
-            than ``exclusive_points`` and twice the decoding; kept for measuring real models).
+            than ``exclusive_points``, and half the points of a dense field decoded twice; kept
+            for measuring real models).
         exclusive_points: Set aside a point's candidates that hold other points of its group
             (:func:`sam2_refine.point_choice.without_merges`).
         group_tags: Objects are grouped by the ones of these tags they carry (all their tags
