@@ -61,6 +61,7 @@ from sam2_refine.report import Reporter  # noqa: E402
 from sam2_refine.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import cell_scene, dense_scene, rough_polygon  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
+from sam2_refine.testing.checkpoints import write_layout_checkpoint  # noqa: E402
 from sam2_refine.testing.stand_in import KnownMaskPredictor, ModelResolutionPredictor  # noqa: E402
 
 TOKEN = "bench-token"
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             what = f"{model}{' (UNTRAINED)' if untrained else ''}, {real.description}"
         else:
             checkpoint_dir, model = Path(tmp), "sam2.1_hiera_tiny.pt"
-            (checkpoint_dir / model).write_bytes(b"")  # settings only check that the file exists
+            write_layout_checkpoint(checkpoint_dir / model)  # recognised by settings, never loaded
             what = ("stand-ins: thresholds at the model's 1024 px input resolution; on the dense scene, the truth "
                     "with masks spilling 4 px into touching neighbours")
         for name, (channels, truth, stand_in) in scenes(args.quick).items():

@@ -7,9 +7,11 @@ no GPU and no dataset, and must finish in about a second.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sam2_refine.checkpoints import ModelCatalogue, list_candidates
 from sam2_refine.worker_info import CHECKPOINT_DIR_ENV, DEFAULT_CHECKPOINT_DIR, INTERFACE_NAME
 
 # Field names: the keys of ``workerInterface`` in the compute parameters.
@@ -47,7 +49,7 @@ REFINE_RECTANGLES_DEFAULT = False
 #: On by default: measured in bench/bench_accuracy.py (README "Accuracy").
 SEPARATE_DEFAULT = True
 
-DEFAULT_MODEL = "sam2.1_hiera_small.pt"
+DEFAULT_MODEL = "sam2.1_hiera_small.pt"  # sam2_refine.checkpoints.DEFAULT_MODEL
 PADDING_RANGE = (-20, 20)
 PADDING_DEFAULT = 0
 SMOOTHING_RANGE = (0, 3)
@@ -66,12 +68,9 @@ def checkpoint_dir() -> Path:
 
 
 def list_checkpoints(directory: Path) -> list[str]:
-    """The ``.pt`` files in ``directory``, sorted by name (empty if it does not exist)."""
-    try:
-        names = [p.name for p in directory.iterdir() if p.suffix == ".pt" and p.is_file()]
-    except OSError:
-        return []
-    return sorted(names)
+    """The ``.pt`` / ``.pth`` files in ``directory``, sorted by name (empty if it does not exist).
+    Which of them are usable SAM2 checkpoints: :func:`sam2_refine.checkpoints.scan_models`."""
+    return list_candidates(directory)
 
 
 def default_model(models: list[str]) -> str | None:
@@ -96,13 +95,47 @@ def _batch_field(axis_words: str, order: int) -> dict[str, Any]:
     }
 
 
-def build_interface(models: list[str]) -> dict[str, Any]:
+MODEL_TOOLTIP = ("The SAM2 model to use for refinement. Larger models may give slightly better results, but "
+                 "are slower and use more memory.")
+
+
+def _model_field(models: Sequence[str] | ModelCatalogue, order: int) -> dict[str, Any]:
+    """The Model select: the usable checkpoints as ``"<label> (<file name>)"`` items."""
+    if not isinstance(models, ModelCatalogue):
+        return {"type": "select", "items": list(models), "default": default_model(list(models)),
+                "tooltip": MODEL_TOOLTIP, "displayOrder": order}
+    lines = []
+    for model in models.models:
+        line = model.item + (f": {model.description}" if model.description else "")
+        if model.defaults:
+            line += " [tuned for " + ", ".join(f"{k} = {v}" for k, v in model.defaults.items()) + "]"
+        lines.append(line)
+    tooltip = MODEL_TOOLTIP
+    if lines:
+        tooltip += (" Models: " + "; ".join(lines) + ". A model's tuned values are used for fields left "
+                    "empty; the form's own defaults follow the default model.")
+    default = models.default
+    return {"type": "select", "items": models.items, "default": default.item if default else None,
+            "tooltip": tooltip, "displayOrder": order}
+
+
+def _follow_default_model(spec: dict[str, Any], models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
+    """The fields' defaults become the default model's tuned values (from its sidecar)."""
+    default = models.default if isinstance(models, ModelCatalogue) else None
+    for name, value in (default.defaults if default is not None else {}).items():
+        if name in spec:
+            spec[name]["default"] = value
+    return spec
+
+
+def build_interface(models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
     """The UI description: field name -> field spec, in display order.
 
     Args:
-        models: Checkpoint file names offered by the Model select.
+        models: The checkpoint directory's models (:func:`sam2_refine.checkpoints.scan_models`),
+            or plain item strings for the Model select.
     """
-    return {
+    return _follow_default_model({
         NOTES: {"type": "notes", "value": DESCRIPTION, "displayOrder": 0},
         BATCH_XY: _batch_field("XY positions", 1),
         BATCH_Z: _batch_field("Z slices", 2),
@@ -114,14 +147,7 @@ def build_interface(models: list[str]) -> dict[str, Any]:
                        "those are turned on below).",
             "displayOrder": 4,
         },
-        MODEL: {
-            "type": "select",
-            "items": list(models),
-            "default": default_model(models),
-            "tooltip": "The SAM2 model to use for refinement. Larger models may give slightly "
-                       "better results, but are slower and use more memory.",
-            "displayOrder": 5,
-        },
+        MODEL: _model_field(models, 5),
         DELETE_ORIGINALS: {
             "type": "checkbox",
             "default": False,
@@ -183,7 +209,7 @@ def build_interface(models: list[str]) -> dict[str, Any]:
             "displayOrder": 12,
         },
         **shape_fields(13),
-    }
+    }, models)
 
 
 def shape_fields(first_order: int) -> dict[str, Any]:

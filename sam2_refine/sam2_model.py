@@ -2,9 +2,11 @@
 
 The only module that imports torch and sam2. It
 
-- builds the model once per job with sam2's own ``build_sam2`` from a checkpoint file (never
-  without one: a missing, corrupt or mismatched checkpoint raises :class:`CheckpointError`);
-  checkpoints are read with ``torch.load(..., weights_only=True)``;
+- builds the model once per job with sam2's own ``build_sam2`` for the architecture the
+  checkpoint's weights show (:mod:`sam2_refine.checkpoints`: SAM 2.0 or 2.1, any size, any file
+  name), then loads the weights strictly (no missing or unexpected weight); never without a
+  checkpoint: a missing, corrupt or unusable one raises :class:`CheckpointError`. Checkpoints
+  are read with ``torch.load(..., weights_only=True, mmap=True)``;
 - runs on CUDA when available (bfloat16 autocast and TF32 on compute capability >= 8, both
   entered only around inference and restored afterwards), else on the CPU in float32;
 - embeds an image once (resized to the model's 1024x1024 input here, with area averaging, so
@@ -28,17 +30,18 @@ import cv2
 import numpy as np
 import torch
 
-from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
+from sam2_refine.architectures import UNTRAINED_MARKER
+from sam2_refine.checkpoints import ModelEntry, ModelUnusable, inspect_model
 from sam2_refine.predictor import Decoded
 
 log = logging.getLogger(__name__)
 
-#: Key that marks a checkpoint made by this project's tests or offline demo (random weights).
-UNTRAINED_MARKER = "sam2_refine_untrained"
+__all__ = ["UNTRAINED_MARKER", "CheckpointError", "DeviceChoice", "Sam2BoxPredictor", "build_model",
+           "choose_device", "inference_mode", "inspect_checkpoint", "load_state_dict"]
 
 
 class CheckpointError(RuntimeError):
-    """The checkpoint cannot be loaded into the model its name implies."""
+    """The checkpoint cannot be loaded into the architecture its weights show."""
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,30 @@ def inference_mode(choice: DeviceChoice) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def inspect_checkpoint(path: Path) -> bool:
-    """Check that ``path`` is a SAM2 checkpoint readable with ``weights_only=True``.
+def inspect_checkpoint(path: Path) -> ModelEntry:
+    """Recognise a checkpoint from its weights' names and shapes (no torch, no weights read).
 
     Returns:
-        True when the checkpoint carries the :data:`UNTRAINED_MARKER` (random weights).
+        The checkpoint's architecture, where its weights are, whether it carries the
+        :data:`UNTRAINED_MARKER` (random weights), and its sidecar's label and defaults.
 
     Raises:
-        CheckpointError: missing, unreadable, not a ``{"model": state_dict}`` checkpoint.
+        CheckpointError: missing, unreadable, corrupt, not a SAM2 checkpoint, a bad sidecar.
+    """
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path.name} is missing")
+    try:
+        return inspect_model(path)
+    except ModelUnusable as exc:
+        raise CheckpointError(f"checkpoint {path.name} cannot be used: {exc}") from None
+
+
+def load_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, memory-mapped, named as sam2's model names them.
+
+    Raises:
+        CheckpointError: torch refuses the file (``weights_only=True``) or it changed since
+            it was recognised.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -103,30 +122,42 @@ def inspect_checkpoint(path: Path) -> bool:
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"checkpoint {path.name} is corrupt or not a PyTorch checkpoint "
                               f"({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"checkpoint {path.name} holds no 'model' state dict")
-    return bool(state.get(UNTRAINED_MARKER, False))
+    recognised = entry.recognised
+    weights = state if recognised.state_dict_key is None else (
+        state.get(recognised.state_dict_key) if isinstance(state, dict) else None)
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {path.name} changed while it was being loaded")
+    prefix = recognised.prefix
+    return {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
 
 
-def build_model(checkpoint: Path, choice: DeviceChoice) -> torch.nn.Module:
-    """sam2's ``build_sam2`` for the config the checkpoint's file name implies.
+def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None = None) -> torch.nn.Module:
+    """sam2's ``build_sam2`` for the architecture the checkpoint's weights show, its weights
+    loaded strictly.
+
+    Args:
+        checkpoint: The checkpoint file.
+        choice: Device and precision.
+        entry: What :func:`inspect_checkpoint` found (recognised again when not given).
 
     Raises:
-        CheckpointError: unknown name, or the weights do not fit the architecture.
+        CheckpointError: not a usable SAM2 checkpoint, or its weights do not fit the architecture.
     """
     from sam2.build_sam import build_sam2  # heavy: Hydra, the model zoo
 
-    config = CHECKPOINT_CONFIGS.get(checkpoint.name)
-    if config is None:
-        raise CheckpointError(f"no SAM2 config known for {checkpoint.name}")
+    entry = entry or inspect_checkpoint(checkpoint)
+    config = entry.architecture.config
+    weights = load_state_dict(checkpoint, entry)
     try:
-        return build_sam2(config, ckpt_path=str(checkpoint), device=choice.device, mode="eval",
-                          apply_postprocessing=True)
-    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        model = build_sam2(config, ckpt_path=None, device=choice.device, mode="eval", apply_postprocessing=True)
+        model.load_state_dict(weights, strict=True)
+    except (RuntimeError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {checkpoint.name} does not fit the {config.rsplit('/', 1)[-1]} "
             f"architecture ({type(exc).__name__}: {str(exc)[:200] or 'missing or unexpected weights'})"
         ) from None
+    log.info("loaded %s as %s (%s)", checkpoint.name, entry.architecture.label, config)
+    return model
 
 
 def model_prompt_points(
@@ -187,7 +218,7 @@ class Sam2BoxPredictor:
     Args:
         model: A built SAM2 model (``SAM2Base``).
         choice: Device and precision.
-        name: For messages, e.g. ``"sam2.1_hiera_tiny.pt"``.
+        name: For messages, e.g. ``"sam2.1_hiera_tiny.pt, SAM2.1 tiny"``.
         max_batch: Prompts per decoder call.
         fast_decoder: On the CPU, decode prompts without mask input with
             :class:`~sam2_refine.fast_decoder.FastBoxDecoder` (sam2's decoder's output, faster);
@@ -237,9 +268,10 @@ class Sam2BoxPredictor:
             CheckpointError: missing, corrupt or mismatched checkpoint.
         """
         choice = choice or choose_device()
-        untrained = inspect_checkpoint(checkpoint)
-        model = build_model(checkpoint, choice)
-        return cls(model, choice, checkpoint.name, max_batch, fast_decoder), untrained
+        entry = inspect_checkpoint(checkpoint)
+        model = build_model(checkpoint, choice, entry)
+        name = f"{checkpoint.name}, {entry.architecture.label}"
+        return cls(model, choice, name, max_batch, fast_decoder), entry.untrained
 
     def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
         """Embed an (H, W, 3) float32 RGB image in [0, 1] (kept until the next call).

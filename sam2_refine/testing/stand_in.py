@@ -45,8 +45,8 @@ POINT_SCORES = (0.80, 0.90, 0.85)
 POINT_SCORES_WRONG = (0.80, 0.85, 0.90)
 
 
-def _labels(image: np.ndarray, threshold: float) -> np.ndarray:
-    bright = (image.max(axis=2) > threshold).astype(np.uint8)
+def _labels(image: np.ndarray, threshold: float, band: int | None = None) -> np.ndarray:
+    bright = ((image.max(axis=2) if band is None else image[..., band]) > threshold).astype(np.uint8)
     _, labels = cv2.connectedComponents(bright, connectivity=8)
     return labels
 
@@ -227,17 +227,18 @@ class ModelResolutionPredictor:
     """Segments at the model's input resolution, as SAM2 effectively does on a whole frame.
 
     The embedded image is resized (area averaging) to ``input_size`` x ``input_size``; objects
-    are thresholded there, and each box gets the object covering most of it (each point the
-    object under it, three masks with ``multimask``), as logits on a ``grid`` x ``grid`` map
-    (SAM2: 256), upsampled back by the engine.
+    are thresholded there (the brightest band, or band ``band`` of the RGB image), and each box
+    gets the object covering most of it (each point the object under it, three masks with
+    ``multimask``), as logits on a ``grid`` x ``grid`` map (SAM2: 256), upsampled back by the engine.
     """
 
     description = "model-resolution stand-in"
     mask_input_size = (256, 256)
 
     def __init__(self, threshold: float = 0.5, input_size: int = 1024, grid: int = 256,
-                 max_batch: int = 16) -> None:
+                 max_batch: int = 16, band: int | None = None) -> None:
         self.threshold = threshold
+        self.band = band
         self.input_size = input_size
         self.grid = grid
         self.max_batch = max_batch
@@ -247,7 +248,7 @@ class ModelResolutionPredictor:
     def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
         self._hw = region_hw or image.shape[:2]
         small = cv2.resize(image, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
-        self._labels = _labels(small, self.threshold)
+        self._labels = _labels(small, self.threshold, self.band)
 
     def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
                multimask: bool = False, *, points: np.ndarray | None = None,
