@@ -86,9 +86,17 @@ class RealisticBoxPredictor:
         self.predictor.embed(image, region_hw)
         self.oracle.prepare(image, region_hw)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None, multimask: bool = False):
-        decoded = self.predictor.decode(boxes, mask_inputs, multimask)
-        logits = self.oracle.logits(boxes)
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None, multimask: bool = False, *,
+               points: np.ndarray | None = None, point_labels: np.ndarray | None = None):
+        """The real model's decoding of the prompts; the logits of the object under each box (or
+        under each prompt's first point: a one-pixel box there) in place of the model's."""
+        if boxes is None:
+            decoded = self.predictor.decode(None, mask_inputs, multimask, points=points, point_labels=point_labels)
+            first = np.asarray(points, dtype=np.float64)[:, 0]
+            logits = self.oracle.logits(np.concatenate([first - 0.5, first + 0.5], axis=1))
+        else:
+            decoded = self.predictor.decode(boxes, mask_inputs, multimask)
+            logits = self.oracle.logits(boxes)
         channels = decoded.logits.shape[1]
         return type(decoded)(np.repeat(logits, channels, axis=1) if channels > 1 else logits, decoded.scores)
 

@@ -30,6 +30,10 @@ RESOLUTION = "Resolution"
 PROMPT = "Prompt"
 MIN_OVERLAP = "Minimum overlap with original"
 KEEP_TAGS = "Keep original tags"
+# Issue 13: points and rectangles as prompts, touching objects kept apart.
+REFINE_POINTS = "Refine point annotations"
+REFINE_RECTANGLES = "Refine rectangle annotations"
+SEPARATE = "Keep touching objects apart"
 
 #: Resolution field item -> engine mode (sam2_refine.regions).
 RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
@@ -39,6 +43,11 @@ PROMPT_ITEMS = {"Box": "box", "Box + shape": "box+shape", "Best of three by over
 PROMPT_DEFAULT = "Box"
 MIN_OVERLAP_RANGE = (0, 1)
 MIN_OVERLAP_DEFAULT = 0
+
+REFINE_POINTS_DEFAULT = False
+REFINE_RECTANGLES_DEFAULT = False
+#: On by default: measured in bench/bench_accuracy.py (README "Accuracy").
+SEPARATE_DEFAULT = True
 
 DEFAULT_MODEL = "sam2.1_hiera_small.pt"  # sam2_refine.checkpoints.DEFAULT_MODEL
 PADDING_RANGE = (-20, 20)
@@ -134,7 +143,8 @@ def build_interface(models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
         REFINE_TAGS: {
             "type": "tags",
             "tooltip": "Annotations carrying any of these tags are refined. Leave empty to refine "
-                       "every polygon annotation in the batch.",
+                       "every polygon annotation in the batch (and every point and rectangle, where "
+                       "those are turned on below).",
             "displayOrder": 4,
         },
         MODEL: _model_field(models, 5),
@@ -198,4 +208,36 @@ def build_interface(models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
             "tooltip": "Also give each refined annotation the tags of its original annotation.",
             "displayOrder": 12,
         },
+        **shape_fields(13),
     }, models)
+
+
+def shape_fields(first_order: int) -> dict[str, Any]:
+    """The fields of issue 13 (points and rectangles as prompts, touching objects kept apart),
+    from display order ``first_order`` on."""
+    return {
+        REFINE_POINTS: {
+            "type": "checkbox",
+            "default": REFINE_POINTS_DEFAULT,
+            "tooltip": "Also turn point annotations carrying the tags into outlines: each point prompts "
+                       "the model for three masks; of those of a size typical for that tag's points at the "
+                       "location, the one the model rates best is kept (the model's rating alone when "
+                       "fewer than three points share the tag). Masks far from that size are not used.",
+            "displayOrder": first_order,
+        },
+        REFINE_RECTANGLES: {
+            "type": "checkbox",
+            "default": REFINE_RECTANGLES_DEFAULT,
+            "tooltip": "Also turn rectangle annotations carrying the tags into outlines, prompting with each "
+                       "rectangle as its box (a rotated rectangle prompts with its bounding box).",
+            "displayOrder": first_order + 1,
+        },
+        SEPARATE: {
+            "type": "checkbox",
+            "default": SEPARATE_DEFAULT,
+            "tooltip": "Refined outlines of objects with the same tags do not overlap: where two masks claim "
+                       "the same pixels, the pixels go to the object the model is surer of (on a tie, the "
+                       "nearer one). Turn off for objects that really overlap.",
+            "displayOrder": first_order + 2,
+        },
+    }

@@ -99,12 +99,16 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
 
 
 def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterator[dict[str, Any]]:
-    """Every polygon annotation of the dataset (and blobs, where a server has them), paged.
+    """Every polygon annotation of the dataset (and blobs, where a server has them), paged; also
+    every point and rectangle when the job refines those (``settings.shapes``).
 
     One listing of every polygon, filtered here rather than by the server: it holds both the
     candidates (any of the refine tags) and every refinement made by an earlier run, whatever
-    output tags that run used (see :mod:`sam2_refine.markers`). Filtering by tags on the server
-    would miss refinements tagged differently and refine their originals twice.
+    output tags that run used (see :mod:`sam2_refine.markers`; refinements are polygons, so the
+    point and rectangle listings hold none). Filtering by tags on the server would miss
+    refinements tagged differently and refine their originals twice. From the point and
+    rectangle listings only documents of that shape are taken (a server that ignored the shape
+    filter would otherwise list every polygon twice).
     """
     for page in client.iter_annotation_pages(settings.dataset_id, "polygon"):
         yield from page
@@ -115,6 +119,19 @@ def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterato
         blob_pages = []
     for page in blob_pages:
         yield from page
+    for shape in settings.shapes:
+        if shape in ("polygon", "blob"):
+            continue
+        for page in client.iter_annotation_pages(settings.dataset_id, shape):
+            yield from (doc for doc in page if isinstance(doc, dict) and doc.get("shape") == shape)
+
+
+def geometry_options(settings: RefineSettings) -> GeometryOptions:
+    """How the engine refines, from the job's settings."""
+    return GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
+                           resolution=settings.resolution, prompt=settings.prompt,
+                           min_overlap=settings.min_overlap, separate=settings.separate,
+                           group_tags=settings.refine_tags)
 
 
 def find_refinements(client: NimbusClient, settings: RefineSettings) -> dict[str, str]:
@@ -199,7 +216,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     except LayerError as exc:
         raise JobFailed("The dataset's layer settings cannot be used.", f"{exc}. Nothing was changed.") from None
 
-    reporter.progress(0.02, "Fetching annotations", "Polygon annotations of the dataset")
+    reporter.progress(0.02, "Fetching annotations", _listed_text(settings))
     try:
         selection = select(fetch_annotations(client, settings), settings.refine_tags,
                            batch.xy, batch.z, batch.time)
@@ -250,6 +267,13 @@ def _needs_converge(selection: Selection, batch: Batch) -> bool:
     index = selection.index
     return (any(r.location is not None and batch.holds(r.location) for g in index.groups.values() for r in g)
             or any(u.location is not None and batch.holds(u.location) for u in index.unreadable))
+
+
+def _listed_text(settings: RefineSettings) -> str:
+    kinds = ["Polygon"] + (["rectangle"] if settings.refine_rectangles else []) + (
+        ["point"] if settings.refine_points else [])
+    names = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
+    return f"{names} annotations of the dataset"
 
 
 def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Reporter) -> Selection:
@@ -464,9 +488,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
     cheap relative to the job (:class:`RefinementWatch`): what another job has refined meanwhile
     is not refined again.
     """
-    options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
-                              resolution=settings.resolution, prompt=settings.prompt,
-                              min_overlap=settings.min_overlap)
+    options = geometry_options(settings)
     span = ProgressSpan(reporter, 0.1, 0.85, "Refining")
     total = selection.count
     done = 0

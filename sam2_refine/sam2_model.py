@@ -160,6 +160,58 @@ def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None
     return model
 
 
+def model_prompt_points(
+    boxes: np.ndarray | None,
+    points: np.ndarray | None,
+    point_labels: np.ndarray | None,
+    image_hw: tuple[int, int],
+    input_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Box and point prompts as the prompt encoder's points, in the model's input space.
+
+    Args:
+        boxes: float (N, 4) (x0, y0, x1, y1) or None.
+        points: float (N, P, 2) (x, y) or None; ``point_labels`` int (N, P) with them.
+        image_hw: (H, W) of the embedded image (or region) the coordinates are in; pixel
+            centres at integers.
+        input_size: The model's square input side (1024).
+
+    Returns:
+        (coords float32 (N, T, 2), labels int32 (N, T)): each box as its two corners (labels
+        2, 3), then the points; T = 2 * (boxes given) + P.
+
+    Raises:
+        ValueError: neither boxes nor points, shapes that do not agree.
+    """
+    height, width = image_hw
+    scale = np.array([width, height], dtype=np.float32)
+    parts, labels = [], []
+    count = None
+    if boxes is not None:
+        corners = np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2)
+        count = len(corners)
+        parts.append(corners)
+        labels.append(np.tile(np.array([[2, 3]], dtype=np.int32), (count, 1)))
+    if points is not None:
+        if point_labels is None:
+            raise ValueError("points need point_labels")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(point_labels, dtype=np.int32)
+        if pts.ndim != 3 or pts.shape[2] != 2 or lab.shape != pts.shape[:2]:
+            raise ValueError(f"expected points (N, P, 2) and labels (N, P), got {pts.shape} and {lab.shape}")
+        if count is not None and len(pts) != count:
+            raise ValueError(f"{count} boxes but {len(pts)} point prompts")
+        count = len(pts)
+        parts.append(pts)
+        labels.append(lab)
+    if count is None:
+        raise ValueError("decode() needs boxes or points")
+    coords = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0, 2), np.float32)
+    # pixel centres at integers -> the model's input space (the encoder adds its own half pixel)
+    coords = (coords + np.float32(0.5)) / scale * np.float32(input_size)
+    return coords.astype(np.float32), np.concatenate(labels, axis=1)
+
+
 class Sam2BoxPredictor:
     """SAM2 image predictor for batches of box prompts (see the module docstring).
 
@@ -250,9 +302,13 @@ class Sam2BoxPredictor:
             # --- end fast decoder
         self._image_hw = (height, width)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
-        """Decode box prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None) -> Decoded:
+        """Decode box and/or point prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
+
+        Boxes go to the prompt encoder as two corner points (labels 2 and 3), followed by the
+        points, and the encoder appends one padding point (label -1), as sam2's predictor does.
 
         Returns:
             logits (N, C, 256, 256) clamped to [-32, 32] as sam2 does, scores (N, C); C = 3
@@ -260,15 +316,13 @@ class Sam2BoxPredictor:
         """
         if self._image_hw is None:
             raise RuntimeError("embed() an image before decode()")
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        height, width = self._image_hw
-        scale = np.array([width, height, width, height], dtype=np.float32)
-        model_boxes = (boxes + 0.5) / scale * self.input_size  # pixel centres -> model input space
+        coords_np, labels_np = model_prompt_points(boxes, points, point_labels, self._image_hw, self.input_size)
+        count = len(coords_np)
         features = self._predictor._features
         device = self.choice.device
         with inference_mode(self.choice):
-            coords = torch.as_tensor(model_boxes, device=device).reshape(-1, 2, 2)
-            labels = torch.tensor([[2, 3]], dtype=torch.int, device=device).repeat(len(boxes), 1)
+            coords = torch.as_tensor(coords_np, device=device)
+            labels = torch.as_tensor(labels_np, dtype=torch.int, device=device)
             masks = None
             if mask_inputs is not None:
                 masks = torch.as_tensor(np.asarray(mask_inputs, dtype=np.float32), device=device)
@@ -282,7 +336,7 @@ class Sam2BoxPredictor:
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask,
-                    repeat_image=len(boxes) > 1,
+                    repeat_image=count > 1,
                     high_res_features=list(features["high_res_feats"]),
                 )
             low_res = torch.clamp(low_res.float(), -32.0, 32.0)

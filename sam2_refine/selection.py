@@ -3,6 +3,11 @@
 Annotations arrive as the server's JSON documents. Each one is turned into an
 :class:`Original` once; a document that cannot be refined (bad coordinates, no area) is still an
 ``Original``, carrying its ``problem``, so that the job accounts for it and never deletes it.
+
+Three kinds of original (:attr:`Original.kind`), by the document's ``shape``: polygons (and
+blobs) outline an area; rectangles too (the convex hull of their corners: any order, possibly
+rotated); points mark an object without outlining it (their ``shape`` is a shapely ``Point``).
+Which shapes a job lists at all is the job's choice (:func:`sam2_refine.job.fetch_annotations`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shapely.geometry.base import BaseGeometry
+from shapely.geometry import Point
 
-from sam2_refine.geometry import AnnotationProblem, polygon_from_ring, ring_from_coordinates
+from sam2_refine.geometry import (
+    AnnotationProblem,
+    point_from_coordinates,
+    polygon_from_ring,
+    rectangle_from_coordinates,
+    ring_from_coordinates,
+)
 from sam2_refine.markers import read_mark
 from sam2_refine.refinements import RefinementIndex, Unreadable
 from sam2_refine.settings import Location
+
+#: Original kinds: what the annotation gives the model as a prompt.
+POLYGON, RECTANGLE, POINT = "polygon", "rectangle", "point"
 
 
 @dataclass(frozen=True)
@@ -28,9 +43,11 @@ class Original:
         id: The annotation's ``_id``.
         location: Its (XY, Z, Time), 0-based.
         tags: Its own tags.
-        shape: The area it outlines, made valid (None when ``problem`` is set).
+        shape: The area it outlines, made valid (a polygon or rectangle), or its ``Point``
+            (a point); None when ``problem`` is set.
         problem: Why it cannot be refined, or None.
         doc: The server's document, as fetched.
+        kind: :data:`POLYGON` (also blobs), :data:`RECTANGLE` or :data:`POINT`.
     """
 
     id: str
@@ -39,6 +56,7 @@ class Original:
     shape: BaseGeometry | None
     problem: str | None
     doc: dict[str, Any]
+    kind: str = POLYGON
 
 
 def annotation_location(doc: dict[str, Any]) -> Location | None:
@@ -70,18 +88,34 @@ def has_any_tag(doc: dict[str, Any], tags: Sequence[str]) -> bool:
     return not tags or bool(set(annotation_tags(doc)) & set(tags))
 
 
+def kind_of(doc: dict[str, Any]) -> str:
+    """The kind of original a document is (:data:`POINT`, :data:`RECTANGLE`, else :data:`POLYGON`)."""
+    shape = doc.get("shape")
+    return shape if shape in (POINT, RECTANGLE) else POLYGON
+
+
+def _shape(doc: dict[str, Any], kind: str) -> BaseGeometry:
+    coordinates = doc.get("coordinates")
+    if kind == POINT:
+        return Point(point_from_coordinates(coordinates))
+    if kind == RECTANGLE:
+        return rectangle_from_coordinates(coordinates)
+    return polygon_from_ring(ring_from_coordinates(coordinates))
+
+
 def to_original(doc: dict[str, Any]) -> Original:
     """Check one annotation document and prepare its shape (see :class:`Original`)."""
     ann_id = str(doc.get("_id", ""))
     location = annotation_location(doc) or Location(-1, -1, -1)
     tags = annotation_tags(doc)
+    kind = kind_of(doc)
     if location.xy < 0:
-        return Original(ann_id, location, tags, None, "its location is not whole numbers", doc)
+        return Original(ann_id, location, tags, None, "its location is not whole numbers", doc, kind)
     try:
-        shape = polygon_from_ring(ring_from_coordinates(doc.get("coordinates")))
+        shape = _shape(doc, kind)
     except AnnotationProblem as exc:
-        return Original(ann_id, location, tags, None, exc.reason, doc)
-    return Original(ann_id, location, tags, shape, None, doc)
+        return Original(ann_id, location, tags, None, exc.reason, doc, kind)
+    return Original(ann_id, location, tags, shape, None, doc, kind)
 
 
 @dataclass(frozen=True)

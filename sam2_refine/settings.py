@@ -72,6 +72,9 @@ class RefineSettings:
         resolution: ``"auto"``, ``"whole"`` or ``"crops"`` (sam2_refine.regions).
         prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.refine).
         min_overlap: Minimum IoU of a refined shape with its original, in [0, 1]; 0 = off.
+        refine_points: Also refine point annotations (prompted with the point).
+        refine_rectangles: Also refine rectangle annotations (prompted with their box).
+        separate: Keep the refined outlines of touching objects (same tags, same location) apart.
     """
 
     dataset_id: str
@@ -91,6 +94,15 @@ class RefineSettings:
     resolution: str = "auto"
     prompt: str = "box"
     min_overlap: float = 0.0
+    refine_points: bool = ui.REFINE_POINTS_DEFAULT
+    refine_rectangles: bool = ui.REFINE_RECTANGLES_DEFAULT
+    separate: bool = ui.SEPARATE_DEFAULT
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """The annotation shapes the job lists as originals (``blob`` with ``polygon``)."""
+        return ("polygon", "blob") + (("rectangle",) if self.refine_rectangles else ()) + (
+            ("point",) if self.refine_points else ())
 
 
 def _number(field: str, value: Any, low: float, high: float, default: float) -> float:
@@ -123,6 +135,26 @@ def _bool(field: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise SettingError(field, f"expected true or false, got {value!r}")
     return value
+
+
+def _checkbox(field: str, value: Any, default: bool) -> bool:
+    """A checkbox: true or false; missing or null (a tool saved before the field existed) is
+    the field's default."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SettingError(field, f"expected true or false, got {value!r}")
+    return value
+
+
+def _shape_settings(values: dict[str, Any], attempt: Any) -> dict[str, Any]:
+    """The fields of issue 13, each checked on its own (see :func:`sam2_refine.interface.shape_fields`)."""
+    return {
+        "refine_points": attempt(_checkbox, ui.REFINE_POINTS, values.get(ui.REFINE_POINTS), ui.REFINE_POINTS_DEFAULT),
+        "refine_rectangles": attempt(_checkbox, ui.REFINE_RECTANGLES, values.get(ui.REFINE_RECTANGLES),
+                                     ui.REFINE_RECTANGLES_DEFAULT),
+        "separate": attempt(_checkbox, ui.SEPARATE, values.get(ui.SEPARATE), ui.SEPARATE_DEFAULT),
+    }
 
 
 def _int(field: str, value: Any, minimum: int = 0) -> int:
@@ -262,6 +294,7 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
     prompt = attempt(_select, ui.PROMPT, values.get(ui.PROMPT), ui.PROMPT_ITEMS, ui.PROMPT_DEFAULT)
     min_overlap = attempt(_number, ui.MIN_OVERLAP, values.get(ui.MIN_OVERLAP), *ui.MIN_OVERLAP_RANGE,
                           ui.MIN_OVERLAP_DEFAULT)
+    shape_settings = _shape_settings(values, attempt)
     if errors:
         raise SettingsErrors(errors)
     return RefineSettings(
@@ -282,4 +315,5 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         resolution=resolution,
         prompt=prompt,
         min_overlap=min_overlap,
+        **shape_settings,
     )

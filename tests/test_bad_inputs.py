@@ -328,7 +328,8 @@ def test_catalogue_dataset_without_layer_settings(server, ckpt, tmp_path):
 
 
 def test_catalogue_unknown_shapes(server, ckpt, tmp_path):
-    """Lines, points and rectangles are not polygons: never selected, never touched."""
+    """Lines, points and rectangles are not polygons: with the point and rectangle fields off
+    (the default), never selected, never touched."""
     ds = dataset(server)
     x, y, r = DISKS[0]
     box = [[x - r, y - r], [x + r, y - r], [x + r, y + r], [x - r, y + r]]
@@ -344,6 +345,132 @@ def test_catalogue_unknown_shapes(server, ckpt, tmp_path):
     assert not {line, point, rect, odd} & everything
     shapes = {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")}
     assert shapes <= {"polygon", "blob"}
+
+
+# -- points and rectangles (issue 13) ------------------------------------------------------------------
+
+SHAPES_ON = {ui.REFINE_POINTS: True, ui.REFINE_RECTANGLES: True}
+
+
+def point(x: float, y: float, **extra) -> dict[str, Any]:
+    return doc([[x, y]], shape="point", **extra)
+
+
+def test_catalogue_line_annotation_is_not_selected(server, ckpt, tmp_path):
+    """Even with points and rectangles on, lines (and unknown shapes) are never listed."""
+    ds = dataset(server)
+    line, odd, ok = server.add_annotations(ds.dataset_id, [
+        doc([[10, 10], [50, 50], [90, 20]], shape="line"), doc(octagon(60, 50, 16), shape="ellipse"),
+        point(*DISKS[1][:2])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0 and summary["selected"] == 1
+    assert_refined(server, ds, summary, ok)
+    assert {line, odd} <= stored_ids(server, ds)
+    assert {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")} == {
+        "polygon", "blob", "rectangle", "point"}
+
+
+def test_catalogue_point_outside_the_frame(server, ckpt, tmp_path):
+    ds = dataset(server)
+    left, far, ok = server.add_annotations(ds.dataset_id, [point(-3, 50), point(50, H + 40), point(*DISKS[0][:2])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    for bad in (left, far):
+        assert_kept(server, ds, summary, bad, f"it lies outside the {W}x{H} frame")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_point_with_several_coordinates(server, ckpt, tmp_path):
+    ds = dataset(server)
+    several, repeated = server.add_annotations(ds.dataset_id, [
+        doc([DISKS[0][:2], DISKS[1][:2], DISKS[2][:2]], shape="point"),
+        doc([DISKS[1][:2], DISKS[1][:2]], shape="point")])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    assert_kept(server, ds, summary, several, "a point annotation with 3 different coordinates (one expected)")
+    assert_refined(server, ds, summary, repeated)  # the same position twice is one point
+
+
+def test_catalogue_rectangle_with_zero_area(server, ckpt, tmp_path):
+    ds = dataset(server)
+    flat, dot = server.add_annotations(ds.dataset_id, [
+        doc([[40, 50], [80, 50], [80, 50], [40, 50]], shape="rectangle"), doc([[40, 50]] * 4, shape="rectangle")])
+    ok, = server.add_annotations(ds.dataset_id, [good(1)])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    for bad in (flat, dot):
+        assert_kept(server, ds, summary, bad, "the rectangle encloses no area (its corners lie on a line)")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_rectangle_corners_in_any_order_or_rotated(server, ckpt, tmp_path):
+    """Upright corners shuffled, and a rotated square around a disk: both prompt with the
+    bounding box of their corners and are refined to the disk."""
+    ds = dataset(server)
+    x0, y0, r0 = DISKS[0]
+    shuffled = [[x0 + 1.2 * r0, y0 + 1.2 * r0], [x0 - 1.2 * r0, y0 - 1.2 * r0], [x0 - 1.2 * r0, y0 + 1.2 * r0],
+                [x0 + 1.2 * r0, y0 - 1.2 * r0]]
+    x1, y1, r1 = DISKS[1]
+    rotated = [[x1 + 1.4 * r1 * np.cos(a), y1 + 1.4 * r1 * np.sin(a)] for a in np.radians([20, 110, 200, 290])]
+    a, b = server.add_annotations(ds.dataset_id, [doc(shuffled, shape="rectangle"), doc(rotated, shape="rectangle")])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    for ann_id, (x, y, r) in ((a, DISKS[0]), (b, DISKS[1])):
+        new = assert_refined(server, ds, summary, ann_id)
+        xs, ys = [p["x"] for p in new["coordinates"]], [p["y"] for p in new["coordinates"]]
+        assert abs(min(xs) - (x - r)) < 1.5 and abs(max(ys) - (y + r)) < 1.5  # the disk
+
+
+def test_catalogue_points_and_polygons_under_one_tag(server, ckpt, tmp_path):
+    """Under the same tag, polygons prompt with their box and points with the point; each is
+    refined; the points' typical area comes from points only."""
+    ds = dataset(server)
+    polygon_ids = server.add_annotations(ds.dataset_id, [good(0), good(1)])
+    point_ids = server.add_annotations(ds.dataset_id, [point(*DISKS[2][:2]), point(DISKS[0][0] + 2, DISKS[0][1]),
+                                                       point(DISKS[3][0] + 3, DISKS[3][1])])
+    seen = []
+
+    class Watching(KnownMaskPredictor):
+        def decode(self, boxes, mask_inputs=None, multimask=False, **kw):
+            seen.append(("points" if boxes is None else "boxes", len(kw.get("points") if boxes is None else boxes)))
+            return super().decode(boxes, mask_inputs, multimask, **kw)
+
+    code, _, summary = run(server, ds, ckpt, tmp_path, predictor=Watching(), **SHAPES_ON)
+    assert code == 0
+    assert seen == [("boxes", 2), ("points", 3)]
+    for ann_id in polygon_ids + point_ids:
+        assert_refined(server, ds, summary, ann_id)
+
+
+def test_catalogue_point_on_the_background(server, ckpt, tmp_path):
+    ds = dataset(server)
+    bad, ok = server.add_annotations(ds.dataset_id, [point(180, 10), point(*DISKS[0][:2])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    reason = reason_of(summary, bad)
+    assert reason in ("empty mask", "the mask does not reach the point"), reason
+    assert bad in stored_ids(server, ds)
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_point_mask_far_from_its_tags_typical_area(server, ckpt, tmp_path):
+    """Four points mark disks of radius 5; a fifth, same tag, marks a disk of radius 19 (14
+    times their area, under the 5 % bound) whose three masks all lie outside 0.25x to 3x the
+    typical area: kept, the others refined. (An object whose part-mask falls in that range
+    gets that part: the rule picks the mask nearest the typical size.)"""
+    yy, xx = np.mgrid[0:H, 0:W]
+    centres = [(20, 30, 5), (45, 30, 5), (70, 30, 5), (95, 30, 5), (150, 80, 19)]
+    inside = np.zeros((H, W), bool)
+    for x, y, r in centres:
+        inside |= (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+    plane = np.where(inside, 30000, 1000).astype(np.uint16)
+    ds = server.add_dataset(np.broadcast_to(plane, (1, 1, 1, 1, H, W)).copy(), layers=LAYER)
+    *small, big = server.add_annotations(ds.dataset_id, [point(x, y) for x, y, _ in centres])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    assert_kept(server, ds, summary, big, "far from the typical area of the objects its tags mark here")
+    for ann_id in small:
+        assert_refined(server, ds, summary, ann_id)
 
 
 def test_catalogue_location_not_whole_numbers(server, ckpt, tmp_path):
@@ -535,6 +662,9 @@ BAD_SETTINGS = {
     "prompt_unknown": ({ui.PROMPT: "points"}, ui.PROMPT),
     "min_overlap_above_one": ({ui.MIN_OVERLAP: 1.5}, ui.MIN_OVERLAP),
     "keep_tags_not_bool": ({ui.KEEP_TAGS: "yes"}, ui.KEEP_TAGS),
+    "refine_points_not_bool": ({ui.REFINE_POINTS: "yes"}, ui.REFINE_POINTS),
+    "refine_rectangles_not_bool": ({ui.REFINE_RECTANGLES: 1}, ui.REFINE_RECTANGLES),
+    "separate_not_bool": ({ui.SEPARATE: "false"}, ui.SEPARATE),
 }
 BAD_PARAMETERS = {
     "channel_negative": ({"channel": -1}, "channel"),

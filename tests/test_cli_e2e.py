@@ -76,7 +76,9 @@ def test_interface_posts_the_fields(server, checkpoint_dir):
     assert posted == build_interface(scan_models(checkpoint_dir))
     assert list(posted) == ["SAM2 Refiner", "Batch XY", "Batch Z", "Batch Time", "Tag of objects to refine",
                             "Model", "Delete original annotations", "Padding", "Smoothing",
-                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags"]
+                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags",
+                            "Refine point annotations", "Refine rectangle annotations",
+                            "Keep touching objects apart"]
     item = "SAM2.1 tiny, UNTRAINED test weights (sam2.1_hiera_tiny.pt)"
     assert posted["Model"]["items"] == [item]
     assert posted["Model"]["default"] == item

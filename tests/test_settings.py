@@ -312,3 +312,35 @@ def test_input_not_mutated(ckpt_dir: Path) -> None:
     before = copy.deepcopy(params)
     parse_settings(params, "ds-1", ckpt_dir)
     assert params == before
+
+
+# -- issue 13: points, rectangles, touching objects kept apart ------------------------------------
+
+
+def test_shape_fields_default_to_the_original_behaviour(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(), "ds-1", ckpt_dir)
+    assert (settings.refine_points, settings.refine_rectangles, settings.separate) == (False, False, True)
+    assert settings.shapes == ("polygon", "blob")
+
+
+def test_shape_fields_null_means_default(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(**{"Refine point annotations": None, "Refine rectangle annotations": None,
+                                             "Keep touching objects apart": None}), "ds-1", ckpt_dir)
+    assert (settings.refine_points, settings.refine_rectangles, settings.separate) == (False, False, True)
+
+
+def test_shape_fields_on(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(**{"Refine point annotations": True, "Refine rectangle annotations": True,
+                                             "Keep touching objects apart": False}), "ds-1", ckpt_dir)
+    assert (settings.refine_points, settings.refine_rectangles, settings.separate) == (True, True, False)
+    assert settings.shapes == ("polygon", "blob", "rectangle", "point")
+
+
+def test_bad_shape_fields_are_each_named(ckpt_dir: Path) -> None:
+    errors = errors_of(full_params(**{"Refine point annotations": "yes", "Refine rectangle annotations": 1,
+                                      "Keep touching objects apart": "false"}), ckpt_dir)
+    assert errors == {
+        "Refine point annotations": "expected true or false, got 'yes'",
+        "Refine rectangle annotations": "expected true or false, got 1",
+        "Keep touching objects apart": "expected true or false, got 'false'",
+    }

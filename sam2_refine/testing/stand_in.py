@@ -9,6 +9,19 @@ runs SAM2.
 - :class:`ModelResolutionPredictor` segments like a model that sees only its 1024x1024 input:
   it thresholds the image after resizing it to the model input, so objects only a few pixels
   wide in a large frame come out coarse or lost.
+
+Both answer point prompts (issue 13) the way SAM2 answers one positive click, with three masks
+of different extents: a part of the object under the point (eroded), the object, and the object
+with whatever it touches (its neighbours within a few pixels, or, alone, the object grown by
+half its radius). Their scores (the model's own quality estimate) favour the object for two
+objects in three and the largest mask for the third (objects whose label is a multiple of 3),
+so that a choice by score alone is sometimes wrong. Negative points remove the objects they lie
+on from every mask (as a negative click makes SAM2 leave that region out).
+
+``spill`` (pixels) makes every object mask also claim the parts of touching neighbours within
+that distance, with weaker logits (+3 against +8 inside the object): the way a box over one of
+two touching nuclei gives a mask that spills into the other. Negative points on a neighbour
+stop the spill into it.
 """
 
 from __future__ import annotations
@@ -23,6 +36,13 @@ from sam2_refine.predictor import Decoded
 
 #: Logit magnitude of a known mask: inside +LOGIT, outside -LOGIT.
 LOGIT = 8.0
+#: Logits of the pixels a mask spills into (a neighbour's), and of the neighbours merged into
+#: the largest of a point's three masks.
+SPILL_LOGIT, MERGE_LOGIT = 3.0, 5.0
+#: Scores of a point's three masks (part, object, object with its neighbours): usually the
+#: object scores best; for objects whose label is a multiple of 3 the largest mask does.
+POINT_SCORES = (0.80, 0.90, 0.85)
+POINT_SCORES_WRONG = (0.80, 0.85, 0.90)
 
 
 def _labels(image: np.ndarray, threshold: float, band: int | None = None) -> np.ndarray:
@@ -40,15 +60,111 @@ def _box_slices(box: np.ndarray, height: int, width: int) -> tuple[slice, slice]
     return slice(r0, r1), slice(c0, c1)
 
 
-def _to_grid(mask: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+def _to_grid(logits: np.ndarray, grid: tuple[int, int] | None) -> np.ndarray:
+    """Full-resolution logits, or their average over each cell of a coarse grid."""
     if grid is None:
-        return np.where(mask, LOGIT, -LOGIT).astype(np.float32)
-    frac = cv2.resize(mask.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
-    return ((frac - 0.5) * 2.0 * LOGIT).astype(np.float32)
+        return logits.astype(np.float32)
+    return cv2.resize(logits.astype(np.float32), (grid[1], grid[0]), interpolation=cv2.INTER_AREA)
+
+
+def _disk(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+class _Answers:
+    """Masks as logit maps over a label image (0 = background, k = object k)."""
+
+    def __init__(self, labels: np.ndarray, spill: float, wrong_scores: bool = True) -> None:
+        self.labels = labels
+        self.spill = spill
+        self.wrong_scores = wrong_scores
+
+    def label_at(self, x: float, y: float, reach: int = 2) -> int:
+        height, width = self.labels.shape
+        row, col = int(np.floor(y + 0.5)), int(np.floor(x + 0.5))
+        if 0 <= row < height and 0 <= col < width and self.labels[row, col]:
+            return int(self.labels[row, col])
+        r0, c0 = max(row - reach, 0), max(col - reach, 0)
+        near = self.labels[r0:row + reach + 1, c0:col + reach + 1]
+        if near.size == 0 or not near.any():
+            return 0
+        rows, cols = np.nonzero(near)
+        k = int(np.argmin((rows + r0 - row) ** 2 + (cols + c0 - col) ** 2))
+        return int(near[rows[k], cols[k]])
+
+    def label_in_box(self, box: np.ndarray) -> int:
+        height, width = self.labels.shape
+        rows, cols = _box_slices(box, height, width)
+        counts = np.bincount(self.labels[rows, cols].ravel())
+        counts[0] = 0
+        return int(np.argmax(counts)) if counts.size > 1 and counts.max() > 0 else 0
+
+    def _near(self, label: int, reach: int) -> tuple[tuple[slice, slice], np.ndarray]:
+        """A window around the object (reach pixels more), and the object's mask in it."""
+        rows, cols = np.nonzero(self.labels == label)
+        height, width = self.labels.shape
+        win = (slice(max(rows.min() - reach, 0), min(rows.max() + reach + 1, height)),
+               slice(max(cols.min() - reach, 0), min(cols.max() + reach + 1, width)))
+        return win, self.labels[win] == label
+
+    def object_logits(self, label: int, excluded: set[int] = frozenset()) -> np.ndarray:
+        """The object (+LOGIT), spilling into touching neighbours not excluded (+SPILL_LOGIT)."""
+        out = np.full(self.labels.shape, -LOGIT, dtype=np.float32)
+        if not label:
+            return out
+        reach = int(np.ceil(self.spill))
+        win, own = self._near(label, reach)
+        local = out[win]
+        if reach > 0:
+            grown = cv2.dilate(own.astype(np.uint8), _disk(reach)) > 0
+            others = self.labels[win]
+            spill = grown & (others != 0) & ~own & ~np.isin(others, list(excluded))
+            local[spill] = SPILL_LOGIT
+        local[own] = LOGIT
+        return out
+
+    def point_logits(self, label: int, excluded: set[int], multimask: bool) -> tuple[list[np.ndarray], tuple]:
+        """(masks, scores) for a point on ``label``: [part, object, whole] or [object]."""
+        middle = self.object_logits(label, excluded)
+        if not multimask:
+            return [middle], (POINT_SCORES[1],)
+        if not label:
+            return [middle, middle, middle], POINT_SCORES
+        radius = max(1, int(round(np.sqrt(np.count_nonzero(self.labels == label) / np.pi))))
+        reach = max(2, int(np.ceil(self.spill))) + 2
+        win, own = self._near(label, max(reach, radius))
+        others = self.labels[win]
+        part = np.full(self.labels.shape, -LOGIT, dtype=np.float32)
+        eroded = cv2.erode(own.astype(np.uint8), _disk(max(1, int(round(0.4 * radius))))) > 0
+        part[win][eroded if eroded.any() else own] = LOGIT
+        whole = middle.copy()
+        touching = set(np.unique(others[cv2.dilate(own.astype(np.uint8), _disk(reach)) > 0]).tolist())
+        touching -= {0, label} | set(excluded)
+        if touching:
+            whole[win][np.isin(others, list(touching))] = MERGE_LOGIT
+        else:
+            grown = cv2.dilate(own.astype(np.uint8), _disk(max(1, radius // 2))) > 0
+            whole[win][grown & ~own & (others == 0)] = MERGE_LOGIT
+        scores = POINT_SCORES_WRONG if self.wrong_scores and label % 3 == 0 else POINT_SCORES
+        return [part, middle, whole], scores
+
+
+def _point_prompts(answers: _Answers, points: np.ndarray, point_labels: np.ndarray, multimask: bool,
+                   ) -> tuple[list[list[np.ndarray]], list[tuple]]:
+    masks, scores = [], []
+    for pts, labs in zip(np.asarray(points, dtype=np.float64), np.asarray(point_labels), strict=True):
+        positive = [answers.label_at(x, y) for (x, y), lab in zip(pts, labs, strict=True) if lab == 1]
+        excluded = {answers.label_at(x, y, reach=0) for (x, y), lab in zip(pts, labs, strict=True) if lab == 0}
+        label = next((p for p in positive if p), 0)
+        m, s = answers.point_logits(label, excluded - {0, label}, multimask)
+        masks.append(m)
+        scores.append(s)
+    return masks, scores
 
 
 class KnownMaskPredictor:
-    """Each box gets the connected bright object that covers most of it.
+    """Each box gets the connected bright object that covers most of it; each point the object
+    under it (three masks with ``multimask``, see the module docstring).
 
     Args:
         threshold: An object is where the image's brightest band exceeds this.
@@ -56,6 +172,9 @@ class KnownMaskPredictor:
         max_batch: Prompts per decode call.
         labels: (H, W) int label image to answer from instead of thresholding the image (the
             ground truth of a synthetic scene).
+        spill: Pixels by which masks spill into touching neighbours (0: none).
+        wrong_scores: Score the largest of a point's masks best for one object in three (else
+            the object's mask always scores best).
     """
 
     description = "known-mask stand-in"
@@ -63,37 +182,44 @@ class KnownMaskPredictor:
     input_size = None
 
     def __init__(self, threshold: float = 0.5, grid: tuple[int, int] | None = None, max_batch: int = 16,
-                 labels: np.ndarray | None = None) -> None:
+                 labels: np.ndarray | None = None, spill: float = 0.0, wrong_scores: bool = True) -> None:
         self.threshold = threshold
+        self.wrong_scores = wrong_scores
         self.truth = labels
         self.grid = grid
         self.max_batch = max_batch
+        self.spill = spill
         self.embed_calls = 0
         self.decode_calls = 0
         self.prompts = 0
+        self.point_calls: list[np.ndarray] = []  # the point labels of each point decode
         self._labels: np.ndarray | None = None
 
     def embed(self, image: np.ndarray) -> None:
         self.embed_calls += 1
+        if self.truth is not None and image.shape[:2] != self.truth.shape:
+            raise ValueError(f"the truth labels {self.truth.shape} answer for the whole frame only, "
+                             f"not a {image.shape[:2]} crop")
         self._labels = self.truth if self.truth is not None else _labels(image, self.threshold)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None) -> Decoded:
         assert self._labels is not None, "embed() first"
+        answers = _Answers(self._labels, self.spill, self.wrong_scores)
         self.decode_calls += 1
-        self.prompts += len(boxes)
-        height, width = self._labels.shape
-        out = []
-        for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-            rows, cols = _box_slices(box, height, width)
-            counts = np.bincount(self._labels[rows, cols].ravel())
-            counts[0] = 0
-            label = int(np.argmax(counts)) if counts.size > 1 and counts.max() > 0 else 0
-            mask = (self._labels == label) if label else np.zeros((height, width), dtype=bool)
-            out.append(_to_grid(mask, self.grid))
-        logits = np.stack(out)[:, None]
         channels = 3 if multimask else 1
-        logits = np.repeat(logits, channels, axis=1)
+        if boxes is None:
+            assert points is not None and point_labels is not None
+            self.prompts += len(points)
+            self.point_calls.append(np.asarray(point_labels))
+            masks, scores = _point_prompts(answers, points, point_labels, multimask)
+            logits = np.stack([np.stack([_to_grid(m, self.grid) for m in ms]) for ms in masks])
+            return Decoded(logits, np.asarray(scores, dtype=np.float32))
+        self.prompts += len(boxes)
+        out = [_to_grid(answers.object_logits(answers.label_in_box(box)), self.grid)
+               for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4)]
+        logits = np.repeat(np.stack(out)[:, None], channels, axis=1)
         return Decoded(logits, np.ones((len(out), channels), dtype=np.float32))
 
 
@@ -102,8 +228,8 @@ class ModelResolutionPredictor:
 
     The embedded image is resized (area averaging) to ``input_size`` x ``input_size``; objects
     are thresholded there (the brightest band, or band ``band`` of the RGB image), and each box
-    gets the object covering most of it, as logits on a ``grid`` x ``grid`` map (SAM2: 256),
-    upsampled back by the engine.
+    gets the object covering most of it (each point the object under it, three masks with
+    ``multimask``), as logits on a ``grid`` x ``grid`` map (SAM2: 256), upsampled back by the engine.
     """
 
     description = "model-resolution stand-in"
@@ -124,22 +250,26 @@ class ModelResolutionPredictor:
         small = cv2.resize(image, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
         self._labels = _labels(small, self.threshold, self.band)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None) -> Decoded:
         assert self._labels is not None, "embed() first"
         height, width = self._hw
-        scale = np.array([self.input_size / width, self.input_size / height] * 2)
+        answers = _Answers(self._labels, 0.0)
+        grid = (self.grid, self.grid)
+        scale = np.array([self.input_size / width, self.input_size / height])
+        channels = 3 if multimask else 1
+        if boxes is None:
+            assert points is not None and point_labels is not None
+            model_points = (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
+            masks, scores = _point_prompts(answers, model_points, point_labels, multimask)
+            logits = np.stack([np.stack([_to_grid(m, grid) for m in ms]) for ms in masks])
+            return Decoded(logits, np.asarray(scores, dtype=np.float32))
         out = []
         for box in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-            model_box = (box + 0.5) * scale - 0.5
-            rows, cols = _box_slices(model_box, self.input_size, self.input_size)
-            counts = np.bincount(self._labels[rows, cols].ravel())
-            counts[0] = 0
-            label = int(np.argmax(counts)) if counts.size > 1 and counts.max() > 0 else 0
-            mask = (self._labels == label) if label else np.zeros(self._labels.shape, dtype=bool)
-            out.append(_to_grid(mask, (self.grid, self.grid)))
+            model_box = (box + 0.5) * np.tile(scale, 2) - 0.5
+            out.append(_to_grid(answers.object_logits(answers.label_in_box(model_box)), grid))
         logits = np.stack(out)[:, None]
-        channels = 3 if multimask else 1
         return Decoded(np.repeat(logits, channels, axis=1), np.ones((len(out), channels), dtype=np.float32))
 
 
@@ -195,9 +325,16 @@ class ZeroCostPredictor:
         self._ramp = ((fraction - 0.5) * (2.0 * LOGIT)).astype(np.float32)
         self._maps = {}
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False) -> Decoded:
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None) -> Decoded:
+        """Box prompts as above; a point prompt gets the object under its first point (the same
+        mask for each of the three with ``multimask``)."""
         assert self._labels is not None and self._ramp is not None, "embed() first"
+        if boxes is None:
+            assert points is not None, "boxes or points"
+            first = np.asarray(points, dtype=np.float64)[:, 0]
+            boxes = np.concatenate([first - 0.5, first + 0.5], axis=1)
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         self.decode_calls += 1
         self.prompts += len(boxes)
