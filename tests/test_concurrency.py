@@ -517,7 +517,9 @@ def test_a_job_killed_between_any_two_requests(ckpt, delete):
                        run_in_thread(server, data, "job2", ckpt, delete=delete, outcome=outcome)]
             for t in threads:
                 t.join(120)
-            assert outcome["job1"]["code"] == "killed", (n, outcome["job1"])
+            # job1 makes about ``total`` requests; fewer when it finds job2's work done
+            assert outcome["job1"]["code"] == "killed" or (outcome["job1"]["code"] == 0
+                                                          and outcome["job1"]["sent"] < n), (n, outcome["job1"])
             assert outcome["job2"]["code"] == 0, (n, outcome["job2"]["lines"][-3:])
             assert_converged(server, data, delete=delete, complete=False)
             server.before_acting = None
