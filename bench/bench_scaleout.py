@@ -11,7 +11,8 @@ not depend on them) whose low-resolution logits are replaced by those of the obj
 box (bench/realistic_masks.py), so that every job traces and uploads real outlines. All jobs of a
 scenario start at once against one local test server. It reports each job's wall time and the
 scenario's (first start to last exit), checks that the three scenarios leave the same outlines
-and counts, and writes bench/results/scaleout.json.
+and counts, and writes bench/results/scaleout.json. The CPU time of all jobs (user + system, each
+job's own) shows whether the work was split or repeated.
 
 On a machine with fewer cores than jobs the jobs share the cores: the point of several jobs is
 several worker hosts (docs/deployment.md), which one machine cannot show.
@@ -42,8 +43,14 @@ TOKEN = "bench-scaleout-token"
 
 #: The real entrypoint.py with SAM2's masks replaced by realistic ones (bench/realistic_masks.py).
 LAUNCHER = r"""
-import runpy, sys
+import atexit, resource, runpy, sys
 sys.path.insert(0, "bench")
+
+def _cpu():
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    sys.stderr.write(f"\nCPU_SECONDS={used.ru_utime + used.ru_stime:.3f}\n")
+
+atexit.register(_cpu)
 import sam2_refine.cli as cli
 from realistic_masks import MaskOracle, RealisticBoxPredictor
 
@@ -91,18 +98,19 @@ def scenario(batches: dict[str, str], size: int, objects: int, positions: int, c
         began = time.perf_counter()
         procs = {name: (start(server, dataset_id, name, batch, ckpt), time.perf_counter())
                  for name, batch in batches.items()}
-        walls = {}
+        walls, cpu = {}, {}
         for name, (proc, t0) in procs.items():
             out, err = proc.communicate(timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"{name} exited {proc.returncode}: {out[-2000:]} {err[-2000:]}")
             walls[name] = time.perf_counter() - t0
+            cpu[name] = float(err.rsplit("CPU_SECONDS=", 1)[1].split()[0])
         total = time.perf_counter() - began
         docs = server.annotations(dataset_id)
         made = {original_of(d): [(p["x"], p["y"]) for p in d["coordinates"]] for d in docs if original_of(d)}
         counts = {"refinements": len(made), "originals left": sum(1 for d in docs if d["_id"] in set(originals)),
                   "refinement docs": sum(1 for d in docs if original_of(d))}
-    return {"jobs": walls, "wall": total, "counts": counts, "outlines": made}
+    return {"jobs": walls, "cpu": cpu, "wall": total, "counts": counts, "outlines": made}
 
 
 def main() -> None:
@@ -125,12 +133,12 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\n{time.strftime('%Y-%m-%d')}, {machine}, SAM2.1 tiny (random weights, realistic masks), "
           f"{positions} XY x {size}x{size} px x {objects} objects, delete originals on\n")
-    print("| scenario | wall time of each job (s) | first start to last exit (s) | refinements | originals left "
-          "| same outlines and counts as one job |")
-    print("|---|---|---|---|---|---|")
+    print("| scenario | wall time of each job (s) | first start to last exit (s) | CPU time of all jobs (s) "
+          "| refinements | originals left | same outlines and counts as one job |")
+    print("|---|---|---|---|---|---|---|")
     for label, r in results.items():
         jobs = " / ".join(f"{w:.1f}" for w in r["jobs"].values())
-        print(f"| {label} | {jobs} | {r['wall']:.1f} | {r['counts']['refinements']} | "
+        print(f"| {label} | {jobs} | {r['wall']:.1f} | {sum(r['cpu'].values()):.1f} | {r['counts']['refinements']} | "
               f"{r['counts']['originals left']} | {'yes' if same[label] else 'NO'} |")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
