@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 6
 #: Fixed-point passes of "list connections, copy what is missing" per move.
 MAX_COPY_PASSES = 4
+#: Ends of connections up to this many are looked up one by one rather than by listing a shape.
+LOOKUPS = 100
 #: The shapes an annotation can have (the server's schema).
 ANNOTATION_SHAPES = ("point", "line", "polygon", "rectangle")
 
@@ -402,11 +404,11 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
 
 
 def _existing(client: NimbusClient, dataset_id: str, ids: set[str], listed: tuple[str, ...]) -> set[str]:
-    """Which of ``ids`` are annotations of the dataset: the shapes not listed yet are listed once,
-    and ids still not found are looked up one by one."""
+    """Which of ``ids`` are annotations of the dataset: looked up one by one when they are few
+    (at most :data:`LOOKUPS`), else the shapes not listed yet are listed once first."""
     found: set[str] = set()
     for shape in ANNOTATION_SHAPES:
-        if shape in listed or not ids - found:
+        if shape in listed or len(ids - found) <= LOOKUPS:
             continue
         for page in client.iter_annotation_pages(dataset_id, shape):
             found |= {d["_id"] for d in page if isinstance(d, dict) and d.get("_id") in ids}
