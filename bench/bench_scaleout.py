@@ -14,8 +14,9 @@ scenario's (first start to last exit), checks that the three scenarios leave the
 and counts, and writes bench/results/scaleout.json. The CPU time of all jobs (user + system, each
 job's own) shows whether the work was split or repeated.
 
-On a machine with fewer cores than jobs the jobs share the cores: the point of several jobs is
-several worker hosts (docs/deployment.md), which one machine cannot show.
+On a machine with fewer cores than jobs the jobs share the cores (each job gets
+``OMP_NUM_THREADS`` = cores // jobs, as containers sharing a host would be given): the point of
+several jobs is several worker hosts (docs/deployment.md), which one machine cannot show.
 """
 
 from __future__ import annotations
@@ -78,14 +79,15 @@ def build(server: NimbusTestServer, size: int, objects: int, positions: int) -> 
     return ds.dataset_id, originals
 
 
-def start(server: NimbusTestServer, dataset_id: str, name: str, batch_xy: str, ckpt: Path) -> subprocess.Popen:
+def start(server: NimbusTestServer, dataset_id: str, name: str, batch_xy: str, ckpt: Path,
+          threads: int) -> subprocess.Popen:
     token = f"{TOKEN}-{name}"
     server.add_token(token, name)
     params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt", "Tag of objects to refine": ["rough"],
                                   "Batch XY": batch_xy, "Batch Z": "all", "Batch Time": "all",
                                   "Delete original annotations": True, "Resolution": "Whole frame"},
               "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": ["refined"]}
-    env = dict(os.environ, SAM2_CHECKPOINT_DIR=str(ckpt),
+    env = dict(os.environ, SAM2_CHECKPOINT_DIR=str(ckpt), OMP_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     argv = [sys.executable, "-c", LAUNCHER, "--apiUrl", server.api_url, "--token", token, "--request", "compute",
             "--parameters", json.dumps(params), "--datasetId", dataset_id]
@@ -96,7 +98,8 @@ def scenario(batches: dict[str, str], size: int, objects: int, positions: int, c
     with NimbusTestServer(token=TOKEN) as server:
         dataset_id, originals = build(server, size, objects, positions)
         began = time.perf_counter()
-        procs = {name: (start(server, dataset_id, name, batch, ckpt), time.perf_counter())
+        threads = max(1, (os.cpu_count() or 1) // len(batches))  # as one host would share its cores
+        procs = {name: (start(server, dataset_id, name, batch, ckpt, threads), time.perf_counter())
                  for name, batch in batches.items()}
         walls, cpu = {}, {}
         for name, (proc, t0) in procs.items():
