@@ -42,6 +42,7 @@ from sam2_refine.testing.interleave import Interleaver
 from sam2_refine.testing.nimbus_server import NimbusTestServer, RecordedRequest
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 from test_faults import cli_argv, cli_env, job_params
+from test_faults import refinements_on_server as refinements
 
 H, W = 128, 160
 LAYERS = [{"channel": 0, "color": "#ffffff", "visible": True,
@@ -89,15 +90,6 @@ def make_data(server: NimbusTestServer, n_xy: int = 2, count: int = 4, seed: int
     server.add_connections([{"parentId": p, "childId": c, "datasetId": ds.dataset_id, "label": label}
                             for p, c, label in data.links])
     return data
-
-
-def refinements(server: NimbusTestServer, dataset_id: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for doc in server.annotations(dataset_id):
-        original = original_of(doc)
-        if original is not None:
-            out.setdefault(original, []).append(doc["_id"])
-    return out
 
 
 def assert_converged(server: NimbusTestServer, data: Data, *, delete: bool, complete: bool = True,
@@ -354,6 +346,13 @@ def test_a_job_killed_while_another_runs_then_a_rerun(server, ckpt, tmp_path, ki
     assert_converged(server, data, delete=True)
 
 
+def job2_ids_smaller() -> Callable[[str | None], str]:
+    """Annotation ids for the test server: every id job2 gets is smaller than any of job1's."""
+    counters = {"job1": iter(range(1, 10**6)), "job2": iter(range(1, 10**6))}
+    prefix = {"job1": "f", "job2": "0"}
+    return lambda client: f"{prefix[str(client)]}{next(counters[str(client)]):023x}"
+
+
 # -- hazards, forced --------------------------------------------------------------------------
 
 
@@ -362,10 +361,8 @@ def test_connections_moved_to_a_refinement_that_loses(ckpt, tmp_path):
     originals; only then does job2 (which listed before job1 uploaded) upload refinements with
     SMALLER ids (ids are not ordered by creation time). job2's wins; the connections end on it,
     once, and none on job1's removed duplicates."""
-    counters = {"job1": iter(range(1, 10**6)), "job2": iter(range(1, 10**6))}
-    prefix = {"job1": "f", "job2": "0"}
     with NimbusTestServer(token=TOKEN, ordered_ids=False, id_seed=7) as server:
-        server.annotation_ids = lambda client: f"{prefix[client]}{next(counters[client]):023x}"
+        server.annotation_ids = job2_ids_smaller()
         data = make_data(server)
         lane = Interleaver(server)
         first = start_job(server, data, "job1", ckpt, tmp_path, delete=True)
@@ -396,10 +393,8 @@ def test_a_survivor_that_loses_while_its_originals_are_being_replaced(ckpt, tmp_
 
     When job1's copies land after its refinements were deleted, they point to nothing: job1
     must withdraw them (and must not make them again)."""
-    counters = {"job1": iter(range(1, 10**6)), "job2": iter(range(1, 10**6))}
-    prefix = {"job1": "f", "job2": "0"}
     with NimbusTestServer(token=TOKEN, ordered_ids=False, id_seed=3) as server:
-        server.annotation_ids = lambda client: f"{prefix[client]}{next(counters[client]):023x}"
+        server.annotation_ids = job2_ids_smaller()
         data = make_data(server)
         lane = Interleaver(server)
         def after(client: str, method: str, path: str) -> Callable[[RecordedRequest], bool]:
