@@ -78,17 +78,20 @@ class Config:
     objects: int
     locations: int
     per_box: bool = True
+    points: bool = False  # the objects are marked by points (issue 13) instead of rough polygons
 
     @property
     def name(self) -> str:
-        return f"{self.size}x{self.size} N={self.objects} L={self.locations}"
+        return f"{self.size}x{self.size} N={self.objects} L={self.locations}" + (" points" if self.points else "")
 
 
 FULL = [
     Config(1024, 200, 1), Config(1024, 100, 4), Config(2048, 100, 2), Config(4096, 500, 1), Config(4096, 100, 2),
     Config(2048, 10, 1), Config(2048, 100, 1), Config(2048, 1000, 1), Config(2048, 5000, 1, per_box=False),
+    # 9: the twin of 7 with points (the per-box loop has no point prompts)
+    Config(2048, 1000, 1, per_box=False, points=True),
 ]
-QUICK = [Config(1024, 20, 1), Config(2048, 20, 2)]
+QUICK = [Config(1024, 20, 1), Config(2048, 20, 2), Config(1024, 20, 1, per_box=False, points=True)]
 
 
 def rss_mb() -> float:
@@ -120,9 +123,13 @@ def build_dataset(server: NimbusTestServer, cfg: Config, seed: int = 0):
     ds = server.add_dataset(pixels)
     rng = np.random.default_rng(seed)
     for xy in range(cfg.locations):
-        docs = [{"shape": "polygon", "tags": ["rough"], "channel": 0, "location": {"XY": xy, "Z": 0, "Time": 0},
-                 "coordinates": [{"x": float(x), "y": float(y)} for x, y in ring]}
-                for ring in rough_octagons(scene.centres, scene.radii, rng)]
+        where = {"tags": ["rough"], "channel": 0, "location": {"XY": xy, "Z": 0, "Time": 0}}
+        if cfg.points:  # a click within 2 px of each centre
+            clicks = scene.centres + rng.uniform(-2, 2, size=scene.centres.shape)
+            docs = [{**where, "shape": "point", "coordinates": [{"x": float(x), "y": float(y)}]} for x, y in clicks]
+        else:
+            docs = [{**where, "shape": "polygon", "coordinates": [{"x": float(x), "y": float(y)} for x, y in ring]}
+                    for ring in rough_octagons(scene.centres, scene.radii, rng)]
         server.add_annotations(ds.dataset_id, docs)
     return ds, scene
 
@@ -132,7 +139,7 @@ def run_engine(server, ds, checkpoint_dir: Path, predictor, resolution: str = "W
     params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt", "Tag of objects to refine": ["rough"],
                                   "Batch XY": "all", "Batch Z": "all", "Batch Time": "all",
                                   "Smoothing": 0.7, "Padding": 0, "Delete original annotations": False,
-                                  "Resolution": resolution},
+                                  "Resolution": resolution, "Refine point annotations": True},
               "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": [tag]}
     settings = parse_settings(params, ds.dataset_id, checkpoint_dir)
     with NimbusClient(server.api_url, TOKEN) as client:
@@ -180,30 +187,57 @@ def remove_tagged(server: NimbusTestServer, dataset_id: str, tag: str) -> None:
 def first_windows(boxes: np.ndarray, height: int, width: int, grid_hw: tuple[int, int] | None) -> np.ndarray | None:
     """The windows (pixels) the engine asks the model for on its first pass over each box."""
     from sam2_refine.geometry import Window
-    from sam2_refine.refine import first_margin
+    from sam2_refine.refine import GROWTH_PAID, first_margin
 
     if grid_hw is None:
         return None
     region = Window(0, 0, height, width)
-    wins = [Window.around(box, first_margin(box, region, grid_hw), region) for box in boxes]
+    wins = [Window.around(box, GROWTH_PAID * first_margin(box, region, grid_hw), region) for box in boxes]
     return np.array([[w.top, w.left, w.bottom, w.right] for w in wins], dtype=np.int64)
 
 
-def run_floor(images: list[np.ndarray], boxes: np.ndarray, predictor) -> int:
-    """The model alone: each image embedded once, every box decoded in the engine's batches and
-    (with a windowed decoder) in the engine's first windows."""
+def run_floor(images: list[np.ndarray], boxes: np.ndarray, predictor, points: np.ndarray | None = None) -> int:
+    """The encoder once per image and the decoder for every prompt: boxes (with a windowed
+    decoder, in the engine's first windows), or (with ``points``, (N, 2)) one positive point
+    each asking for three masks, as the engine asks."""
     decoded = 0
     for image in images:
         predictor.embed(image)
         windows = first_windows(boxes, image.shape[0], image.shape[1], getattr(predictor, "logit_grid", None))
         for start in range(0, len(boxes), predictor.max_batch):
-            part = slice(start, start + predictor.max_batch)
-            if windows is None:
-                predictor.decode(boxes[part])
+            stop = start + predictor.max_batch
+            if points is not None:
+                chunk = points[start:stop, None]
+                predictor.decode(None, multimask=True, points=chunk, point_labels=np.ones(chunk.shape[:2], np.int64))
+            elif windows is not None:
+                predictor.decode(boxes[start:stop], windows=windows[start:stop])
             else:
-                predictor.decode(boxes[part], windows=windows[part])
-            decoded += len(boxes[part])
+                predictor.decode(boxes[start:stop])
+            decoded += len(boxes[start:stop])
     return decoded
+
+
+class StageClock:
+    """Adds up the time spent in one function of a module (patched in place while in use)."""
+
+    def __init__(self, module, name: str) -> None:
+        self.module, self.name = module, name
+        self.seconds = 0.0
+        self._original = getattr(module, name)
+
+    def __enter__(self) -> StageClock:
+        def timed_stage(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return self._original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        setattr(self.module, self.name, timed_stage)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.module, self.name, self._original)
 
 
 def timed_less_oracle(oracle: MaskOracle, fn, *args, **kwargs) -> tuple[float, float, object]:
@@ -218,14 +252,21 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
 
     from sam2_refine.geometry import polygon_from_ring, prompt_box
 
+    from sam2_refine import refine
+
     row: dict = {"config": cfg.name, "size": cfg.size, "objects": cfg.objects, "locations": cfg.locations}
     oracle = MaskOracle()
     realistic = RealisticBoxPredictor(predictor, oracle)
     with NimbusTestServer(token=TOKEN) as server:
         ds, scene = build_dataset(server, cfg)
         rough = [a for a in server.annotations(ds.dataset_id) if a["location"]["XY"] == 0]
-        boxes = np.stack([prompt_box(polygon_from_ring(np.array([[p["x"], p["y"]] for p in a["coordinates"]])),
-                                     cfg.size, cfg.size) for a in rough])
+        clicks = None
+        if cfg.points:
+            clicks = np.array([[a["coordinates"][0]["x"], a["coordinates"][0]["y"]] for a in rough])
+            boxes = np.concatenate([clicks - scene.radii[:, None], clicks + scene.radii[:, None]], axis=1)
+        else:
+            boxes = np.stack([prompt_box(polygon_from_ring(np.array([[p["x"], p["y"]] for p in a["coordinates"]])),
+                                         cfg.size, cfg.size) for a in rough])
         with NimbusClient(server.api_url, TOKEN) as client:
             info = client.get_dataset_info(ds.dataset_id)
             layers = default_layers(info.num_channels)
@@ -234,29 +275,37 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
         # warm-up, untimed: the first calls at new shapes pay one-off kernel set-up costs
         predictor.embed(images[0])
         predictor.decode(boxes[:predictor.max_batch])
+        if clicks is not None:
+            warm = clicks[:predictor.max_batch, None]
+            predictor.decode(None, multimask=True, points=warm, point_labels=np.ones(warm.shape[:2], np.int64))
         # c and b, interleaved; the fastest of each is kept (the model's own speed varies by
         # 10-30 % between identical calls on this shared 2-core machine).
         clock = ModelClock(realistic)
-        runs_b, runs_c, model_b = [], [], []
+        runs_b, runs_c, model_b, separations = [], [], [], []
         repeats = REPEATS if cfg.objects * cfg.locations < LONG_RUN_OBJECTS else 2
         for _ in range(repeats):
             # c: the floor
-            seconds, row["c_peak_mb"], _ = timed_less_oracle(oracle, run_floor, images, boxes, realistic)
+            seconds, row["c_peak_mb"], _ = timed_less_oracle(oracle, run_floor, images, boxes, realistic, clicks)
             runs_c.append(seconds)
             # b: the engine, whole frame (the same model passes as a and c)
             clock.seconds, oracle_before = 0.0, oracle.seconds
-            seconds, row["b_peak_mb"], created = timed_less_oracle(oracle, run_engine, server, ds, checkpoint_dir,
-                                                                   clock)
+            with StageClock(refine, "_separate") as separation:
+                seconds, row["b_peak_mb"], created = timed_less_oracle(oracle, run_engine, server, ds, checkpoint_dir,
+                                                                       clock)
             runs_b.append(seconds)
             model_b.append(clock.seconds - (oracle.seconds - oracle_before))
+            separations.append(separation.seconds)
             remove_tagged(server, ds.dataset_id, "engine")  # so that the next run refines them again
         del images
         best = int(np.argmin(runs_b))
         row["c_s"], row["b_s"], row["b_created"] = min(runs_c), runs_b[best], created
         row["c_runs"], row["b_runs"] = runs_c, runs_b
         row["b_outside_model_s"] = runs_b[best] - model_b[best]
+        row["b_separation_s"] = separations[best]
         # the default Resolution (Auto): object crops where objects are small, one encoder pass each
-        row["auto_mode"] = choose_mode(boxes, cfg.size, cfg.size, "auto")
+        mode_boxes = boxes if clicks is None else np.concatenate(  # the engine's view of a point (refine.py)
+            [clicks - refine.POINT_SIZE_FOR_AUTO / 2, clicks + refine.POINT_SIZE_FOR_AUTO / 2], axis=1)
+        row["auto_mode"] = choose_mode(mode_boxes, cfg.size, cfg.size, "auto")
         if row["auto_mode"] == "crops":
             row["b_auto_s"], _, row["b_auto_created"] = timed_less_oracle(
                 oracle, run_engine, server, ds, checkpoint_dir, realistic, "Auto", "auto")
@@ -283,20 +332,57 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
 def table(rows: list[dict]) -> str:
     head = ("| configuration | a per-box loop (s) | b engine (s) | c floor (s) | a/b (speed-up) | b/c | "
             "b/c of medians | "
-            "b outside the model | peak RSS a / b / c (MB) | created a / b | polygons/s (b) | "
+            "b outside the model | separation in b | peak RSS a / b / c (MB) | created a / b | polygons/s (b) | "
             "b with Auto = crops (s) |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         a = f"{r['a_s']:.1f}" if "a_s" in r else "not run"
         ab = f"{r['a_over_b']:.2f}x" if "a_over_b" in r else "-"
         peak_a = f"{r['a_peak_mb']:.0f}" if "a_peak_mb" in r else "-"
+        separation = (f"{r['b_separation_s']:.2f} s ({100 * r['b_separation_s'] / r['b_s']:.1f} %)"
+                      if "b_separation_s" in r else "-")
         lines.append(f"| {r['config']} | {a} | {r['b_s']:.1f} | {r['c_s']:.1f} | {ab} | {r['b_over_c']:.3f} | "
                      f"{statistics.median(r['b_runs']) / statistics.median(r['c_runs']):.3f} | "
-                     f"{r['b_outside_model_s']:.2f} s ({100 * r['outside_share']:.1f} %) | "
+                     f"{r['b_outside_model_s']:.2f} s ({100 * r['outside_share']:.1f} %) | {separation} | "
                      f"{peak_a} / {r['b_peak_mb']:.0f} / {r['c_peak_mb']:.0f} | {r.get('a_created', '-')} / "
                      f"{r['b_created']} of {r['selected']} | {r['polygons_per_s']:.1f} | "
                      + (f"{r['b_auto_s']:.1f} |" if "b_auto_s" in r else "(Auto = whole) |"))
     return "\n".join(lines)
+
+
+def dense_separation(size: int = 2048, objects: int = 1000) -> dict:
+    """The separation step on a dense field of touching nuclei whose masks spill 4 px into their
+    neighbours (the known-mask stand-in on the truth: no model), at ``size`` x ``size`` with
+    ``objects`` nuclei: the step's own time, and the rest of the engine's time around it."""
+    from sam2_refine import refine
+    from sam2_refine.refine import GeometryOptions, refine_location
+    from sam2_refine.selection import to_original
+    from sam2_refine.testing.datasets import dense_scene
+    from sam2_refine.testing.stand_in import KnownMaskPredictor
+
+    scene = dense_scene(size, size, objects, radius=(16.0, 26.0), spacing=1.2, seed=1)
+    originals = []
+    for k in range(1, scene.count + 1):
+        rows, cols = np.nonzero(scene.labels == k)
+        x0, x1, y0, y1 = cols.min() - 2.5, cols.max() + 2.5, rows.min() - 2.5, rows.max() + 2.5
+        doc = {"_id": f"a{k:05d}", "shape": "polygon", "tags": ["n"], "channel": 0,
+               "location": {"XY": 0, "Z": 0, "Time": 0},
+               "coordinates": [{"x": float(x), "y": float(y)} for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]}
+        originals.append(to_original(doc))
+    image = np.zeros((size, size, 3), np.float32)
+    out = {"size": size, "objects": scene.count}
+    for on in (False, True):
+        predictor = KnownMaskPredictor(labels=scene.labels, spill=4.0, grid=(256, 256), max_batch=64)
+        with StageClock(refine, "_separate") as clock:
+            started = time.perf_counter()
+            outcomes = refine_location(predictor, image, originals, GeometryOptions(separate=on, resolution="whole"))
+            total = time.perf_counter() - started
+        out["with" if on else "without"] = {"seconds": total, "separation_s": clock.seconds,
+                                            "refined": sum(type(o).__name__ == "Refined" for o in outcomes)}
+    print(f"dense {size}x{size}, {scene.count} touching nuclei (stand-in, no model): separation step "
+          f"{out['with']['separation_s']:.2f} s; engine without the model {out['without']['seconds']:.1f} s "
+          f"without separation, {out['with']['seconds']:.1f} s with", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated indices of configurations to run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speed.json")
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's JSON and stop")
+    parser.add_argument("--separation-dense", action="store_true",
+                        help="also time the separation step on a dense 2048 px field of 1000 touching nuclei")
     args = parser.parse_args(argv)
     if args.table:
         saved = json.loads(args.table.read_text())
@@ -337,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(cfg, predictor, checkpoint_dir, include_per_box=not args.no_per_box))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
+    dense = dense_separation() if args.separation_dense else None
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"torch {torch.__version__} threads {torch.get_num_threads()}", "model": "SAM2.1 tiny, random weights, CPU",
             "decoder": getattr(predictor, "decoder_name", "sam2"),
@@ -345,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{meta['date']}, {meta['machine']}, {meta['model']}, decoder: {meta['decoder']}")
     print(table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "dense_separation": dense}, indent=2))
     print(f"\nwritten {args.out}")
     return 0
 

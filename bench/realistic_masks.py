@@ -93,12 +93,22 @@ class RealisticBoxPredictor:
         self.predictor.embed(image, region_hw)
         self.oracle.prepare(image, region_hw)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None, multimask: bool = False, *,
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None, multimask: bool = False, *,
+               points: np.ndarray | None = None, point_labels: np.ndarray | None = None,
                windows: np.ndarray | None = None, areas: bool = False):
+        """The real model's decoding of the prompts (windowed when asked, so that it pays for
+        what the engine asks); the logits of the object under each box (or under each prompt's
+        first point: a one-pixel box there) in place of the model's."""
         kwargs = {key: value for key, value in (("windows", windows), ("areas", areas)) if value is not None
-                  and value is not False}  # what the model is asked (so that it pays for it), as given
-        decoded = self.predictor.decode(boxes, mask_inputs, multimask, **kwargs)
-        logits = self.oracle.logits(boxes)
+                  and value is not False}
+        if boxes is None:
+            decoded = self.predictor.decode(None, mask_inputs, multimask, points=points, point_labels=point_labels,
+                                            **kwargs)
+            first = np.asarray(points, dtype=np.float64)[:, 0]
+            logits = self.oracle.logits(np.concatenate([first - 0.5, first + 0.5], axis=1))
+        else:
+            decoded = self.predictor.decode(boxes, mask_inputs, multimask, **kwargs)
+            logits = self.oracle.logits(boxes)
         channels = decoded.scores.shape[1]
         logits = np.repeat(logits, channels, axis=1) if channels > 1 else logits
         return from_whole_grid(logits, decoded.scores, self.oracle.region_hw, windows=windows, areas=areas)

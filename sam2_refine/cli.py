@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sam2_refine.interface import build_interface, checkpoint_dir, list_checkpoints
+from sam2_refine.checkpoints import ModelCatalogue, scan_models
+from sam2_refine.interface import build_interface, checkpoint_dir
 from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
 from sam2_refine.report import Reporter
@@ -79,9 +80,8 @@ def run_interface(api_url: str, token: str, params: dict, reporter: Reporter) ->
     image = params.get("image") if isinstance(params, dict) else None
     if not isinstance(image, str) or not image:
         image = DEFAULT_IMAGE_NAME
-    models = list_checkpoints(checkpoint_dir())
-    if not models:
-        reporter.warning("No SAM2 checkpoint found in the worker image.", str(checkpoint_dir()))
+    models = scan_models(checkpoint_dir())
+    warn_about_checkpoints(models, reporter)
     with _client(api_url, token) as client:
         try:
             client.post_interface(image, build_interface(models))
@@ -89,6 +89,16 @@ def run_interface(api_url: str, token: str, params: dict, reporter: Reporter) ->
             reporter.error("Could not publish the worker interface.", str(exc))
             return EXIT_FAILED
     return EXIT_OK
+
+
+def warn_about_checkpoints(models: ModelCatalogue, reporter: Reporter) -> None:
+    """One warning naming every file of the checkpoint directory that is not offered, with its
+    reason; another when no usable checkpoint is left."""
+    if models.unusable:
+        reporter.warning(f"{len(models.unusable)} file(s) in the checkpoint directory cannot be used and are not "
+                         "offered in the Model list.", models.unusable_text(), title="Unusable checkpoints")
+    if not models.models:
+        reporter.warning("No SAM2 checkpoint found in the worker image.", str(models.directory))
 
 
 def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, reporter: Reporter) -> int:

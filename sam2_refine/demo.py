@@ -5,19 +5,26 @@
 1. starts the local NimbusImage server with the bundled example (``examples/nuclei``: a
    two-channel fluorescence field with rough nucleus annotations and the ground truth);
 2. finds a SAM2 checkpoint: ``$SAM2_CHECKPOINT_DIR``, else ``checkpoints/`` in the repository,
-   else it downloads ``sam2.1_hiera_tiny.pt`` there (sha256 checked). When none can be had
-   (offline), it says so plainly and runs with an UNTRAINED model (random weights, made here)
-   so that the pipeline can still be seen working; the overlay is titled accordingly;
+   else it downloads ``sam2.1_hiera_tiny.pt`` there (sha256 checked). Any usable SAM2 checkpoint
+   counts (recognised from its weights, :mod:`sam2_refine.checkpoints`), the smallest first.
+   When none can be had (offline), it says so plainly and runs with an UNTRAINED model (random
+   weights, made here), which is an honest check of the pipeline: nearly every mask is rejected;
 3. runs the real ``entrypoint.py --request compute`` against the server, as NimbusImage would;
-4. writes ``out/demo/overlay.png`` (before | after) and ``out/demo/summary.json`` (the worker's
-   account of every annotation, plus IoU to the ground truth before and after), and prints
-   where they are.
+4. offline only: runs the same job again on a fresh copy of the dataset through the same
+   engine (``job.run_compute``, the local server, upload, confirmation, replacement) with the
+   STAND-IN segmenter (:class:`~sam2_refine.testing.stand_in.ModelResolutionPredictor`, which
+   thresholds the image; not SAM2), so that a newcomer sees refined outlines created,
+   confirmed and replaced; its overlay and every line about it say "stand-in segmenter, not SAM2";
+5. writes ``out/demo/overlay.png`` (before | after), ``out/demo/overlay-stand-in.png`` (offline)
+   and ``out/demo/summary.json`` (the worker's account of every annotation, plus IoU to the
+   ground truth before and after), and prints where they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -30,16 +37,18 @@ import cv2
 import numpy as np
 import tifffile
 
+from sam2_refine.checkpoints import ModelEntry, scan_models
 from sam2_refine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
 from sam2_refine.imaging import merge_layers, parse_layers
-from sam2_refine.interface import list_checkpoints
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.worker_info import CHECKPOINT_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "nuclei"
 DEMO_TOKEN = "demo-token"
-PREFERRED = ("sam2.1_hiera_tiny.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_large.pt")
+#: The smallest model first (the demo runs on a CPU), SAM 2.1 before 2.0.
+SIZE_ORDER = ("tiny", "small", "base_plus", "large")
+STAND_IN = "stand-in segmenter, not SAM2"
 
 
 def _say(text: str) -> None:
@@ -54,6 +63,12 @@ def _load_downloader() -> Any:
     return module
 
 
+def _usable(directory: Path) -> list[ModelEntry]:
+    """The directory's trained SAM2 checkpoints, smallest first."""
+    models = [m for m in scan_models(directory).models if not m.untrained]
+    return sorted(models, key=lambda m: (SIZE_ORDER.index(m.architecture.size), m.architecture.version != "2.1"))
+
+
 def find_checkpoint(out: Path, allow_download: bool) -> tuple[Path, str, bool]:
     """(checkpoint directory, model name, untrained?) for the demo run."""
     candidates = []
@@ -61,10 +76,14 @@ def find_checkpoint(out: Path, allow_download: bool) -> tuple[Path, str, bool]:
         candidates.append(Path(os.environ[CHECKPOINT_DIR_ENV]))
     candidates.append(REPO / "checkpoints")
     for directory in candidates:
-        models = [m for m in PREFERRED if m in list_checkpoints(directory)]
+        models = _usable(directory)
         if models:
-            _say(f"using checkpoint {directory / models[0]}")
-            return directory, models[0], False
+            _say(f"using checkpoint {directory / models[0].name} ({models[0].label})")
+            return directory, models[0].name, False
+        untrained = [m for m in scan_models(directory).models if m.untrained]
+        if untrained:  # made by the tests or an earlier offline run: honest about it
+            _say(f"only an UNTRAINED checkpoint is available: {directory / untrained[0].name}")
+            return directory, untrained[0].name, True
     if allow_download:
         downloader = _load_downloader()
         target = REPO / "checkpoints"
@@ -113,15 +132,17 @@ def _draw(image: np.ndarray, docs: list[dict[str, Any]], colour: tuple[int, int,
 
 
 def write_overlay(path: Path, rgb: np.ndarray, before: list[dict], refined: list[dict], kept: list[dict],
-                  title: str, untrained: bool) -> None:
-    """Before | after panels over the merged image; a title bar that says what ran."""
+                  title: str, untrained: bool, stand_in: bool = False) -> None:
+    """Before | after panels over the merged image; a title bar that says what ran (red for an
+    untrained model, orange for the stand-in segmenter)."""
     base = cv2.cvtColor((np.clip(rgb, 0, 1) * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
     left, right = base.copy(), base.copy()
     _draw(left, before, (0, 255, 255))
     _draw(right, kept, (0, 0, 255))
     _draw(right, refined, (255, 255, 0))
     height, width = base.shape[:2]
-    bar = np.full((56, 2 * width + 8, 3), (0, 0, 160) if untrained else (40, 40, 40), dtype=np.uint8)
+    colour = (0, 0, 160) if untrained else (0, 90, 200) if stand_in else (40, 40, 40)
+    bar = np.full((56, 2 * width + 8, 3), colour, dtype=np.uint8)
     cv2.putText(bar, title, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
     cv2.putText(bar, "left: rough originals (yellow)   right: refined (cyan), kept originals (red)", (8, 46),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.45, (220, 220, 220), 1, cv2.LINE_AA)
@@ -129,31 +150,110 @@ def write_overlay(path: Path, rgb: np.ndarray, before: list[dict], refined: list
     cv2.imwrite(str(path), np.vstack([bar, np.hstack([left, gap, right])]))
 
 
-def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
-    """Run the demo; returns the summary it writes."""
-    out.mkdir(parents=True, exist_ok=True)
-    channels, truth, annotations, layers = load_example()
-    height, width = truth.shape
-    checkpoint_dir, model, untrained = find_checkpoint(out, allow_download)
-    params = {
+def _params(model: str) -> dict[str, Any]:
+    return {
         "type": "annotation", "name": "SAM2 Refiner", "image": "annotations/sam2_refine_worker:latest",
         "channel": 0, "tags": ["refined"], "tile": {"XY": 0, "Z": 0, "Time": 0},
         "assignment": {"XY": 0, "Z": 0, "Time": 0}, "connectTo": {"tags": [], "channel": None},
         "workerInterface": {"Batch XY": "", "Batch Z": "", "Batch Time": "", "Tag of objects to refine": ["nucleus"],
                             "Model": model, "Delete original annotations": True, "Padding": 0, "Smoothing": 0.7},
     }
+
+
+def _add_example(server: NimbusTestServer, channels: np.ndarray, annotations: list[dict], layers: list[dict],
+                 name: str) -> tuple[str, dict[str, dict]]:
+    """A dataset holding the example on the local server: (dataset id, original id -> doc)."""
+    dataset = server.add_dataset(channels[None, None, None], name=name, layers=layers,
+                                 channel_names=["DAPI", "Cytoplasm"])
+    docs = [{"shape": "polygon", "tags": a["tags"], "channel": 0, "location": {"XY": 0, "Z": 0, "Time": 0},
+             "coordinates": a["coordinates"]} for a in annotations]
+    return dataset.dataset_id, dict(zip(server.add_annotations(dataset.dataset_id, docs), docs, strict=True))
+
+
+def _account(after: list[dict], originals: dict[str, dict], account: dict[str, Any], truth: np.ndarray,
+             ) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(refined docs, kept docs, the summary's counts and IoU to the ground truth)."""
+    height, width = truth.shape
+    replacements = account.get("replacements", {})
+    refined_docs = [a for a in after if a["_id"] not in originals]
+    kept_docs = [a for a in after if a["_id"] in originals]
+    before_iou = [_best_iou(_mask(d, width, height), truth) for d in originals.values()]
+    by_id = {a["_id"]: a for a in after}
+    after_iou = [_best_iou(_mask(by_id.get(replacements.get(oid, oid), doc), width, height), truth)
+                 for oid, doc in originals.items()]
+    counts = {
+        "annotations": len(originals), "refined": account.get("refined"), "kept": account.get("kept"),
+        "deleted": account.get("deleted"),
+        "kept_reasons": {k: len(v) for k, v in account.get("kept_reasons", {}).items()},
+        "mean_iou_to_truth_before": round(float(np.mean(before_iou)), 4),
+        "mean_iou_to_truth_after": round(float(np.mean(after_iou)), 4),
+    }
+    return refined_docs, kept_docs, counts
+
+
+def _run_stand_in(server: NimbusTestServer, checkpoint_dir: Path, model: str, example: tuple, rgb: np.ndarray,
+                  out: Path) -> dict[str, Any]:
+    """The same job through the same engine, with the stand-in segmenter instead of SAM2."""
+    from sam2_refine import job
+    from sam2_refine.nimbus_client import NimbusClient
+    from sam2_refine.report import Reporter
+    from sam2_refine.settings import parse_settings
+    from sam2_refine.testing.stand_in import ModelResolutionPredictor
+
+    channels, truth, annotations, layers = example
+    dataset_id, originals = _add_example(server, channels, annotations, layers, "nuclei demo (stand-in)")
+    predictor = ModelResolutionPredictor(threshold=0.22, band=1)  # the green band: mostly DAPI, little halo
+    predictor.description = f"{STAND_IN.upper()} (it thresholds the image's green band at 1024 px)"
+    settings = parse_settings(_params(model), dataset_id, checkpoint_dir)
+    summary_path = out / "stand-in-worker-summary.json"
+    stream = io.StringIO()
+    saved = os.environ.get(job.SUMMARY_ENV)
+    os.environ[job.SUMMARY_ENV] = str(summary_path)
+    _say(f"now the SAME job with the {STAND_IN.upper()}: job.run_compute against the local server "
+         "(upload, confirmation, replacement of each original), the model swapped for a thresholding stand-in")
+    started = time.perf_counter()
+    try:
+        with NimbusClient(server.api_url, DEMO_TOKEN) as client:
+            code = job.run_compute(settings, client, Reporter(stream=stream), lambda path: (predictor, False))
+    finally:
+        if saved is None:
+            os.environ.pop(job.SUMMARY_ENV, None)
+        else:
+            os.environ[job.SUMMARY_ENV] = saved
+    elapsed = time.perf_counter() - started
+    for line in stream.getvalue().splitlines():
+        print(f"    [{STAND_IN}] {line}")
+    account = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    refined, kept, counts = _account(server.annotations(dataset_id), originals, account, truth)
+    overlay = out / "overlay-stand-in.png"
+    write_overlay(overlay, rgb, list(originals.values()), refined, kept,
+                  "STAND-IN SEGMENTER, NOT SAM2 - thresholds the image; the pipeline around it is the worker's",
+                  untrained=False, stand_in=True)
+    _say(f"{STAND_IN.upper()}: exit code {code} after {elapsed:.1f} s: refined {counts['refined']}, "
+         f"kept {counts['kept']}, deleted {counts['deleted']} (each original deleted only after its refinement "
+         "was created and confirmed)")
+    _say(f"{STAND_IN.upper()}: mean IoU to ground truth: rough {counts['mean_iou_to_truth_before']:.3f} -> after "
+         f"{counts['mean_iou_to_truth_after']:.3f}")
+    _say(f"overlay ({STAND_IN}): {overlay}")
+    return {"segmenter": STAND_IN, "exit_code": code, "seconds": round(elapsed, 2), **counts, "overlay": str(overlay)}
+
+
+def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
+    """Run the demo; returns the summary it writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    example = load_example()
+    channels, truth, annotations, layers = example
+    height, width = truth.shape
+    checkpoint_dir, model, untrained = find_checkpoint(out, allow_download)
+    rgb = merge_layers({c: channels[c] for c in range(channels.shape[0])}, parse_layers(layers, channels.shape[0]))
     worker_summary = out / "worker-summary.json"
     with NimbusTestServer(token=DEMO_TOKEN) as server:
-        dataset = server.add_dataset(channels[None, None, None], name="nuclei demo", layers=layers,
-                                     channel_names=["DAPI", "Cytoplasm"])
-        docs = [{"shape": "polygon", "tags": a["tags"], "channel": 0, "location": {"XY": 0, "Z": 0, "Time": 0},
-                 "coordinates": a["coordinates"]} for a in annotations]
-        originals = dict(zip(server.add_annotations(dataset.dataset_id, docs), docs, strict=True))
-        _say(f"local NimbusImage server at {server.api_url}: {len(docs)} rough annotations on a "
+        dataset_id, originals = _add_example(server, channels, annotations, layers, "nuclei demo")
+        _say(f"local NimbusImage server at {server.api_url}: {len(originals)} rough annotations on a "
              f"{width}x{height} two-channel image")
         env = dict(os.environ, **{CHECKPOINT_DIR_ENV: str(checkpoint_dir), "SAM2_REFINE_SUMMARY": str(worker_summary)})
         argv = [sys.executable, str(REPO / "entrypoint.py"), "--apiUrl", server.api_url, "--token", DEMO_TOKEN,
-                "--request", "compute", "--parameters", json.dumps(params), "--datasetId", dataset.dataset_id]
+                "--request", "compute", "--parameters", json.dumps(_params(model)), "--datasetId", dataset_id]
         _say("running: entrypoint.py --request compute (the worker's JSON lines follow)")
         started = time.perf_counter()
         done = subprocess.run(argv, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE)
@@ -162,37 +262,24 @@ def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
             print("    " + line)
         # The worker itself announces a checkpoint made with random weights: trust its word.
         untrained = untrained or '"title": "Untrained model"' in done.stdout
-        after = server.annotations(dataset.dataset_id)
-    account = json.loads(worker_summary.read_text()) if worker_summary.exists() else {}
-    replacements = account.get("replacements", {})
-    refined_docs = [a for a in after if a["_id"] not in originals]
-    kept_docs = [a for a in after if a["_id"] in originals]
-    before_iou = [_best_iou(_mask(d, width, height), truth) for d in originals.values()]
-    after_iou = []
-    by_id = {a["_id"]: a for a in after}
-    for original_id, doc in originals.items():
-        current = by_id.get(replacements.get(original_id, original_id), doc)
-        after_iou.append(_best_iou(_mask(current, width, height), truth))
-    rgb = merge_layers({c: channels[c] for c in range(channels.shape[0])}, parse_layers(layers, channels.shape[0]))
-    title = (f"UNTRAINED MODEL (random weights) - pipeline check only, masks meaningless ({model})" if untrained
-             else f"SAM2 Refine demo - {model}")
-    overlay = out / "overlay.png"
-    write_overlay(overlay, rgb, list(originals.values()), refined_docs, kept_docs, title, untrained)
-    summary = {
-        "model": model, "untrained_model": untrained, "worker_exit_code": done.returncode,
-        "worker_seconds": round(elapsed, 2), "annotations": len(originals),
-        "refined": account.get("refined"), "kept": account.get("kept"), "deleted": account.get("deleted"),
-        "kept_reasons": {k: len(v) for k, v in account.get("kept_reasons", {}).items()},
-        "mean_iou_to_truth_before": round(float(np.mean(before_iou)), 4),
-        "mean_iou_to_truth_after": round(float(np.mean(after_iou)), 4),
-        "overlay": str(overlay),
-    }
+        after = server.annotations(dataset_id)
+        account = json.loads(worker_summary.read_text()) if worker_summary.exists() else {}
+        refined_docs, kept_docs, counts = _account(after, originals, account, truth)
+        title = (f"UNTRAINED MODEL (random weights) - pipeline check only, masks meaningless ({model})" if untrained
+                 else f"SAM2 Refine demo - {model}")
+        overlay = out / "overlay.png"
+        write_overlay(overlay, rgb, list(originals.values()), refined_docs, kept_docs, title, untrained)
+        summary = {"model": model, "untrained_model": untrained, "worker_exit_code": done.returncode,
+                   "worker_seconds": round(elapsed, 2), **counts, "overlay": str(overlay)}
+        _say(f"worker exit code {done.returncode} after {elapsed:.1f} s: refined {summary['refined']} of "
+             f"{summary['annotations']}, kept {summary['kept']}, deleted {summary['deleted']}"
+             + ("  (UNTRAINED model: its masks are rightly rejected)" if untrained else ""))
+        _say(f"mean IoU to ground truth: rough {summary['mean_iou_to_truth_before']:.3f} -> "
+             f"after {summary['mean_iou_to_truth_after']:.3f}" + ("  (UNTRAINED model)" if untrained else ""))
+        _say(f"overlay: {overlay}")
+        if untrained:
+            summary["stand_in"] = _run_stand_in(server, checkpoint_dir, model, example, rgb, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _say(f"worker exit code {done.returncode} after {elapsed:.1f} s: refined {summary['refined']}, "
-         f"kept {summary['kept']}, deleted {summary['deleted']}")
-    _say(f"mean IoU to ground truth: rough {summary['mean_iou_to_truth_before']:.3f} -> "
-         f"after {summary['mean_iou_to_truth_after']:.3f}" + ("  (UNTRAINED model)" if untrained else ""))
-    _say(f"overlay: {overlay}")
     _say(f"summary: {out / 'summary.json'}")
     return summary
 

@@ -85,14 +85,11 @@ def frame_polygon(width: int, height: int) -> Polygon:
 
 # -- the original annotation ------------------------------------------------------------------
 
-def ring_from_coordinates(coordinates: Any) -> np.ndarray:
-    """An annotation's ``coordinates`` as a (K, 2) float64 array of (x, y), K >= 3.
-
-    A closing point equal to the first is dropped, as are consecutive repeats.
+def coordinate_points(coordinates: Any) -> np.ndarray:
+    """An annotation's ``coordinates`` as a (K, 2) float64 array of (x, y), every value checked.
 
     Raises:
-        AnnotationProblem: not a list of points with finite numeric x and y, or fewer than
-            3 distinct points.
+        AnnotationProblem: not a list of points with finite numeric x and y.
     """
     if not isinstance(coordinates, list):
         raise AnnotationProblem("coordinates are missing or not a list")
@@ -107,7 +104,19 @@ def ring_from_coordinates(coordinates: Any) -> np.ndarray:
         if not (math.isfinite(x) and math.isfinite(y)):
             raise AnnotationProblem("non-finite coordinates")
         points.append((float(x), float(y)))
-    ring = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    return np.asarray(points, dtype=np.float64).reshape(-1, 2)
+
+
+def ring_from_coordinates(coordinates: Any) -> np.ndarray:
+    """An annotation's ``coordinates`` as a (K, 2) float64 array of (x, y), K >= 3.
+
+    A closing point equal to the first is dropped, as are consecutive repeats.
+
+    Raises:
+        AnnotationProblem: not a list of points with finite numeric x and y, or fewer than
+            3 distinct points.
+    """
+    ring = coordinate_points(coordinates)
     if len(ring) > 1:
         keep = np.ones(len(ring), dtype=bool)
         keep[1:] = np.any(ring[1:] != ring[:-1], axis=1)
@@ -117,6 +126,55 @@ def ring_from_coordinates(coordinates: Any) -> np.ndarray:
     if len(ring) < 3:
         raise AnnotationProblem(f"fewer than 3 points ({len(ring)})")
     return ring
+
+
+def point_from_coordinates(coordinates: Any) -> np.ndarray:
+    """A point annotation's position: float64 (2,) (x, y).
+
+    Repeats of the same position count once.
+
+    Raises:
+        AnnotationProblem: bad coordinates, none, or several different positions (which one
+            the user meant is unknown).
+    """
+    points = np.unique(coordinate_points(coordinates), axis=0)
+    if len(points) == 0:
+        raise AnnotationProblem("the point has no coordinates")
+    if len(points) > 1:
+        raise AnnotationProblem(f"a point annotation with {len(points)} different coordinates (one expected)")
+    return points[0]
+
+
+def rectangle_from_coordinates(coordinates: Any) -> Polygon:
+    """The area a rectangle annotation covers: the convex hull of its corners.
+
+    Corners may come in any order (the hull does not depend on it) and the rectangle may be
+    rotated (the hull is the rotated rectangle; its box prompt is then the hull's bounding box,
+    see :func:`prompt_box`). Two different corners are taken as opposite corners of an upright box.
+
+    Raises:
+        AnnotationProblem: bad coordinates, or no area (all corners on a line).
+    """
+    corners = np.unique(coordinate_points(coordinates), axis=0)
+    if len(corners) == 2:
+        (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0)
+        hull: BaseGeometry = shapely_box(x0, y0, x1, y1)
+    else:
+        hull = shapely.MultiPoint(corners).convex_hull if len(corners) else Polygon()
+    if not isinstance(hull, Polygon) or hull.area <= 0:
+        raise AnnotationProblem("the rectangle encloses no area (its corners lie on a line)")
+    return hull
+
+
+def point_in_frame(point: np.ndarray, width: int, height: int) -> None:
+    """Check that a point lies on the frame (x in [-0.5, W - 0.5], y in [-0.5, H - 0.5]).
+
+    Raises:
+        AnnotationProblem: it does not.
+    """
+    x, y = float(point[0]), float(point[1])
+    if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
+        raise AnnotationProblem(f"it lies outside the {width}x{height} frame")
 
 
 def largest_polygon(geometry: BaseGeometry) -> Polygon | None:
@@ -233,6 +291,29 @@ def select_component(mask: np.ndarray, reference: np.ndarray) -> tuple[np.ndarra
     candidates = np.flatnonzero(overlap == best_overlap)
     best = int(candidates[np.argmax(stats[candidates, cv2.CC_STAT_AREA])])
     return labels == best, best_overlap
+
+
+def point_component(mask: np.ndarray, row: int, col: int, reach: int = 2) -> np.ndarray | None:
+    """The 8-connected component of ``mask`` that holds pixel (row, col), else the one nearest
+    to it within ``reach`` pixels (the nearest pixel by Euclidean distance; None if none).
+
+    Args:
+        mask: bool (rows, columns).
+        row, col: The point's pixel (may lie outside the array).
+
+    Returns:
+        bool array of the same shape, or None.
+    """
+    height, width = mask.shape
+    r0, r1 = max(row - reach, 0), min(row + reach + 1, height)
+    c0, c1 = max(col - reach, 0), min(col + reach + 1, width)
+    if r0 >= r1 or c0 >= c1 or not mask[r0:r1, c0:c1].any():
+        return None
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    near = labels[r0:r1, c0:c1]
+    rows, cols = np.nonzero(near)
+    nearest = int(np.argmin((rows + r0 - row) ** 2 + (cols + c0 - col) ** 2))
+    return labels == near[rows[nearest], cols[nearest]]
 
 
 def fill_holes(component: np.ndarray) -> np.ndarray:

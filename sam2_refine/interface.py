@@ -7,9 +7,11 @@ no GPU and no dataset, and must finish in about a second.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sam2_refine.checkpoints import ModelCatalogue, list_candidates
 from sam2_refine.worker_info import CHECKPOINT_DIR_ENV, DEFAULT_CHECKPOINT_DIR, INTERFACE_NAME
 
 # Field names: the keys of ``workerInterface`` in the compute parameters.
@@ -28,6 +30,10 @@ RESOLUTION = "Resolution"
 PROMPT = "Prompt"
 MIN_OVERLAP = "Minimum overlap with original"
 KEEP_TAGS = "Keep original tags"
+# Issue 13: points and rectangles as prompts, touching objects kept apart.
+REFINE_POINTS = "Refine point annotations"
+REFINE_RECTANGLES = "Refine rectangle annotations"
+SEPARATE = "Keep touching objects apart"
 
 #: Resolution field item -> engine mode (sam2_refine.regions).
 RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
@@ -38,7 +44,12 @@ PROMPT_DEFAULT = "Box"
 MIN_OVERLAP_RANGE = (0, 1)
 MIN_OVERLAP_DEFAULT = 0
 
-DEFAULT_MODEL = "sam2.1_hiera_small.pt"
+REFINE_POINTS_DEFAULT = False
+REFINE_RECTANGLES_DEFAULT = False
+#: On by default: measured in bench/bench_accuracy.py (README "Accuracy").
+SEPARATE_DEFAULT = True
+
+DEFAULT_MODEL = "sam2.1_hiera_small.pt"  # sam2_refine.checkpoints.DEFAULT_MODEL
 PADDING_RANGE = (-20, 20)
 PADDING_DEFAULT = 0
 SMOOTHING_RANGE = (0, 3)
@@ -57,12 +68,9 @@ def checkpoint_dir() -> Path:
 
 
 def list_checkpoints(directory: Path) -> list[str]:
-    """The ``.pt`` files in ``directory``, sorted by name (empty if it does not exist)."""
-    try:
-        names = [p.name for p in directory.iterdir() if p.suffix == ".pt" and p.is_file()]
-    except OSError:
-        return []
-    return sorted(names)
+    """The ``.pt`` / ``.pth`` files in ``directory``, sorted by name (empty if it does not exist).
+    Which of them are usable SAM2 checkpoints: :func:`sam2_refine.checkpoints.scan_models`."""
+    return list_candidates(directory)
 
 
 def default_model(models: list[str]) -> str | None:
@@ -87,13 +95,47 @@ def _batch_field(axis_words: str, order: int) -> dict[str, Any]:
     }
 
 
-def build_interface(models: list[str]) -> dict[str, Any]:
+MODEL_TOOLTIP = ("The SAM2 model to use for refinement. Larger models may give slightly better results, but "
+                 "are slower and use more memory.")
+
+
+def _model_field(models: Sequence[str] | ModelCatalogue, order: int) -> dict[str, Any]:
+    """The Model select: the usable checkpoints as ``"<label> (<file name>)"`` items."""
+    if not isinstance(models, ModelCatalogue):
+        return {"type": "select", "items": list(models), "default": default_model(list(models)),
+                "tooltip": MODEL_TOOLTIP, "displayOrder": order}
+    lines = []
+    for model in models.models:
+        line = model.item + (f": {model.description}" if model.description else "")
+        if model.defaults:
+            line += " [tuned for " + ", ".join(f"{k} = {v}" for k, v in model.defaults.items()) + "]"
+        lines.append(line)
+    tooltip = MODEL_TOOLTIP
+    if lines:
+        tooltip += (" Models: " + "; ".join(lines) + ". A model's tuned values are used for fields left "
+                    "empty; the form's own defaults follow the default model.")
+    default = models.default
+    return {"type": "select", "items": models.items, "default": default.item if default else None,
+            "tooltip": tooltip, "displayOrder": order}
+
+
+def _follow_default_model(spec: dict[str, Any], models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
+    """The fields' defaults become the default model's tuned values (from its sidecar)."""
+    default = models.default if isinstance(models, ModelCatalogue) else None
+    for name, value in (default.defaults if default is not None else {}).items():
+        if name in spec:
+            spec[name]["default"] = value
+    return spec
+
+
+def build_interface(models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
     """The UI description: field name -> field spec, in display order.
 
     Args:
-        models: Checkpoint file names offered by the Model select.
+        models: The checkpoint directory's models (:func:`sam2_refine.checkpoints.scan_models`),
+            or plain item strings for the Model select.
     """
-    return {
+    return _follow_default_model({
         NOTES: {"type": "notes", "value": DESCRIPTION, "displayOrder": 0},
         BATCH_XY: _batch_field("XY positions", 1),
         BATCH_Z: _batch_field("Z slices", 2),
@@ -101,17 +143,11 @@ def build_interface(models: list[str]) -> dict[str, Any]:
         REFINE_TAGS: {
             "type": "tags",
             "tooltip": "Annotations carrying any of these tags are refined. Leave empty to refine "
-                       "every polygon annotation in the batch.",
+                       "every polygon annotation in the batch (and every point and rectangle, where "
+                       "those are turned on below).",
             "displayOrder": 4,
         },
-        MODEL: {
-            "type": "select",
-            "items": list(models),
-            "default": default_model(models),
-            "tooltip": "The SAM2 model to use for refinement. Larger models may give slightly "
-                       "better results, but are slower and use more memory.",
-            "displayOrder": 5,
-        },
+        MODEL: _model_field(models, 5),
         DELETE_ORIGINALS: {
             "type": "checkbox",
             "default": False,
@@ -171,5 +207,37 @@ def build_interface(models: list[str]) -> dict[str, Any]:
             "default": False,
             "tooltip": "Also give each refined annotation the tags of its original annotation.",
             "displayOrder": 12,
+        },
+        **shape_fields(13),
+    }, models)
+
+
+def shape_fields(first_order: int) -> dict[str, Any]:
+    """The fields of issue 13 (points and rectangles as prompts, touching objects kept apart),
+    from display order ``first_order`` on."""
+    return {
+        REFINE_POINTS: {
+            "type": "checkbox",
+            "default": REFINE_POINTS_DEFAULT,
+            "tooltip": "Also turn point annotations carrying the tags into outlines: each point prompts "
+                       "the model for three masks; of those of a size typical for that tag's points at the "
+                       "location, the one the model rates best is kept (the model's rating alone when "
+                       "fewer than three points share the tag). Masks far from that size are not used.",
+            "displayOrder": first_order,
+        },
+        REFINE_RECTANGLES: {
+            "type": "checkbox",
+            "default": REFINE_RECTANGLES_DEFAULT,
+            "tooltip": "Also turn rectangle annotations carrying the tags into outlines, prompting with each "
+                       "rectangle as its box (a rotated rectangle prompts with its bounding box).",
+            "displayOrder": first_order + 1,
+        },
+        SEPARATE: {
+            "type": "checkbox",
+            "default": SEPARATE_DEFAULT,
+            "tooltip": "Refined outlines of objects with the same tags do not overlap: where two masks claim "
+                       "the same pixels, the pixels go to the object the model is surer of (on a tie, the "
+                       "nearer one). Turn off for objects that really overlap.",
+            "displayOrder": first_order + 2,
         },
     }

@@ -1,9 +1,16 @@
 """One compute job, start to finish: the stages of the worker wired together.
 
 settings (already parsed) -> dataset layout and batch positions -> layers -> annotations ->
-selection -> model -> per location: frames, merged image, refinement -> upload -> confirmed
-deletions -> summary. Progress lines cover the whole job; every original ends up in the
-:class:`~sam2_refine.replace.Ledger`, refined or kept with a reason.
+selection -> model -> per location: frames, merged image, refinement -> upload -> convergence
+with other jobs and confirmed deletions (:mod:`sam2_refine.converge`) -> summary. Progress lines
+cover the whole job; every original ends up in the :class:`~sam2_refine.replace.Ledger`, refined
+or kept with a reason.
+
+Other jobs may refine the same originals at the same time. The refinements on the server are
+read again before each location and before each upload chunk, and what another job already
+made is not made again (this narrows the window); whatever still overlaps is brought to one
+refinement per original by :func:`~sam2_refine.converge.converge`, which does not depend on
+timing.
 
 Exit status: 0 when the job finished (some originals may be kept, with warnings); 1 when it
 failed part way (the messages say what was and was not done); 2 for bad settings (nothing was
@@ -17,7 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +31,14 @@ from typing import Any
 
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import BatchRangeError
+from sam2_refine.converge import ConvergeReport, RefinementWatch, converge, read_view
 from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import DatasetInfo, NimbusAPIError, NimbusClient
+from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.predictor import BoxPredictor
+from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
 from sam2_refine.refine import GeometryOptions, Kept, refine_location
-from sam2_refine.replace import Ledger, delete_replaced, relink, upload
+from sam2_refine.replace import Ledger, pending_upload, upload
 from sam2_refine.report import ProgressSpan, Reporter
 from sam2_refine.selection import Original, Selection, select
 from sam2_refine.settings import Location, RefineSettings
@@ -43,8 +50,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
 SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
 #: How many ids a warning lists before it says "and N more".
 LISTED_IDS = 50
-#: Refined annotations are uploaded during the job once this many are waiting.
+#: Refined annotations are uploaded during the job once this many are waiting...
 UPLOAD_CHUNK = 1000
+#: ... or once the oldest waiting one has waited this many seconds (so that another job
+#: started meanwhile on the same batch finds them and does not refine them again).
+UPLOAD_AFTER_S = 10.0
 
 #: Loads the model from a checkpoint path: (predictor, untrained?).
 PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
@@ -67,6 +77,10 @@ class Batch:
     z: tuple[int, ...]
     time: tuple[int, ...]
 
+    def holds(self, location: Location) -> bool:
+        """Whether ``location`` is one of the batch's positions."""
+        return location.xy in self.xy and location.z in self.z and location.time in self.time
+
 
 def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
     """Check the batch fields against the dataset's size.
@@ -85,12 +99,16 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
 
 
 def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterator[dict[str, Any]]:
-    """Every polygon annotation of the dataset (and blobs, where a server has them), paged.
+    """Every polygon annotation of the dataset (and blobs, where a server has them), paged; also
+    every point and rectangle when the job refines those (``settings.shapes``).
 
     One listing of every polygon, filtered here rather than by the server: it holds both the
     candidates (any of the refine tags) and every refinement made by an earlier run, whatever
-    output tags that run used (see :mod:`sam2_refine.markers`). Filtering by tags on the server
-    would miss refinements tagged differently and refine their originals twice.
+    output tags that run used (see :mod:`sam2_refine.markers`; refinements are polygons, so the
+    point and rectangle listings hold none). Filtering by tags on the server would miss
+    refinements tagged differently and refine their originals twice. From the point and
+    rectangle listings only documents of that shape are taken (a server that ignored the shape
+    filter would otherwise list every polygon twice).
     """
     for page in client.iter_annotation_pages(settings.dataset_id, "polygon"):
         yield from page
@@ -101,17 +119,30 @@ def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterato
         blob_pages = []
     for page in blob_pages:
         yield from page
+    for shape in settings.shapes:
+        if shape in ("polygon", "blob"):
+            continue
+        for page in client.iter_annotation_pages(settings.dataset_id, shape):
+            yield from (doc for doc in page if isinstance(doc, dict) and doc.get("shape") == shape)
+
+
+def geometry_options(settings: RefineSettings) -> GeometryOptions:
+    """How the engine refines, from the job's settings."""
+    return GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
+                           resolution=settings.resolution, prompt=settings.prompt,
+                           min_overlap=settings.min_overlap, separate=settings.separate,
+                           group_tags=settings.refine_tags)
 
 
 def find_refinements(client: NimbusClient, settings: RefineSettings) -> dict[str, str]:
-    """original id -> id of an annotation on the server that refines it (see markers)."""
-    found: dict[str, str] = {}
-    for page in client.iter_annotation_pages(settings.dataset_id, "polygon"):
-        for doc in page:
-            original = original_of(doc) if isinstance(doc, dict) else None
-            if original is not None and isinstance(doc.get("_id"), str):
-                found.setdefault(original, doc["_id"])
-    return found
+    """original id -> id of its surviving refinement on the server (see markers, refinements)."""
+    return read_view(client, settings.dataset_id, ()).index.survivors()
+
+
+def original_shapes(selection: Selection) -> tuple[str, ...]:
+    """The shapes of the selected originals (to read whether they still exist)."""
+    shapes = {o.doc.get("shape") for originals in selection.by_location.values() for o in originals}
+    return tuple(sorted(s for s in shapes if isinstance(s, str) and s))
 
 
 def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[Layer],
@@ -153,7 +184,7 @@ def run_compute(
         untouched = not ledger.deleted and not ledger.delete_unknown
         reporter.error(f"The job was stopped ({exc.signal_name})" +
                        ("; no original annotation was deleted." if untouched else "."),
-                       f"{len(ledger.created) - len(ledger.previous)} refined annotation(s) had been created; "
+                       f"{ledger.created_here()} refined annotation(s) had been created; "
                        f"{ledger.deletion_text()}. Running the job again refines only what is missing and does "
                        "not duplicate what was made.")
         return EXIT_INTERRUPTED
@@ -162,7 +193,7 @@ def run_compute(
         untouched = not ledger.deleted and not ledger.delete_unknown
         reporter.error("The job failed unexpectedly; no original annotation was deleted."
                        if untouched else "The job failed unexpectedly.",
-                       f"{type(exc).__name__}: {exc}. {len(ledger.created) - len(ledger.previous)} refined "
+                       f"{type(exc).__name__}: {exc}. {ledger.created_here()} refined "
                        f"annotation(s) had been created; {ledger.deletion_text()} before the failure.")
         return EXIT_FAILED
     finally:
@@ -185,7 +216,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     except LayerError as exc:
         raise JobFailed("The dataset's layer settings cannot be used.", f"{exc}. Nothing was changed.") from None
 
-    reporter.progress(0.02, "Fetching annotations", "Polygon annotations of the dataset")
+    reporter.progress(0.02, "Fetching annotations", _listed_text(settings))
     try:
         selection = select(fetch_annotations(client, settings), settings.refine_tags,
                            batch.xy, batch.z, batch.time)
@@ -196,18 +227,22 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                          "each is refined once.", _ids_text(list(selection.duplicates)))
     if selection.without_id:
         reporter.warning(f"{selection.without_id} annotation(s) without an id were skipped.")
+    shapes = original_shapes(selection)
     selection = _take_earlier_refinements(selection, ledger, reporter)
     if selection.count == 0:
-        if not ledger.previous:
+        if not ledger.previous and not _needs_converge(selection, batch):
             reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
             return EXIT_OK
-        return _finish(settings, client, reporter, ledger, [], started)
+        return _finish(settings, client, reporter, ledger, [], started, batch, shapes)
 
-    uploader = _Uploader(client, ledger, settings)
-    with _Prefetcher(client, info, layers, selection) as frames:
-        frames.want(0)  # the first location's frames arrive while the model loads
+    watch = RefinementWatch(client, settings.dataset_id, settings.output_tags)
+    uploader = _Uploader(client, ledger, settings, watch)
+    with FramePrefetcher(client, _locations_to_fetch(selection),
+                         lambda c, location: load_location_image(c, info, layers, location),
+                         location_bytes(info, layers), PrefetchPolicy.from_env()) as frames:
+        frames.start()  # the first locations' frames arrive while the model loads
         predictor = _load_model(settings, reporter, load_predictor, selection)
-        failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames)
+        failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames, watch)
 
     reporter.progress(0.85, "Uploading", f"Creating {uploader.pending()} refined annotation(s)")
     uploader.flush()
@@ -217,32 +252,53 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
         _warn_kept(reporter, ledger)
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
-            f"{uploader.error}. Created {len(ledger.created) - len(ledger.previous)} of {len(ledger.refined)}"
+            f"{uploader.error}. Created {ledger.created_here()} of {len(ledger.refined)}"
             + (f" ({found} of the {unconfirmed} unconfirmed ones were found on the server after all)" if found else "")
             + f"; {len(ledger.not_created)} were not created. Every original annotation is still in place; "
             "running the job again refines only what is missing.")
         return EXIT_FAILED
-    return _finish(settings, client, reporter, ledger, failed_locations, started)
+    return _finish(settings, client, reporter, ledger, failed_locations, started, batch, shapes)
+
+
+def _needs_converge(selection: Selection, batch: Batch) -> bool:
+    """Whether the batch holds refinements (to bring to one per original, and whose connections
+    a stopped job may have left twice) or marks to report, although no original is left to
+    refine."""
+    index = selection.index
+    return (any(r.location is not None and batch.holds(r.location) for g in index.groups.values() for r in g)
+            or any(u.location is not None and batch.holds(u.location) for u in index.unreadable))
+
+
+def _listed_text(settings: RefineSettings) -> str:
+    kinds = ["Polygon"] + (["rectangle"] if settings.refine_rectangles else []) + (
+        ["point"] if settings.refine_points else [])
+    names = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
+    return f"{names} annotations of the dataset"
 
 
 def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Reporter) -> Selection:
-    """Originals an earlier run already refined are not refined again (see markers)."""
-    again = {o.id for originals in selection.by_location.values() for o in originals
-             if o.id in selection.refinements}
+    """Originals already refined (by an earlier run, or by another job running now) are not
+    refined again (see markers). A refinement counts only at its original's location."""
+    again: dict[str, str] = {}
+    for location, originals in selection.by_location.items():
+        for original in originals:
+            found = selection.index.for_original(original.id, location)
+            if found:
+                again[original.id] = found[0].id
     if not again:
         return selection
     remaining: dict[Location, list[Original]] = {}
     for location, originals in selection.by_location.items():
         for original in originals:
             if original.id in again:
-                ledger.already_refined(original.id, location, selection.refinements[original.id])
+                ledger.already_refined(original.id, location, again[original.id])
         rest = [o for o in originals if o.id not in again]
         if rest:
             remaining[location] = rest
-    reporter.warning(f"{len(again)} annotation(s) had already been refined by an earlier run; their "
-                     "refinements are kept and not made again.", _ids_text(sorted(again)),
+    reporter.warning(f"{len(again)} annotation(s) had already been refined (by an earlier run or another "
+                     "job); their refinements are kept and not made again.", _ids_text(sorted(again)),
                      title="Already refined")
-    return Selection(remaining, selection.duplicates, selection.without_id, selection.refinements)
+    return Selection(remaining, selection.duplicates, selection.without_id, selection.index)
 
 
 def _reconcile(client: NimbusClient, settings: RefineSettings, ledger: Ledger) -> int:
@@ -254,37 +310,40 @@ def _reconcile(client: NimbusClient, settings: RefineSettings, ledger: Ledger) -
         return 0
     found = [o for o in ledger.not_created if o in on_server]
     for original_id in found:
-        ledger.created[original_id] = on_server[original_id]
+        ledger.created[original_id] = ledger.mine[original_id] = on_server[original_id]
     ledger.not_created = [o for o in ledger.not_created if o not in on_server]
     return len(found)
 
 
 def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, ledger: Ledger,
-            failed_locations: list[str], started: float) -> int:
-    """Warnings for kept originals, confirmed deletions, the summary line."""
+            failed_locations: list[str], started: float, batch: Batch, shapes: tuple[str, ...]) -> int:
+    """Convergence with other jobs, confirmed deletions, warnings, the summary line."""
+    deleting = settings.delete_originals
+    reporter.progress(0.9, "Checking refinements", "One refinement per original"
+                      + (", then deleting the replaced originals" if deleting else ""))
+    steps = iter((0.92, 0.94, 0.96, 0.97, 0.98))
+    result = converge(client, settings.dataset_id, ledger, delete=deleting, shapes=shapes, in_batch=batch.holds,
+                      on_step=lambda title, info: reporter.progress(next(steps, 0.98), title, info))
     _warn_kept(reporter, ledger)
-    if settings.delete_originals and ledger.created:
-        reporter.progress(0.93, "Keeping links", "Re-creating the originals' connections on their refinements")
-        relinked, link_error = relink(client, ledger, settings.dataset_id)
-        if link_error is not None:
-            reporter.error("Could not re-create the originals' connections; no original annotation was deleted.",
-                           f"{link_error}. {relinked} connection(s) were re-created. The refined annotations are "
-                           "in place; running the job again finishes the job without duplicating them.")
-            return EXIT_FAILED
-        reporter.progress(0.95, "Deleting originals", f"Deleting {len(ledger.created)} replaced original(s)"
-                          + (f"; {relinked} connection(s) moved to their refinements" if relinked else ""))
-        error = delete_replaced(client, ledger)
-        if error is not None:
-            reporter.error("Deleting the replaced originals failed part way.",
-                           f"{error}. {ledger.deletion_text()}; {len(ledger.delete_failed)} remain next to "
-                           "their refined copies (running the job again deletes them).")
-            return EXIT_FAILED
+    _warn_converge(reporter, ledger, result)
+    if result.error is not None:
+        _report_converge_error(reporter, ledger, result)
+        return EXIT_FAILED
+    if not result.stable:
+        reporter.error("Other jobs kept refining the same annotations while this job checked them.",
+                       f"{ledger.deletion_text()}. Running the job again when they are done finishes the job.")
+        return EXIT_FAILED
 
     summary = ledger.summary()
     elapsed = time.monotonic() - started
+    if summary["selected"] == 0:
+        reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
+        return EXIT_OK
     text = (f"Refined {summary['refined']} of {summary['selected']}, kept {summary['kept']}, "
             f"deleted {summary['deleted']}"
             + (f", {summary['already_refined']} already refined earlier" if summary["already_refined"] else "")
+            + (f", {summary['refined_by_another_job']} refined by another job"
+               if summary["refined_by_another_job"] else "")
             + f" ({elapsed:.1f} s)")
     if failed_locations:
         reporter.error(f"{len(failed_locations)} location(s) could not be processed; their annotations "
@@ -293,6 +352,55 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
         return EXIT_FAILED
     reporter.progress(1.0, "Complete", text)
     return EXIT_OK
+
+
+def _report_converge_error(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -> None:
+    untouched = not ledger.deleted and not ledger.delete_unknown
+    nothing = "; no original annotation was deleted." if untouched else "."
+    again = "running the job again finishes the job without duplicating anything."
+    if result.stage == "delete":
+        reporter.error("Deleting the replaced originals failed part way.",
+                       f"{result.error}. {ledger.deletion_text()}; {len(ledger.delete_failed)} remain next to "
+                       "their refined copies (running the job again deletes them).")
+    elif result.stage == "links":
+        reporter.error("Could not re-create the originals' connections" + nothing,
+                       f"{result.error}. {result.moved} connection(s) were re-created. The refined annotations "
+                       f"are in place; {again}")
+    elif result.stage == "duplicates":
+        reporter.error("Could not remove the duplicate refinements that jobs running at the same time made"
+                       + nothing, f"{result.error}. {ledger.deletion_text()}; {again}")
+    else:
+        reporter.error("Could not read the refinements back to check them" + nothing,
+                       f"{result.error}. {ledger.deletion_text()}; {again}")
+
+
+def _warn_converge(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -> None:
+    """What convergence found: other jobs' refinements, marks not to trust."""
+    ledger.concurrent = sorted(result.concurrent)
+    ledger.duplicates_removed = {o: list(ids) for o, ids in result.removed.items()}
+    if result.concurrent:
+        removed = sum(len(v) for v in result.removed.values())
+        reporter.warning(f"{len(result.concurrent)} annotation(s) were refined at the same time by another job; "
+                         "one refinement each was kept.",
+                         (f"{removed} duplicate refinement(s) removed, their connections moved to the one kept. "
+                          if removed else "") + _ids_text(sorted(result.concurrent)),
+                         title="Refined by another job")
+    untrusted: dict[str, list[str]] = {}
+    for u in result.unreadable:
+        untrusted.setdefault(u.reason, []).append(u.id)
+    if result.misplaced:
+        untrusted["its sam2Refine mark names an original at another location"] = [r.id for r in result.misplaced]
+    for reason, ids in sorted(untrusted.items()):
+        reporter.warning(f"{len(ids)} annotation(s) carry a mark this worker does not trust: {reason}; "
+                         "they were left alone.", _ids_text(sorted(ids)), title="Marks not trusted")
+    by_reason: dict[str, list[str]] = {}
+    for _, reason, ids in result.left_alone:
+        by_reason.setdefault(reason, []).extend(ids)
+    for reason, ids in sorted(by_reason.items()):
+        reporter.warning(f"{len(ids)} refinement(s) share an original, but {reason}; none was removed.",
+                         _ids_text(sorted(ids)), title="Marks not trusted")
+    ledger.not_trusted = sorted({u.id for u in result.unreadable} | {r.id for r in result.misplaced}
+                                | {i for _, _, ids in result.left_alone for i in ids})
 
 
 def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: PredictorLoader,
@@ -313,72 +421,74 @@ def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: Pr
 
 
 class _Uploader:
-    """Uploads refined annotations in chunks while the job goes on; stops at the first failure."""
+    """Uploads refined annotations in chunks while the job goes on; stops at the first failure.
 
-    def __init__(self, client: NimbusClient, ledger: Ledger, settings: RefineSettings) -> None:
-        self.client, self.ledger, self.settings = client, ledger, settings
+    Before each chunk the refinements on the server are read again: an original that another
+    job refined meanwhile is not uploaded again (its refinement is its replacement)."""
+
+    def __init__(self, client: NimbusClient, ledger: Ledger, settings: RefineSettings,
+                 watch: RefinementWatch) -> None:
+        self.client, self.ledger, self.settings, self.watch = client, ledger, settings, watch
         self.error: NimbusAPIError | None = None
+        self._last = time.monotonic()
 
     def pending(self) -> int:
         """Refined shapes not uploaded yet."""
-        done = self.ledger.created.keys() | set(self.ledger.not_created)
-        return sum(1 for r in self.ledger.refined if r.original_id not in done)
+        return len(pending_upload(self.ledger))
 
-    def flush(self, at_least: int = 1) -> None:
-        """Upload what is pending if there are ``at_least`` documents (no-op after a failure)."""
-        if self.error is not None or self.pending() < at_least:
+    def flush(self, at_least: int = 1, or_after: float | None = None) -> None:
+        """Upload what is pending if there are ``at_least`` documents, or any once ``or_after``
+        seconds have passed since the last upload (no-op after a failure)."""
+        waiting = self.pending()
+        late = or_after is not None and time.monotonic() - self._last >= or_after
+        if self.error is not None or not waiting or (waiting < at_least and not late):
             return
-        report = upload(self.client, self.ledger, self.settings.dataset_id, self.settings.channel,
-                        self.settings.output_tags, self.settings.keep_original_tags)
-        self.error = report.error
+        self._last = time.monotonic()
+        while self.error is None and self.pending():
+            _skip_refined_elsewhere(self.watch, self.ledger,
+                                    {r.original_id: self.ledger.locations[r.original_id]
+                                     for r in pending_upload(self.ledger)})
+            if not self.pending():
+                return
+            report = upload(self.client, self.ledger, self.settings.dataset_id, self.settings.channel,
+                            self.settings.output_tags, self.settings.keep_original_tags,
+                            delete_original=self.settings.delete_originals, limit=MAX_CHUNK)
+            self.error = report.error
 
 
-class _Prefetcher:
-    """Fetches locations' frames in a background thread (with its own HTTP session), one ahead.
+def _skip_refined_elsewhere(watch: RefinementWatch, ledger: Ledger, originals: dict[str, Location]) -> list[str]:
+    """Read the refinements again; originals (id -> location) that another job has refined
+    meanwhile get that refinement as their replacement. Returns their ids."""
+    index = watch.read()
+    if index is None:
+        return []
+    taken = []
+    for original_id, location in originals.items():
+        found = index.for_original(original_id, location)
+        if found and original_id not in ledger.created:
+            ledger.refined_by_another(original_id, location, found[0].id)
+            taken.append(original_id)
+    return taken
 
-    Only locations with something to refine are fetched. :meth:`take` returns a location's
-    :class:`~sam2_refine.imaging.LocationImage` (or raises the fetch's NimbusAPIError) and asks
-    for the next one, so the next frames travel while the current location is refined.
-    """
 
-    def __init__(self, client: NimbusClient, info: DatasetInfo, layers: list[Layer], selection: Selection) -> None:
-        self.wanted = [loc for loc, originals in selection.by_location.items()
-                       if any(o.problem is None for o in originals)]
-        self._info, self._layers = info, layers
-        self._client = client.clone()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._futures: dict[Location, Future[LocationImage]] = {}
-
-    def __enter__(self) -> _Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._client.close()
-
-    def want(self, position: int) -> None:
-        if position < len(self.wanted) and self.wanted[position] not in self._futures:
-            location = self.wanted[position]
-            self._futures[location] = self._pool.submit(load_location_image, self._client, self._info,
-                                                        self._layers, location)
-
-    def take(self, location: Location) -> LocationImage:
-        self.want(self.wanted.index(location))
-        self.want(self.wanted.index(location) + 1)
-        return self._futures.pop(location).result()
+def _locations_to_fetch(selection: Selection) -> list[Location]:
+    """Locations with something to refine, in order: only their frames are fetched."""
+    return [loc for loc, originals in selection.by_location.items() if any(o.problem is None for o in originals)]
 
 
 def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPredictor, selection: Selection,
-                ledger: Ledger, uploader: _Uploader, frames: _Prefetcher) -> list[str]:
+                ledger: Ledger, uploader: _Uploader, frames: FramePrefetcher[LocationImage],
+                watch: RefinementWatch) -> list[str]:
     """Refine every location; returns descriptions of locations that failed.
 
-    Frames come from ``frames`` (fetched one location ahead), and refined annotations are
-    uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate. After an upload failure no
-    further location is processed (its originals are kept).
+    Frames come from ``frames`` (fetched ahead within its byte budget), and refined annotations
+    are uploaded in chunks of :data:`UPLOAD_CHUNK` as they accumulate (or after
+    :data:`UPLOAD_AFTER_S` seconds). After an upload failure no further location is processed
+    (its originals are kept). Before a location, the refinements are read again when that is
+    cheap relative to the job (:class:`RefinementWatch`): what another job has refined meanwhile
+    is not refined again.
     """
-    options = GeometryOptions(smoothing=settings.smoothing, padding=settings.padding,
-                              resolution=settings.resolution, prompt=settings.prompt,
-                              min_overlap=settings.min_overlap)
+    options = geometry_options(settings)
     span = ProgressSpan(reporter, 0.1, 0.85, "Refining")
     total = selection.count
     done = 0
@@ -395,13 +505,22 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
             ledger.record(location, [Kept(o.id, o.problem or "no shape") for o in originals])
             done += len(originals)
             continue
+        if watch.due():
+            taken = set(_skip_refined_elsewhere(watch, ledger, {o.id: location for o in originals}))
+            if taken:
+                done += len(taken)
+                originals = [o for o in originals if o.id not in taken]
         try:
-            image = frames.take(location)
+            image = frames.take(location)  # taken even when unused, so that the next one is fetched
         except NimbusAPIError as exc:
-            failed.append(f"{location.describe()}: {exc}")
+            if originals:
+                failed.append(f"{location.describe()}: {exc}")
             for original in originals:
                 ledger.keep(original.id, location, "its image could not be read")
             done += len(originals)
+            continue
+        if not originals:  # all refined by another job meanwhile
+            del image
             continue
         for original in originals:
             ledger.tags[original.id] = original.tags
@@ -411,7 +530,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
         del image
         ledger.record(location, outcomes)
         done += len(originals)
-        uploader.flush(at_least=UPLOAD_CHUNK)
+        uploader.flush(at_least=UPLOAD_CHUNK, or_after=UPLOAD_AFTER_S)
     span.update(1.0, f"{len(locations)} location(s) done")
     return failed
 

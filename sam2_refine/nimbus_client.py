@@ -469,6 +469,25 @@ class NimbusClient:
         """All annotations of one shape (see :meth:`iter_annotation_pages`)."""
         return [a for page in self.iter_annotation_pages(dataset_id, shape, tags, page_size) for a in page]
 
+    def get_annotation(self, annotation_id: str) -> dict[str, Any] | None:
+        """One annotation by id, or None when the server has no such annotation.
+
+        Girder answers a missing (or malformed) id with 400 "Invalid upenn_annotation id";
+        404 is taken the same way.
+
+        Raises:
+            NimbusAPIError: any other failure (403: not readable with this token).
+        """
+        try:
+            doc = self._request("GET", f"upenn_annotation/{annotation_id}")
+        except NimbusAPIError as exc:
+            if exc.status == 404 or (exc.status == 400 and "invalid" in exc.detail.lower()):
+                return None
+            raise
+        if not isinstance(doc, dict):
+            raise NimbusAPIError("GET", "upenn_annotation/{id}", None, "expected a JSON object")
+        return doc
+
     def create_annotations(
         self, annotations: Sequence[dict[str, Any]], chunk_size: int = MAX_CHUNK,
     ) -> list[dict[str, Any]]:
@@ -525,6 +544,7 @@ class NimbusClient:
         return self._create_many("annotation_connection/multiple", connections, chunk_size)
 
     def delete_connections(self, ids: Sequence[str], chunk_size: int = MAX_CHUNK) -> int:
+        """Delete connections by id (ids the server no longer has are ignored by it)."""
         for start in range(0, len(ids), _checked_chunk(chunk_size)):
             self._request("DELETE", "annotation_connection/multiple",
                           json_body=[str(i) for i in ids[start:start + chunk_size]])

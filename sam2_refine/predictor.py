@@ -1,4 +1,4 @@
-"""What the engine needs from a segmentation model: embed an image, decode box prompts.
+"""What the engine needs from a segmentation model: embed an image, decode box and point prompts.
 
 The real implementation is :class:`sam2_refine.sam2_model.Sam2BoxPredictor`; tests use stand-ins
 (:mod:`sam2_refine.testing.stand_in`) that satisfy the same protocol. No torch here.
@@ -88,17 +88,22 @@ class BoxPredictor(Protocol):
         ``image`` shows, shrunk to ``input_size``; boxes passed to :meth:`decode` are in the
         region's pixels, and the logit grid covers the region."""
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False, *, windows: np.ndarray | None = None,
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None, windows: np.ndarray | None = None,
                areas: bool = False) -> Decoded:
-        """Masks for box prompts on the embedded image.
+        """Masks for box and/or point prompts on the embedded image.
 
         Args:
             boxes: float (N, 4) boxes (x0, y0, x1, y1) in the embedded image's pixel coordinates
-                (x = column, y = row, pixel centres at integers).
+                (x = column, y = row, pixel centres at integers), or None for point prompts only.
             mask_inputs: Optional float32 (N, 1, h, w) mask logits (``mask_input_size``) over the
                 embedded image, given as an extra prompt.
             multimask: Ask for three masks per prompt instead of one.
+            points: Optional float (N, P, 2) points (x, y) in the same pixel coordinates as
+                ``boxes``; every prompt of one call has P points (pad with label -1).
+            point_labels: int (N, P) with ``points``: 1 = on the object (positive), 0 = not on
+                it (negative), -1 = padding (ignored).
             windows: Optional int (N, 4) ``(top, left, bottom, right)`` pixels of the embedded
                 image (half-open): the caller needs prompt k's logits only to upsample these
                 pixels. The answer may then hold only the grid cells they need

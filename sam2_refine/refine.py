@@ -1,22 +1,39 @@
-"""The engine at one location: embed each region once, prompt with every box, one polygon each.
+"""The engine at one location: embed each region once, prompt with every annotation, one polygon each.
 
 For each original annotation the outcome is either :class:`Refined` (a clean polygon) or
 :class:`Kept` (with the reason it was not refined). Nothing here talks to the server.
 
-The frame is embedded whole or in object crops (:mod:`sam2_refine.regions`). Prompts are the
-box (optionally with the original outline as mask logits, or asking for three masks and keeping
-the one that agrees best with the original). Per mask, only a window around the object is ever
-upsampled from the model's low-resolution logits (:func:`sam2_refine.logits.upsample_window`):
-first the prompt box plus a margin; if the chosen component reaches a window edge, the window
-grows until it does not (or the mask is rejected as far larger than the original). Memory
-therefore grows with the objects' size, not with N x frame size. A quality gate can reject
-refined shapes that overlap their original too little.
+The frame is embedded whole or in object crops (:mod:`sam2_refine.regions`). Polygons and
+rectangles prompt with their box (optionally with the original outline as mask logits, or asking
+for three masks and keeping the one that agrees best with the original). Points prompt with the
+point and ask for three masks; which one is kept is decided once the whole location is decoded
+(:mod:`sam2_refine.point_choice`): the best-scored mask of a size plausible for the point's
+tags, among those that hold no other point of the same tags. A location is refined in stages:
+
+1. **Object masks** (per region, while its embedding is current): each mask's low-resolution
+   logits are upsampled only in a window around the object
+   (:func:`sam2_refine.logits.upsample_window`) and the component that matches the original
+   is chosen (:func:`object_mask`): first the prompt box plus a margin; if the chosen component
+   reaches a window edge, the window grows until it does not (or the mask is rejected as far
+   larger than the original). The result is kept cropped to the component's bounding box.
+   A predictor with a fixed ``logit_grid`` is asked for box prompts' logits only in such a
+   window (for :data:`GROWTH_PAID` x the first margin); :func:`object_mask` is pure and answers
+   :class:`LargerWindow` when a window outgrows the logits it has, and :func:`_decode_boxes`
+   decodes those prompts again for it, on the calling thread.
+2. **Points' choice** among their three candidates, by the expected area of their tag.
+3. **Separation** (option): objects of the same tags whose windows meet give up the pixels
+   their neighbours claim more strongly (:mod:`sam2_refine.separation`).
+4. **Tracing** (:func:`trace`): the outline at the logits' sub-pixel zero crossing, simplified,
+   padded, clipped to the frame; then the quality gate.
+
+Memory therefore grows with the objects' size, not with N x frame size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -24,22 +41,27 @@ from shapely import affinity
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
+from sam2_refine import point_choice
 from sam2_refine.geometry import (
     AnnotationProblem,
     Window,
+    fill_holes,
     finish_polygon,
     frame_polygon,
     outline_from_logits,
+    point_component,
+    point_in_frame,
     prompt_box,
     rasterize_rough,
     select_component,
     touches_edges,
 )
+from sam2_refine.imaging import ArrayImage, LocationImage
 from sam2_refine.logits import GridPatch, grid_window, upsample_window
 from sam2_refine.predictor import BoxPredictor, Decoded
-from sam2_refine.imaging import ArrayImage, LocationImage
-from sam2_refine.regions import AUTO, CROPS, plan_regions
-from sam2_refine.selection import Original
+from sam2_refine.regions import CROPS, choose_mode, plan_regions
+from sam2_refine.selection import POINT, Original
+from sam2_refine.separation import Claim, keep_padded_apart, separate
 
 #: Frames with more pixels than this are always refined in object crops: a whole-frame RGB
 #: float copy of 16384 x 16384 pixels alone is 3.2 GB (a 20000 x 20000 frame: 4.8 GB).
@@ -49,13 +71,24 @@ MAX_WHOLE_FRAME_PIXELS = 16384 * 16384
 #: rejected: the model has segmented something else than the outlined object.
 MAX_AREA_RATIO = 4.0
 
+#: A point has no size. For choosing the resolution (Auto) it counts as an object of this many
+#: pixels (nuclei-sized: Auto then uses crops on frames over 1024 px, where small objects need them).
+POINT_SIZE_FOR_AUTO = 32.0
+#: In object crops, the window around a point reaches at least this far from it in every direction
+#: (its planning box is the point +- half of it, plus the regions' context margin).
+POINT_CONTEXT = 128.0
+#: At most this many other points are given as negative points with one point prompt.
+MAX_NEGATIVES = 8
 
-#: Windowed decoding asks for each prompt's logits in the window of this multiple of its first
-#: margin, so that the first two growths of the window (margin x 2, x 4) need no second decoding
-#: (a few cells more per prompt; a second decoding costs a whole prompt's transformer pass).
+#: Windowed decoding asks for each box prompt's logits in the window of this multiple of its
+#: first margin, so that the first two growths of the window (margin x 2, x 4) need no second
+#: decoding (a few cells more per prompt; a second decoding costs a whole transformer pass).
 GROWTH_PAID = 4.0
 
 BOX, BOX_AND_SHAPE, BEST_OF_THREE = "box", "box+shape", "best3"
+#: Point mask choice (:mod:`sam2_refine.point_choice`): plausible size then score (the rule),
+#: BIIGLE's closest to the expected area, or the model's score alone (both for measuring).
+BY_SIZE_AND_SCORE, BY_AREA, BY_SCORE = "both", "area", "score"
 
 
 @dataclass(frozen=True)
@@ -66,17 +99,35 @@ class GeometryOptions:
         smoothing: Simplification tolerance in pixels (0 = none).
         padding: Buffer distance in pixels (negative shrinks).
         resolution: ``"whole"`` frame, object ``"crops"``, or ``"auto"`` (see :mod:`sam2_refine.regions`).
-        prompt: ``"box"``; ``"box+shape"`` (the original outline also given as mask logits);
-            ``"best3"`` (three masks per box, the one that overlaps the original most is kept).
-        min_overlap: Quality gate: a refined shape whose IoU with its original is below this is
-            not used (0 = off).
+        prompt: For polygons and rectangles: ``"box"``; ``"box+shape"`` (the original outline
+            also given as mask logits); ``"best3"`` (three masks per box, the one that overlaps
+            the original most is kept). Points always prompt with the point and three masks.
+        min_overlap: Quality gate: a refined shape whose IoU with its original (polygon or
+            rectangle) is below this is not used (0 = off; points have no area to compare).
+        separate: Keep touching objects apart (:mod:`sam2_refine.separation`).
+        point_choice: :data:`BY_SIZE_AND_SCORE` (the two-pass rule of
+            :mod:`sam2_refine.point_choice`), or, for measuring it, :data:`BY_AREA` (BIIGLE's
+            second pass) or :data:`BY_SCORE` (the model's score alone).
+        negative_points: Give the other points (same tags) that fall inside a point's candidate
+            masks as negative points, in a second decoding of that point (off: measured worse
+            than ``exclusive_points``, and half the points of a dense field decoded twice; kept
+            for measuring real models).
+        exclusive_points: Set aside a point's candidates that hold other points of its group
+            (:func:`sam2_refine.point_choice.without_merges`).
+        group_tags: Objects are grouped by the ones of these tags they carry (all their tags
+            when empty): points' expected areas and separation are per group.
     """
 
     smoothing: float = 0.7
     padding: float = 0.0
-    resolution: str = AUTO
+    resolution: str = "auto"
     prompt: str = BOX
     min_overlap: float = 0.0
+    separate: bool = False
+    point_choice: str = BY_SIZE_AND_SCORE
+    negative_points: bool = False
+    exclusive_points: bool = True
+    group_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,21 +155,69 @@ class Kept:
 
 Outcome = Refined | Kept
 
+#: Chooses an object's component in a mask over a window of the frame (None: no match).
+Chooser = Callable[[np.ndarray, Window], "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class ObjectMask:
+    """One object's mask at full resolution, in a window of the frame: what is traced.
+
+    Attributes:
+        window: The frame pixels the arrays cover (the component's bounding box, one pixel
+            more on each side where the frame allows).
+        logits: float32 (window.height, window.width): positive = object.
+        component: bool, same shape: the chosen 8-connected component of ``logits > 0``.
+        area: Pixels in ``component``.
+    """
+
+    window: Window
+    logits: np.ndarray
+    component: np.ndarray
+    area: int
+
 
 @dataclass(frozen=True)
 class _Prompt:
     original: Original
-    box: np.ndarray  # (4,) x0, y0, x1, y1
+    box: np.ndarray  # (4,) x0, y0, x1, y1: the prompt box, or a point's planning box
+    point: np.ndarray | None = None  # (2,) x, y for a point
+    group: Hashable = ()
+
+    @property
+    def pixel(self) -> tuple[int, int]:
+        """(row, col) of the frame pixel holding the point."""
+        assert self.point is not None
+        return int(np.floor(self.point[1] + 0.5)), int(np.floor(self.point[0] + 0.5))
 
 
-def _prepare(originals: Sequence[Original], width: int, height: int) -> tuple[list[_Prompt], list[Kept]]:
+def object_group(original: Original, group_tags: Sequence[str]) -> tuple[str, ...]:
+    """The group an object belongs to: the ones of ``group_tags`` it carries (all its tags when
+    ``group_tags`` is empty), sorted."""
+    tags = set(original.tags)
+    return tuple(sorted(tags & set(group_tags) if group_tags else tags))
+
+
+def _prepare(originals: Sequence[Original], width: int, height: int, group_tags: Sequence[str],
+             ) -> tuple[list[_Prompt], list[Kept]]:
     prompts, kept = [], []
     for original in originals:
         if original.problem is not None or original.shape is None:
             kept.append(Kept(original.id, original.problem or "no shape"))
             continue
+        group = object_group(original, group_tags)
         try:
-            prompts.append(_Prompt(original, prompt_box(original.shape, width, height)))
+            if original.kind == POINT:
+                point = np.array([original.shape.x, original.shape.y], dtype=np.float64)
+                point_in_frame(point, width, height)
+                # a point on the frame's last edge (x = W - 0.5) belongs to the last pixel
+                point = np.minimum(point, [width - 0.5 - 1e-6, height - 0.5 - 1e-6])
+                half = POINT_CONTEXT / 2
+                box = np.clip(np.concatenate([point - half, point + half]), -0.5,
+                              [width - 0.5, height - 0.5, width - 0.5, height - 0.5])
+                prompts.append(_Prompt(original, box, point, group))
+            else:
+                prompts.append(_Prompt(original, prompt_box(original.shape, width, height), None, group))
         except AnnotationProblem as exc:
             kept.append(Kept(original.id, exc.reason))
     return prompts, kept
@@ -148,29 +247,32 @@ def shape_logits(on_grid: np.ndarray) -> np.ndarray:
     return (8.0 * np.tanh((inside - outside) / 2.0)).astype(np.float32)
 
 
+# -- stage 1: one object's mask ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class LargerWindow:
-    """:func:`mask_to_polygon` needs logits beyond the grid cells it was given: decode the prompt
-    again for ``window`` (frame pixels; :func:`decode_window`) and call again with ``margin``."""
+    """:func:`object_mask` needs logits beyond the grid cells it was given: decode the prompt
+    again for ``window`` (frame pixels) and call again with ``margin``."""
 
     margin: float
     window: Window
 
 
-def first_margin(box: np.ndarray, region: Window, grid_hw: tuple[int, int]) -> float:
-    """The margin (pixels) of the first window around a prompt box: 8 px, a quarter of the box's
+def first_margin(box: Sequence[float], region: Window, grid_hw: tuple[int, int]) -> float:
+    """The margin (pixels) of the first window around a box: 8 px, a quarter of the box's
     larger side, or two grid cells, whichever is largest."""
     x0, y0, x1, y1 = box
     cell = max(region.height / grid_hw[0], region.width / grid_hw[1])
     return max(8.0, 0.25 * max(x1 - x0, y1 - y0), 2.0 * cell)
 
 
-def decode_window(prompt: _Prompt, margin: float, region: Window, grid_hw: tuple[int, int],
+def decode_window(box: Sequence[float], margin: float, region: Window, grid_hw: tuple[int, int],
                   reference: np.ndarray | None = None) -> Window:
-    """The frame pixels whose logits :func:`mask_to_polygon` reads at ``margin``: the box plus
-    the margin, clipped to the region (and, given the prompt's ``reference`` cells on the
-    grid, enlarged to cover them, so that its overlap with each mask is in the window)."""
-    window = Window.around(prompt.box, margin, region)
+    """The frame pixels whose logits :func:`object_mask` reads at ``margin``: the box plus the
+    margin, clipped to the region (and, given the prompt's ``reference`` cells on the grid,
+    enlarged to cover them, so that its overlap with each mask is counted in the window)."""
+    window = Window.around(box, margin, region)
     if reference is not None and reference.any():
         rows, cols = np.flatnonzero(reference.any(axis=1)), np.flatnonzero(reference.any(axis=0))
         sy, sx = region.height / grid_hw[0], region.width / grid_hw[1]
@@ -182,40 +284,42 @@ def decode_window(prompt: _Prompt, margin: float, region: Window, grid_hw: tuple
     return window.intersect(region)
 
 
-def mask_to_polygon(
+def object_mask(
     grid: np.ndarray | GridPatch,
-    prompt: _Prompt,
     region: Window,
     frame_hw: tuple[int, int],
-    options: GeometryOptions,
+    start_box: Sequence[float],
+    choose: Chooser,
+    max_area: float,
+    too_large: str,
+    no_match: str,
     margin: float | None = None,
-) -> Polygon | LargerWindow:
-    """One polygon from one mask's low-resolution logits (see the module docstring).
+) -> ObjectMask | LargerWindow:
+    """One object's full-resolution mask from one mask's low-resolution logits.
 
-    Pure: no model call. When the chosen component reaches the edge of its window the window
-    grows; when the grown window needs logits that ``grid`` does not hold, the answer is a
-    :class:`LargerWindow` and the caller decodes the prompt again.
+    Pure (no model call): when the grown window needs cells ``grid`` does not hold, the answer
+    is a :class:`LargerWindow` and the caller decodes the prompt again.
 
     Args:
         grid: float32 (h, w) logits covering ``region``, or a :class:`GridPatch` of them.
-        prompt: The original and its box (frame coordinates).
         region: The window of the frame the model embedded.
         frame_hw: (H, W) of the frame.
-        margin: The window's margin around the box (pixels); default :func:`first_margin`.
+        start_box: (x0, y0, x1, y1) frame coordinates: the first window is this box plus a margin.
+        choose: Picks the object's component of the mask in a window (None: none matches).
+        max_area: A component larger than this (pixels) is rejected with ``too_large``.
+        too_large, no_match: Reasons for a component that is too large / for no match.
+        margin: The window's margin (pixels); default :func:`first_margin`.
 
     Raises:
-        AnnotationProblem: empty mask, no overlap with the original, far larger than the
-            original's box, cut by the edge of its crop, or no valid polygon.
+        AnnotationProblem: empty mask, no match, too large, or cut by the edge of its crop.
     """
     patch = grid if isinstance(grid, GridPatch) else GridPatch.whole(grid)
     height, width = frame_hw
-    x0, y0, x1, y1 = prompt.box
-    box_area = max((x1 - x0) * (y1 - y0), 1.0)
     if margin is None:
-        margin = first_margin(prompt.box, region, patch.grid_hw)
+        margin = first_margin(start_box, region, patch.grid_hw)
     region_hw = (region.height, region.width)
     while True:
-        window = Window.around(prompt.box, margin, region)  # frame coordinates, inside the region
+        window = Window.around(start_box, margin, region)  # frame coordinates, inside the region
         rows = (window.top - region.top, window.bottom - region.top)
         cols = (window.left - region.left, window.right - region.left)
         if not patch.covers(grid_window(patch.grid_hw, region_hw, rows, cols)):
@@ -224,13 +328,12 @@ def mask_to_polygon(
         mask = logits > 0
         if not mask.any():
             raise AnnotationProblem("empty mask")
-        component, _ = select_component(mask, rasterize_rough(prompt.original.shape, window))
+        component = choose(mask, window)
         if component is None:
-            raise AnnotationProblem("the mask does not overlap the original outline")
+            raise AnnotationProblem(no_match)
         area = int(np.count_nonzero(component))
-        if area > MAX_AREA_RATIO * box_area:
-            raise AnnotationProblem(
-                f"the mask is far larger than the original (over {MAX_AREA_RATIO:g}x its box area)")
+        if area > max_area:
+            raise AnnotationProblem(too_large)
         top, left, bottom, right = touches_edges(component)
         sides = ((top, window.top, region.top, 0), (left, window.left, region.left, 0),
                  (bottom, window.bottom, region.bottom, height), (right, window.right, region.right, width))
@@ -239,7 +342,91 @@ def mask_to_polygon(
         if not any(touch and edge != limit for touch, edge, limit, _ in sides):
             break
         margin *= 2.0
-    outline = outline_from_logits(logits, component) + (window.left, window.top)
+    return _cropped(window, logits, component, area)
+
+
+def _cropped(window: Window, logits: np.ndarray, component: np.ndarray, area: int) -> ObjectMask:
+    """The object mask cut to its component's bounding box plus one pixel (what tracing uses)."""
+    rows = np.flatnonzero(component.any(axis=1))
+    cols = np.flatnonzero(component.any(axis=0))
+    top, left = max(int(rows[0]) - 1, 0), max(int(cols[0]) - 1, 0)
+    bottom = min(int(rows[-1]) + 2, component.shape[0])
+    right = min(int(cols[-1]) + 2, component.shape[1])
+    sub = Window(window.top + top, window.left + left, window.top + bottom, window.left + right)
+    return ObjectMask(sub, np.ascontiguousarray(logits[top:bottom, left:right], dtype=np.float32),
+                      component[top:bottom, left:right].copy(), area)
+
+
+def _outline_chooser(shape: BaseGeometry) -> Chooser:
+    return lambda mask, window: select_component(mask, rasterize_rough(shape, window))[0]
+
+
+def _point_chooser(prompt: _Prompt) -> Chooser:
+    row, col = prompt.pixel
+    return lambda mask, window: point_component(mask, row - window.top, col - window.left)
+
+
+def _chooser(prompt: _Prompt) -> Chooser:
+    return _point_chooser(prompt) if prompt.point is not None else _outline_chooser(prompt.original.shape)
+
+
+def _box_object(grid: np.ndarray | GridPatch, prompt: _Prompt, region: Window, frame_hw: tuple[int, int],
+                margin: float | None = None) -> ObjectMask | LargerWindow:
+    x0, y0, x1, y1 = prompt.box
+    box_area = max((x1 - x0) * (y1 - y0), 1.0)
+    return object_mask(grid, region, frame_hw, prompt.box, _chooser(prompt), MAX_AREA_RATIO * box_area,
+                       f"the mask is far larger than the original (over {MAX_AREA_RATIO:g}x its box area)",
+                       "the mask does not overlap the original outline", margin)
+
+
+def _point_start(grid: np.ndarray, region: Window, point: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """Where a point's mask is on the low-resolution grid: (box of its grid component in frame
+    coordinates, the component's area in frame pixels), or None when no positive grid cell is
+    at (or next to) the point."""
+    h, w = grid.shape
+    cell_h, cell_w = region.height / h, region.width / w
+    row = int(np.clip((point[1] - region.top + 0.5) / cell_h, 0, h - 1))
+    col = int(np.clip((point[0] - region.left + 0.5) / cell_w, 0, w - 1))
+    positive = grid > 0
+    if not positive[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2].any():
+        return None
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(positive.astype(np.uint8), connectivity=8)
+    near = labels[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2]
+    label = int(labels[row, col]) or int(near[near > 0][0])
+    c0, r0, cw, ch, cells = stats[label]
+    box = np.array([region.left + c0 * cell_w - 0.5, region.top + r0 * cell_h - 0.5,
+                    region.left + (c0 + cw) * cell_w - 0.5, region.top + (r0 + ch) * cell_h - 0.5])
+    return box, float(cells) * cell_h * cell_w
+
+
+def _point_object(grid: np.ndarray, prompt: _Prompt, region: Window, frame_hw: tuple[int, int]) -> ObjectMask:
+    assert prompt.point is not None
+    max_area = point_choice.MAX_FRAME_FRACTION * frame_hw[0] * frame_hw[1]
+    too_large = point_choice.area_problem(max_area + 1, None, frame_hw[0] * frame_hw[1]) or ""
+    start = _point_start(grid, region, prompt.point)
+    if start is None:
+        raise AnnotationProblem("the mask does not reach the point")
+    box, grid_area = start
+    if grid_area > 2 * max_area:  # far too large already on the grid: not upsampled at all
+        raise AnnotationProblem(too_large)
+    mask = object_mask(grid, region, frame_hw, box, _point_chooser(prompt), max_area, too_large,
+                       "the mask does not reach the point")
+    assert isinstance(mask, ObjectMask)  # the whole grid: never a larger window
+    return mask
+
+
+# -- stage 4: tracing ---------------------------------------------------------------------------------
+
+
+def trace(mask: ObjectMask, options: GeometryOptions, frame_hw: tuple[int, int]) -> Polygon:
+    """The object's polygon: traced at the logits' sub-pixel zero crossing, simplified with
+    Smoothing, buffered by Padding, clipped to the frame, made valid.
+
+    Raises:
+        AnnotationProblem: nothing valid is left.
+    """
+    height, width = frame_hw
+    outline = outline_from_logits(mask.logits, mask.component) + (mask.window.left, mask.window.top)
     return finish_polygon(outline, options.smoothing, options.padding, frame_polygon(width, height))
 
 
@@ -272,6 +459,282 @@ def overlap(polygon: Polygon, shape: BaseGeometry) -> float:
     return polygon.intersection(shape).area / union if union > 0 else 0.0
 
 
+# -- the location -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    """One of a point's masks: its object mask (None when unusable, with the reason) and score."""
+
+    mask: ObjectMask | None
+    score: float
+    reason: str = ""
+    others: int = 0  # other points of the group inside the mask
+
+
+class _Location:
+    """What one location's stages hand each other: object masks, points' candidates, outcomes."""
+
+    def __init__(self, prompts: Sequence[_Prompt], height: int, width: int) -> None:
+        self.height, self.width = height, width
+        self.masks: dict[str, ObjectMask] = {}
+        self.scores: dict[str, float] = {}
+        self.candidates: dict[str, list[_Candidate]] = {}
+        self.outcomes: dict[str, Outcome] = {}
+        # the location's points by group, sorted by x, for finding the points inside a mask
+        self._points: dict[Hashable, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+        by_group: dict[Hashable, list[_Prompt]] = defaultdict(list)
+        for prompt in prompts:
+            if prompt.point is not None:
+                by_group[prompt.group].append(prompt)
+        for group, members in by_group.items():
+            members.sort(key=lambda p: p.pixel[1])
+            pixels = np.array([p.pixel for p in members], dtype=np.int64).reshape(-1, 2)
+            self._points[group] = (pixels[:, 1].copy(), pixels, [p.original.id for p in members])
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def keep(self, original_id: str, reason: str) -> None:
+        self.outcomes[original_id] = Kept(original_id, reason)
+        self.masks.pop(original_id, None)
+
+    def points_inside(self, prompt: _Prompt, mask: ObjectMask) -> list[tuple[str, tuple[int, int]]]:
+        """Other points of ``prompt``'s group whose pixel lies in ``mask``'s component:
+        (id, (row, col)), nearest first."""
+        cols, pixels, ids = self._points.get(prompt.group, (np.zeros(0, np.int64), np.zeros((0, 2)), []))
+        win = mask.window
+        found = []
+        first, stop = np.searchsorted(cols, [win.left, win.right])
+        for k in range(int(first), int(stop)):
+            row, col = int(pixels[k, 0]), int(pixels[k, 1])
+            if ids[k] != prompt.original.id and win.top <= row < win.bottom \
+                    and mask.component[row - win.top, col - win.left]:
+                found.append((ids[k], (row, col)))
+        own_row, own_col = prompt.pixel
+        return sorted(found, key=lambda f: (f[1][0] - own_row) ** 2 + (f[1][1] - own_col) ** 2)
+
+
+def _decode_boxes(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window, options: GeometryOptions,
+                  work: _Location) -> None:
+    """Box prompts of one chunk (polygons, rectangles) -> their object masks.
+
+    Every model call happens here, on the calling thread; :func:`object_mask` is pure. A
+    predictor with a fixed ``logit_grid`` is asked only for each prompt's window of logits; a
+    prompt whose mask outgrows it is decoded again for the larger window (all such prompts of
+    the chunk in one call), as often as needed, keeping the mask chosen first.
+    """
+    grid_hw = getattr(predictor, "logit_grid", None)
+    offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
+    boxes = np.stack([p.box for p in chunk]) - offset
+    references = None
+    if options.prompt in (BOX_AND_SHAPE, BEST_OF_THREE):
+        references = [shape_on_grid(p.original.shape, win, predictor.mask_input_size) for p in chunk]
+    mask_inputs = (np.stack([shape_logits(r) for r in references])[:, None]
+                   if options.prompt == BOX_AND_SHAPE and references is not None else None)
+    multimask = options.prompt == BEST_OF_THREE
+    best3 = multimask and references is not None
+    margins: list[float | None] = [None] * len(chunk)
+    if grid_hw is not None:
+        refs = [_regrid(r, grid_hw) for r in references] if best3 and references else None
+        margins = [first_margin(p.box, win, grid_hw) for p in chunk]
+        windows = [decode_window(p.box, GROWTH_PAID * m, win, grid_hw, refs[k] if refs else None)
+                   for k, (p, m) in enumerate(zip(chunk, margins, strict=True))]
+        decoded = predictor.decode(boxes, mask_inputs, multimask=multimask, windows=_relative(windows, win),
+                                   areas=best3)
+    else:
+        decoded = predictor.decode(boxes, mask_inputs, multimask=multimask)
+    todo = []  # (index in chunk, mask index, margin, logits)
+    for k in range(len(chunk)):
+        reference = _regrid(references[k], decoded.grid_size) if best3 and references is not None else None
+        best = _choose_mask(decoded, k, reference)
+        work.scores[chunk[k].original.id] = float(decoded.scores[k, best])
+        todo.append((k, best, margins[k], decoded.mask(k, best)))
+    while todo:
+        again = []
+        for k, best, margin, patch in todo:
+            prompt = chunk[k]
+            try:
+                result = _box_object(patch, prompt, win, work.frame_hw, margin)
+            except AnnotationProblem as exc:
+                work.keep(prompt.original.id, exc.reason)
+                continue
+            if isinstance(result, LargerWindow):
+                again.append((k, best, result))
+            else:
+                work.masks[prompt.original.id] = result
+        todo = []
+        if again:  # the same prompts, larger windows
+            idx = [k for k, _, _ in again]
+            redecoded = predictor.decode(boxes[idx], None if mask_inputs is None else mask_inputs[idx],
+                                         multimask=multimask, windows=_relative([g.window for _, _, g in again], win))
+            todo = [(k, best, grow.margin, redecoded.mask(i, best)) for i, (k, best, grow) in enumerate(again)]
+
+
+def _relative(windows: Sequence[Window], region: Window) -> np.ndarray:
+    """Frame windows as int (N, 4) (top, left, bottom, right) pixels of the region."""
+    return np.array([[w.top - region.top, w.left - region.left, w.bottom - region.top,
+                      w.right - region.left] for w in windows], dtype=np.int64).reshape(-1, 4)
+
+
+def _point_candidates(decoded: Decoded, k: int, prompt: _Prompt, win: Window, work: _Location) -> list[_Candidate]:
+    out = []
+    for c in range(decoded.logits.shape[1]):
+        score = float(decoded.scores[k, c])
+        try:
+            mask = _point_object(decoded.logits[k, c], prompt, win, work.frame_hw)
+            out.append(_Candidate(mask, score, others=len(work.points_inside(prompt, mask))))
+        except AnnotationProblem as exc:
+            out.append(_Candidate(None, score, exc.reason))
+    return out
+
+
+def _decode_points(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window, options: GeometryOptions,
+                   work: _Location) -> None:
+    """Point prompts of one chunk -> three candidate object masks each; then, for points whose
+    candidates hold other points of their group, a second decoding with those as negative points
+    (grouped by their number, so that no padding point is added)."""
+    origin = np.array([win.left, win.top], dtype=np.float64)
+    points = np.stack([p.point for p in chunk])[:, None] - origin
+    decoded = predictor.decode(None, multimask=True, points=points, point_labels=np.ones((len(chunk), 1), np.int64))
+    again: dict[int, list[tuple[_Prompt, np.ndarray]]] = defaultdict(list)
+    for k, prompt in enumerate(chunk):
+        candidates = _point_candidates(decoded, k, prompt, win, work)
+        work.candidates[prompt.original.id] = candidates
+        if not options.negative_points:
+            continue
+        inside: dict[str, tuple[int, int]] = {}
+        for candidate in candidates:
+            if candidate.mask is not None:
+                inside.update(work.points_inside(prompt, candidate.mask))
+        if inside:
+            negatives = sorted(inside.values(), key=lambda rc: (rc[0] - prompt.pixel[0]) ** 2
+                               + (rc[1] - prompt.pixel[1]) ** 2)[:MAX_NEGATIVES]
+            xy = np.array([[c, r] for r, c in negatives], dtype=np.float64) - origin
+            again[len(xy)].append((prompt, xy))
+    for count, items in sorted(again.items()):
+        for start in range(0, len(items), max(1, predictor.max_batch)):
+            part = items[start:start + predictor.max_batch]
+            pts = np.stack([np.vstack([p.point - origin, xy]) for p, xy in part])
+            labels = np.zeros((len(part), count + 1), np.int64)
+            labels[:, 0] = 1
+            redecoded = predictor.decode(None, multimask=True, points=pts, point_labels=labels)
+            for k, (prompt, _) in enumerate(part):
+                work.candidates[prompt.original.id] = _point_candidates(redecoded, k, prompt, win, work)
+
+
+def _choose_points(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location) -> None:
+    """Stage 2: each point's candidate, by the two-pass rule (or the score), and its quality checks."""
+    points = [p for p in prompts if p.point is not None and p.original.id in work.candidates]
+    table = {p.original.id: (p.group, [c.mask.area if c.mask is not None else None
+                                       for c in work.candidates[p.original.id]],
+                             [c.score for c in work.candidates[p.original.id]]) for p in points}
+    others = ({p.original.id: [c.others for c in work.candidates[p.original.id]] for p in points}
+              if options.exclusive_points else None)
+    chosen, expected = point_choice.choose_all(table, rule=options.point_choice, others=others)
+    frame_area = float(work.height * work.width)
+    for prompt in points:
+        pid = prompt.original.id
+        candidates = work.candidates.pop(pid)
+        index = chosen[pid]
+        if index is None:
+            best = max(range(len(candidates)), key=lambda c: candidates[c].score)
+            work.keep(pid, candidates[best].reason or "no usable mask")
+            continue
+        candidate = candidates[index]
+        assert candidate.mask is not None
+        problem = point_choice.area_problem(candidate.mask.area, expected.get(prompt.group), frame_area)
+        if problem is not None:
+            work.keep(pid, problem)
+            continue
+        work.masks[pid] = candidate.mask
+        work.scores[pid] = candidate.score
+
+
+def _claim_field(mask: ObjectMask) -> np.ndarray:
+    magnitude = np.maximum(np.abs(mask.logits), np.float32(1e-3))
+    return np.where(fill_holes(mask.component), magnitude, -magnitude).astype(np.float32)
+
+
+def _separate(prompts: Sequence[_Prompt], work: _Location) -> None:
+    """Stage 3: touching objects of one group give up the pixels their neighbours win."""
+    members = [p for p in prompts if p.original.id in work.masks]
+    if len(members) < 2:
+        return
+    claims = []
+    for prompt in members:
+        mask = work.masks[prompt.original.id]
+        anchor = prompt.original.shape.centroid
+        claims.append(Claim(mask.window, _claim_field(mask), (float(anchor.x), float(anchor.y)), prompt.group))
+    for prompt, claim, field in zip(members, claims, separate(claims), strict=True):
+        if field is claim.field:
+            continue
+        component = _chooser(prompt)(field > 0, claim.window)
+        if component is None or not component.any():
+            work.keep(prompt.original.id, "its mask lies within masks of touching objects that the model is "
+                                          "surer of (Keep touching objects apart)")
+            continue
+        work.masks[prompt.original.id] = _cropped(claim.window, field, component, int(np.count_nonzero(component)))
+
+
+def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location) -> None:
+    """Stage 4: polygons and the quality gate. With separation and a positive Padding, the
+    outlines are traced unpadded first, then padded without growing into each other
+    (:func:`sam2_refine.separation.keep_padded_apart`)."""
+    gate = f"its overlap with the original is below the minimum ({options.min_overlap:g})"
+    traced = [p for p in prompts if p.original.id in work.masks]
+    apart = options.separate and options.padding > 0
+    polygons: list[Polygon | None] = []
+    cores: list[Polygon | None] = []
+    for prompt in traced:
+        pid = prompt.original.id
+        mask = work.masks.pop(pid)
+        try:
+            core = trace(mask, replace(options, padding=0.0) if apart else options, work.frame_hw)
+            polygon = _padded(core, options.padding, work.frame_hw) if apart else core
+            cores.append(core)
+            polygons.append(polygon)
+        except AnnotationProblem as exc:
+            work.outcomes[pid] = Kept(pid, exc.reason)
+            cores.append(None)
+            polygons.append(None)
+    if apart:
+        polygons = keep_padded_apart(polygons, cores, [p.group for p in traced])
+        for prompt, core, polygon in zip(traced, cores, polygons, strict=True):
+            if core is not None and polygon is None:
+                work.outcomes[prompt.original.id] = Kept(prompt.original.id, "nothing is left of the padded "
+                                                         "shape beside its neighbours")
+    for prompt, polygon in zip(traced, polygons, strict=True):
+        pid = prompt.original.id
+        if polygon is None:
+            continue
+        outline_gate = prompt.point is None and options.min_overlap > 0
+        if outline_gate and overlap(polygon, prompt.original.shape) < options.min_overlap:
+            work.outcomes[pid] = Kept(pid, gate)
+        else:
+            work.outcomes[pid] = Refined(pid, polygon, work.scores[pid])
+
+
+def _padded(core: Polygon, padding: float, frame_hw: tuple[int, int]) -> Polygon:
+    """An unpadded outline buffered by ``padding``, clipped to the frame, made valid."""
+    outline = np.asarray(core.exterior.coords)[:-1]
+    return finish_polygon(outline, 0.0, padding, frame_polygon(frame_hw[1], frame_hw[0]))
+
+
+def _planning(prompts: Sequence[_Prompt], height: int, width: int, resolution: str) -> tuple[str, np.ndarray]:
+    """The resolution mode (Auto resolved) and the boxes regions are planned with."""
+    boxes = np.stack([p.box for p in prompts]) if prompts else np.zeros((0, 4))
+    sizes = boxes.copy()
+    for k, prompt in enumerate(prompts):
+        if prompt.point is not None:
+            half = POINT_SIZE_FOR_AUTO / 2
+            sizes[k] = np.concatenate([prompt.point - half, prompt.point + half])
+    if height * width > MAX_WHOLE_FRAME_PIXELS and resolution != CROPS:
+        resolution = CROPS  # a whole-frame RGB copy would not fit in memory: crops need only windows
+    return choose_mode(sizes, height, width, resolution), boxes
+
+
 def refine_location(
     predictor: BoxPredictor,
     image: np.ndarray | LocationImage | ArrayImage,
@@ -279,32 +742,31 @@ def refine_location(
     options: GeometryOptions,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[Outcome]:
-    """Refine every original of one location.
+    """Refine every original of one location (see the module docstring for the stages).
 
     The frame is split into regions (:func:`sam2_refine.regions.plan_regions`); each region is
-    embedded once and its prompts are decoded in batches of at most ``predictor.max_batch``.
+    embedded once and its prompts are decoded in batches of at most ``predictor.max_batch``
+    (box prompts and point prompts in separate batches).
 
     Args:
         predictor: The model (its embedding is replaced).
         image: The merged frame: float32 (H, W, 3) RGB in [0, 1], or a
             :class:`~sam2_refine.imaging.LocationImage` that merges only the windows embedded.
         originals: Annotations at this location.
-        options: Resolution, prompt, smoothing, padding, quality gate.
-        on_progress: Called with the number of originals done so far.
+        options: Resolution, prompt, smoothing, padding, quality gate, separation, points.
+        on_progress: Called with the number of originals decoded so far (after each batch).
 
     Returns:
         One outcome per original, in the order given.
     """
     source = ArrayImage(image) if isinstance(image, np.ndarray) else image
     height, width = source.height, source.width
-    prompts, kept = _prepare(originals, width, height)
-    outcomes: dict[str, Outcome] = {k.original_id: k for k in kept}
+    prompts, kept = _prepare(originals, width, height, options.group_tags)
+    work = _Location(prompts, height, width)
+    work.outcomes.update({k.original_id: k for k in kept})
     done = len(kept)
-    boxes = np.stack([p.box for p in prompts]) if prompts else np.zeros((0, 4))
-    resolution = options.resolution
-    if height * width > MAX_WHOLE_FRAME_PIXELS and resolution != CROPS:
-        resolution = CROPS  # a whole-frame RGB copy would not fit in memory: crops need only windows
-    for region in plan_regions(boxes, height, width, resolution) if prompts else []:
+    mode, boxes = _planning(prompts, height, width, options.resolution)
+    for region in plan_regions(boxes, height, width, mode) if prompts else []:
         win = region.window
         size = getattr(predictor, "input_size", None)
         if size and (win.height > 2 * size or win.width > 2 * size):
@@ -313,85 +775,20 @@ def refine_location(
         else:
             predictor.embed(source.window(win.top, win.left, win.bottom, win.right))
         members = [prompts[i] for i in region.members]
-        for start in range(0, len(members), max(1, predictor.max_batch)):
-            chunk = members[start:start + predictor.max_batch]
-            for prompt, outcome in zip(chunk, _refine_chunk(predictor, chunk, win, (height, width), options),
-                                       strict=True):
-                outcomes[prompt.original.id] = outcome
-            done += len(chunk)
-            if on_progress is not None:
-                on_progress(done)
-    return [outcomes[o.id] for o in originals]
-
-
-def _refine_chunk(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window,
-                  frame_hw: tuple[int, int], options: GeometryOptions) -> list[Outcome]:
-    """The outcomes of one batch of prompts in the embedded region ``win``.
-
-    Every model call happens here, on the calling thread; :func:`mask_to_polygon` is pure. A
-    predictor with a fixed ``logit_grid`` is asked only for each prompt's window of logits; a
-    prompt whose mask outgrows its window is decoded again for the larger window (all such
-    prompts of the batch in one call), as often as needed.
-    """
-    grid_hw = getattr(predictor, "logit_grid", None)
-    offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
-    references = None
-    if options.prompt in (BOX_AND_SHAPE, BEST_OF_THREE):
-        references = [shape_on_grid(p.original.shape, win, predictor.mask_input_size) for p in chunk]
-    mask_inputs = (np.stack([shape_logits(r) for r in references])[:, None]
-                   if options.prompt == BOX_AND_SHAPE and references is not None else None)
-    multimask = options.prompt == BEST_OF_THREE
-    best3 = multimask and references is not None
-    if grid_hw is not None:
-        grid_refs = [_regrid(r, grid_hw) for r in references] if best3 and references else None
-        margins = [first_margin(p.box, win, grid_hw) for p in chunk]
-        # decoded for GROWTH_PAID x the first margin; tracing starts at the first margin
-        windows = [decode_window(p, GROWTH_PAID * m, win, grid_hw, grid_refs[k] if grid_refs else None)
-                   for k, (p, m) in enumerate(zip(chunk, margins, strict=True))]
-        decoded = predictor.decode(np.stack([p.box for p in chunk]) - offset, mask_inputs, multimask=multimask,
-                                   windows=_relative(windows, win), areas=best3)
-    else:
-        margins = [None] * len(chunk)
-        decoded = predictor.decode(np.stack([p.box for p in chunk]) - offset, mask_inputs, multimask=multimask)
-    outcomes: list[Outcome | None] = [None] * len(chunk)
-    todo = []  # (index in chunk, mask index, margin, logits, score) still to trace
-    for k in range(len(chunk)):
-        reference = None
-        if best3 and references is not None:
-            reference = _regrid(references[k], decoded.grid_size)
-        best = _choose_mask(decoded, k, reference)
-        todo.append((k, best, margins[k], decoded.mask(k, best), float(decoded.scores[k, best])))
-    while todo:
-        again = []
-        for k, best, margin, patch, score in todo:
-            prompt = chunk[k]
-            try:
-                result = mask_to_polygon(patch, prompt, win, frame_hw, options, margin)
-                if isinstance(result, LargerWindow):
-                    again.append((k, best, result, score))
-                    continue
-                if options.min_overlap > 0 and overlap(result, prompt.original.shape) < options.min_overlap:
-                    raise AnnotationProblem(
-                        f"its overlap with the original is below the minimum ({options.min_overlap:g})")
-                outcomes[k] = Refined(prompt.original.id, result, score)
-            except AnnotationProblem as exc:
-                outcomes[k] = Kept(prompt.original.id, exc.reason)
-        todo = []
-        if again:  # the same prompts, larger windows; the mask chosen first is kept
-            idx = [k for k, _, _, _ in again]
-            redecoded = predictor.decode(
-                np.stack([chunk[k].box for k in idx]) - offset,
-                None if mask_inputs is None else mask_inputs[idx], multimask=multimask,
-                windows=_relative([grow.window for _, _, grow, _ in again], win))
-            todo = [(k, best, grow.margin, redecoded.mask(i, best), score)
-                    for i, (k, best, grow, score) in enumerate(again)]
-    return [o for o in outcomes if o is not None]
-
-
-def _relative(windows: Sequence[Window], region: Window) -> np.ndarray:
-    """Frame windows as int (N, 4) (top, left, bottom, right) pixels of the region."""
-    return np.array([[w.top - region.top, w.left - region.left, w.bottom - region.top,
-                      w.right - region.left] for w in windows], dtype=np.int64).reshape(-1, 4)
+        step = max(1, predictor.max_batch)
+        for kind_members, decode in (([p for p in members if p.point is None], _decode_boxes),
+                                     ([p for p in members if p.point is not None], _decode_points)):
+            for start in range(0, len(kind_members), step):
+                chunk = kind_members[start:start + step]
+                decode(predictor, chunk, win, options, work)
+                done += len(chunk)
+                if on_progress is not None:
+                    on_progress(done)
+    _choose_points(prompts, options, work)
+    if options.separate:
+        _separate(prompts, work)
+    _trace_all(prompts, options, work)
+    return [work.outcomes[o.id] for o in originals]
 
 
 def _regrid(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -2,16 +2,18 @@
 
 One :class:`Ledger` maps every selected original id to its outcome and drives the upload, the
 deletion and the summary, so an original can be deleted only if the server confirmed the
-creation of its own replacement:
+creation of a replacement:
 
 - a refined shape is uploaded as a new polygon annotation (the tool's channel and tags, the
   original's location and dataset) marked with the id of its original
-  (:mod:`sam2_refine.markers`), so a later run can find it;
-- an original that an earlier run already refined is not refined again: its existing
-  refinement counts as its confirmed replacement;
+  (:mod:`sam2_refine.markers`), so a later run, or another job running at the same time, can
+  find it;
+- an original that an earlier run (or another running job) already refined is not refined
+  again: its existing refinement counts as its replacement;
 - the server's answer must confirm each document of a chunk (one ``_id`` per document, in order);
 - any upload failure stops the upload and deletes nothing at all;
-- deletion (if asked) sends exactly the originals whose replacement was confirmed.
+- which refinement of an original stays when several jobs made one, and the deletion of the
+  originals, are :mod:`sam2_refine.converge`'s.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ class Ledger:
         delete_unknown: original ids whose deletion was sent but not answered (a lost answer,
             a timeout, the job stopped meanwhile): the server may or may not have deleted them.
         tags: original id -> the original's own tags (for "Keep original tags").
+        mine: original id -> the refinement this job created for it (confirmed).
+        by_another: original ids whose replacement is another job's refinement, made while
+            this job ran (found before this job uploaded its own, or kept instead of it).
+        already_deleted: original ids another job had deleted when this job went to delete them.
+        concurrent: original ids that another job refined at the same time as this one.
+        duplicates_removed: original id -> refinements of it this job removed as duplicates.
+        not_trusted: annotations with a sam2Refine mark this worker does not trust (left alone).
     """
 
     locations: dict[str, Location] = field(default_factory=dict)
@@ -54,6 +63,12 @@ class Ledger:
     previous: set[str] = field(default_factory=set)
     tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
     delete_unknown: list[str] = field(default_factory=list)
+    mine: dict[str, str] = field(default_factory=dict)
+    by_another: set[str] = field(default_factory=set)
+    already_deleted: set[str] = field(default_factory=set)
+    concurrent: list[str] = field(default_factory=list)
+    duplicates_removed: dict[str, list[str]] = field(default_factory=dict)
+    not_trusted: list[str] = field(default_factory=list)
 
     def deletion_text(self) -> str:
         """What happened to the originals, for messages: deleted, perhaps deleted, remaining."""
@@ -67,6 +82,22 @@ class Ledger:
         self.locations[original_id] = location
         self.created[original_id] = refined_id
         self.previous.add(original_id)
+
+    def refined_by_another(self, original_id: str, location: Location, refined_id: str) -> None:
+        """Another job running now created ``refined_id`` for this original: its replacement."""
+        self.locations[original_id] = location
+        self.created[original_id] = refined_id
+        self.by_another.add(original_id)
+
+    def replaced_by(self, original_id: str, refined_id: str) -> None:
+        """The server shows ``refined_id`` as the refinement of this original that stays."""
+        self.created[original_id] = refined_id
+        if original_id not in self.previous and self.mine.get(original_id) != refined_id:
+            self.by_another.add(original_id)
+
+    def created_here(self) -> int:
+        """Refinements this job created (confirmed), whether or not they stayed."""
+        return len(self.mine)
 
     def record(self, location: Location, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
@@ -84,7 +115,7 @@ class Ledger:
         """reason -> original ids kept for it (upload failures included)."""
         reasons: dict[str, list[str]] = defaultdict(list)
         for outcome in self.outcomes.values():
-            if isinstance(outcome, Kept):
+            if isinstance(outcome, Kept) and outcome.original_id not in self.created:
                 reasons[outcome.reason].append(outcome.original_id)
         for original_id in self.not_created:
             reasons["its refined shape was not uploaded"].append(original_id)
@@ -94,23 +125,30 @@ class Ledger:
         """A JSON-ready account of every original."""
         kept = self.kept_by_reason()
         return {
-            "selected": len(self.outcomes) + len(self.previous),
-            "refined": len(self.created) - len(self.previous),
+            "selected": len(self.locations),
+            "refined": sum(1 for o, r in self.mine.items() if self.created.get(o) == r),
             "already_refined": len(self.previous),
+            "refined_by_another_job": len(self.by_another),
             "kept": sum(len(v) for v in kept.values()),
             "deleted": len(self.deleted),
+            "already_deleted_by_another_job": len(self.already_deleted),
+            "refined_at_the_same_time": len(self.concurrent),
+            "duplicates_removed": sum(len(v) for v in self.duplicates_removed.values()),
             "kept_reasons": kept,
             "replacements": dict(self.created),
             "deleted_ids": list(self.deleted),
             "delete_failed_ids": list(self.delete_failed),
             "delete_unknown_ids": list(self.delete_unknown),
+            "refined_at_the_same_time_ids": list(self.concurrent),
+            "duplicates_removed_ids": {o: list(v) for o, v in self.duplicates_removed.items()},
+            "not_trusted_ids": list(self.not_trusted),
         }
 
 
 def new_annotation(refined: Refined, location: Location, dataset_id: str, channel: int,
-                   tags: tuple[str, ...]) -> dict[str, Any]:
+                   tags: tuple[str, ...], delete_original: bool = False) -> dict[str, Any]:
     """The annotation document for a refined shape (every field the server requires, and the
-    mark naming its original)."""
+    mark naming its original and whether the job deletes originals)."""
     return {
         "datasetId": dataset_id,
         "shape": "polygon",
@@ -118,7 +156,7 @@ def new_annotation(refined: Refined, location: Location, dataset_id: str, channe
         "channel": channel,
         "location": location.as_json(),
         "coordinates": polygon_coordinates(refined.polygon),
-        MARKER_KEY: marker(refined.original_id),
+        MARKER_KEY: marker(refined.original_id, delete_original),
     }
 
 
@@ -138,18 +176,27 @@ class UploadReport:
     error: NimbusAPIError | None
 
 
+def pending_upload(ledger: Ledger) -> list[Refined]:
+    """Refined shapes with no replacement yet that have not failed to upload."""
+    failed = set(ledger.not_created)
+    return [r for r in ledger.refined if r.original_id not in ledger.created and r.original_id not in failed]
+
+
 def upload(client: NimbusClient, ledger: Ledger, dataset_id: str, channel: int,
-           tags: tuple[str, ...], keep_original_tags: bool = False, chunk_size: int = MAX_CHUNK) -> UploadReport:
+           tags: tuple[str, ...], keep_original_tags: bool = False, chunk_size: int = MAX_CHUNK,
+           delete_original: bool = False, limit: int | None = None) -> UploadReport:
     """Create the refined annotations not created (or failed) yet; record confirmed ones.
 
     Args:
         tags: The tool's output tags.
         keep_original_tags: Add each original's own tags to its refined annotation.
+        delete_original: The job deletes originals (written into each mark).
+        limit: Upload only the first ``limit`` pending shapes.
     """
-    failed = set(ledger.not_created)
-    pending = [r for r in ledger.refined if r.original_id not in ledger.created and r.original_id not in failed]
+    pending = pending_upload(ledger)[:limit]
     docs = [new_annotation(r, ledger.locations[r.original_id], dataset_id, channel,
-                           output_tags(tags, ledger.tags.get(r.original_id, ()), keep_original_tags))
+                           output_tags(tags, ledger.tags.get(r.original_id, ()), keep_original_tags),
+                           delete_original)
             for r in pending]
     try:
         created = client.create_annotations(docs, chunk_size=chunk_size)
@@ -157,72 +204,7 @@ def upload(client: NimbusClient, ledger: Ledger, dataset_id: str, channel: int,
     except PartialCreateError as exc:
         created, error = exc.created, exc
     for refined, doc in zip(pending, created, strict=False):  # created: a prefix of pending
-        ledger.created[refined.original_id] = str(doc["_id"])
+        ledger.created[refined.original_id] = ledger.mine[refined.original_id] = str(doc["_id"])
     missing = [r.original_id for r in pending[len(created):]]
     ledger.not_created.extend(missing)
     return UploadReport(len(created), len(missing), error)
-
-
-def relink(client: NimbusClient, ledger: Ledger, dataset_id: str) -> tuple[int, NimbusAPIError | None]:
-    """Re-create, on their refined annotations, the connections of the originals to be deleted.
-
-    The server deletes an annotation's connections with it; so before deleting, every connection
-    where a replaced original is the parent or the child is created again with the refined
-    annotation in its place (both ends substituted when both are replaced), with the same label
-    and tags. Connections that already exist (an earlier, interrupted run) are not made twice.
-
-    Returns:
-        (connections created, error or None). On an error nothing must be deleted.
-    """
-    replaced = {o: r for o, r in ledger.created.items() if o not in ledger.deleted}
-    if not replaced:
-        return 0, None
-    try:
-        existing = client.list_connections(dataset_id)
-    except NimbusAPIError as exc:
-        return 0, exc
-    have = {(c.get("parentId"), c.get("childId"), c.get("label", "")) for c in existing}
-    wanted = []
-    for con in existing:
-        parent, child = con.get("parentId"), con.get("childId")
-        if parent not in replaced and child not in replaced:
-            continue
-        new = {"parentId": replaced.get(parent, parent), "childId": replaced.get(child, child),
-               "datasetId": dataset_id, "label": con.get("label", ""), "tags": list(con.get("tags") or [])}
-        key = (new["parentId"], new["childId"], new["label"])
-        if key not in have:
-            have.add(key)
-            wanted.append(new)
-    if not wanted:
-        return 0, None
-    try:
-        created = client.create_connections(wanted)
-    except PartialCreateError as exc:
-        return len(exc.created), exc
-    return len(created), None
-
-
-def delete_replaced(client: NimbusClient, ledger: Ledger, chunk_size: int = MAX_CHUNK) -> NimbusAPIError | None:
-    """Delete exactly the originals whose replacement was confirmed; record what happened.
-
-    A chunk is first recorded as sent-without-answer (``delete_unknown``) and moved to ``deleted``
-    once the server answers, so a lost answer, a timeout or the job being stopped meanwhile is
-    reported as "may have been deleted", never as "not deleted". A refused chunk (an HTTP error
-    status) and the chunks after it are ``delete_failed``.
-    """
-    doomed = [original_id for original_id in ledger.created if original_id not in ledger.deleted]
-    for start in range(0, len(doomed), chunk_size):
-        chunk = doomed[start:start + chunk_size]
-        ledger.delete_unknown = list(chunk)
-        try:
-            client.delete_annotations(chunk, chunk_size=chunk_size)
-        except NimbusAPIError as exc:
-            if exc.status is not None:  # the server answered: it did not delete them
-                ledger.delete_unknown = []
-                ledger.delete_failed.extend(doomed[start:])
-            else:
-                ledger.delete_failed.extend(doomed[start + chunk_size:])
-            return exc
-        ledger.delete_unknown = []
-        ledger.deleted.extend(chunk)
-    return None

@@ -2,9 +2,11 @@
 
 The only module that imports torch and sam2. It
 
-- builds the model once per job with sam2's own ``build_sam2`` from a checkpoint file (never
-  without one: a missing, corrupt or mismatched checkpoint raises :class:`CheckpointError`);
-  checkpoints are read with ``torch.load(..., weights_only=True)``;
+- builds the model once per job with sam2's own ``build_sam2`` for the architecture the
+  checkpoint's weights show (:mod:`sam2_refine.checkpoints`: SAM 2.0 or 2.1, any size, any file
+  name), then loads the weights strictly (no missing or unexpected weight); never without a
+  checkpoint: a missing, corrupt or unusable one raises :class:`CheckpointError`. Checkpoints
+  are read with ``torch.load(..., weights_only=True, mmap=True)``;
 - runs on CUDA when available (bfloat16 autocast and TF32 on compute capability >= 8, both
   entered only around inference and restored afterwards), else on the CPU in float32;
 - embeds an image once (resized to the model's 1024x1024 input here, with area averaging, so
@@ -29,18 +31,19 @@ import cv2
 import numpy as np
 import torch
 
-from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
+from sam2_refine.architectures import UNTRAINED_MARKER
+from sam2_refine.checkpoints import ModelEntry, ModelUnusable, inspect_model
 from sam2_refine.logits import cells_for_windows
 from sam2_refine.predictor import Decoded, from_whole_grid
 
 log = logging.getLogger(__name__)
 
-#: Key that marks a checkpoint made by this project's tests or offline demo (random weights).
-UNTRAINED_MARKER = "sam2_refine_untrained"
+__all__ = ["UNTRAINED_MARKER", "CheckpointError", "DeviceChoice", "Sam2BoxPredictor", "build_model",
+           "choose_device", "inference_mode", "inspect_checkpoint", "load_state_dict"]
 
 
 class CheckpointError(RuntimeError):
-    """The checkpoint cannot be loaded into the model its name implies."""
+    """The checkpoint cannot be loaded into the architecture its weights show."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,30 @@ def inference_mode(choice: DeviceChoice) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def inspect_checkpoint(path: Path) -> bool:
-    """Check that ``path`` is a SAM2 checkpoint readable with ``weights_only=True``.
+def inspect_checkpoint(path: Path) -> ModelEntry:
+    """Recognise a checkpoint from its weights' names and shapes (no torch, no weights read).
 
     Returns:
-        True when the checkpoint carries the :data:`UNTRAINED_MARKER` (random weights).
+        The checkpoint's architecture, where its weights are, whether it carries the
+        :data:`UNTRAINED_MARKER` (random weights), and its sidecar's label and defaults.
 
     Raises:
-        CheckpointError: missing, unreadable, not a ``{"model": state_dict}`` checkpoint.
+        CheckpointError: missing, unreadable, corrupt, not a SAM2 checkpoint, a bad sidecar.
+    """
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path.name} is missing")
+    try:
+        return inspect_model(path)
+    except ModelUnusable as exc:
+        raise CheckpointError(f"checkpoint {path.name} cannot be used: {exc}") from None
+
+
+def load_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, memory-mapped, named as sam2's model names them.
+
+    Raises:
+        CheckpointError: torch refuses the file (``weights_only=True``) or it changed since
+            it was recognised.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -105,30 +124,94 @@ def inspect_checkpoint(path: Path) -> bool:
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"checkpoint {path.name} is corrupt or not a PyTorch checkpoint "
                               f"({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"checkpoint {path.name} holds no 'model' state dict")
-    return bool(state.get(UNTRAINED_MARKER, False))
+    recognised = entry.recognised
+    weights = state if recognised.state_dict_key is None else (
+        state.get(recognised.state_dict_key) if isinstance(state, dict) else None)
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"checkpoint {path.name} changed while it was being loaded")
+    prefix = recognised.prefix
+    return {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
 
 
-def build_model(checkpoint: Path, choice: DeviceChoice) -> torch.nn.Module:
-    """sam2's ``build_sam2`` for the config the checkpoint's file name implies.
+def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None = None) -> torch.nn.Module:
+    """sam2's ``build_sam2`` for the architecture the checkpoint's weights show, its weights
+    loaded strictly.
+
+    Args:
+        checkpoint: The checkpoint file.
+        choice: Device and precision.
+        entry: What :func:`inspect_checkpoint` found (recognised again when not given).
 
     Raises:
-        CheckpointError: unknown name, or the weights do not fit the architecture.
+        CheckpointError: not a usable SAM2 checkpoint, or its weights do not fit the architecture.
     """
     from sam2.build_sam import build_sam2  # heavy: Hydra, the model zoo
 
-    config = CHECKPOINT_CONFIGS.get(checkpoint.name)
-    if config is None:
-        raise CheckpointError(f"no SAM2 config known for {checkpoint.name}")
+    entry = entry or inspect_checkpoint(checkpoint)
+    config = entry.architecture.config
+    weights = load_state_dict(checkpoint, entry)
     try:
-        return build_sam2(config, ckpt_path=str(checkpoint), device=choice.device, mode="eval",
-                          apply_postprocessing=True)
-    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        model = build_sam2(config, ckpt_path=None, device=choice.device, mode="eval", apply_postprocessing=True)
+        model.load_state_dict(weights, strict=True)
+    except (RuntimeError, KeyError) as exc:
         raise CheckpointError(
             f"checkpoint {checkpoint.name} does not fit the {config.rsplit('/', 1)[-1]} "
             f"architecture ({type(exc).__name__}: {str(exc)[:200] or 'missing or unexpected weights'})"
         ) from None
+    log.info("loaded %s as %s (%s)", checkpoint.name, entry.architecture.label, config)
+    return model
+
+
+def model_prompt_points(
+    boxes: np.ndarray | None,
+    points: np.ndarray | None,
+    point_labels: np.ndarray | None,
+    image_hw: tuple[int, int],
+    input_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Box and point prompts as the prompt encoder's points, in the model's input space.
+
+    Args:
+        boxes: float (N, 4) (x0, y0, x1, y1) or None.
+        points: float (N, P, 2) (x, y) or None; ``point_labels`` int (N, P) with them.
+        image_hw: (H, W) of the embedded image (or region) the coordinates are in; pixel
+            centres at integers.
+        input_size: The model's square input side (1024).
+
+    Returns:
+        (coords float32 (N, T, 2), labels int32 (N, T)): each box as its two corners (labels
+        2, 3), then the points; T = 2 * (boxes given) + P.
+
+    Raises:
+        ValueError: neither boxes nor points, shapes that do not agree.
+    """
+    height, width = image_hw
+    scale = np.array([width, height], dtype=np.float32)
+    parts, labels = [], []
+    count = None
+    if boxes is not None:
+        corners = np.asarray(boxes, dtype=np.float32).reshape(-1, 2, 2)
+        count = len(corners)
+        parts.append(corners)
+        labels.append(np.tile(np.array([[2, 3]], dtype=np.int32), (count, 1)))
+    if points is not None:
+        if point_labels is None:
+            raise ValueError("points need point_labels")
+        pts = np.asarray(points, dtype=np.float32)
+        lab = np.asarray(point_labels, dtype=np.int32)
+        if pts.ndim != 3 or pts.shape[2] != 2 or lab.shape != pts.shape[:2]:
+            raise ValueError(f"expected points (N, P, 2) and labels (N, P), got {pts.shape} and {lab.shape}")
+        if count is not None and len(pts) != count:
+            raise ValueError(f"{count} boxes but {len(pts)} point prompts")
+        count = len(pts)
+        parts.append(pts)
+        labels.append(lab)
+    if count is None:
+        raise ValueError("decode() needs boxes or points")
+    coords = np.concatenate(parts, axis=1) if parts else np.zeros((0, 0, 2), np.float32)
+    # pixel centres at integers -> the model's input space (the encoder adds its own half pixel)
+    coords = (coords + np.float32(0.5)) / scale * np.float32(input_size)
+    return coords.astype(np.float32), np.concatenate(labels, axis=1)
 
 
 def neighbourhood_cells(boxes: np.ndarray, region_hw: tuple[int, int], grid_hw: tuple[int, int],
@@ -159,7 +242,7 @@ class Sam2BoxPredictor:
     Args:
         model: A built SAM2 model (``SAM2Base``).
         choice: Device and precision.
-        name: For messages, e.g. ``"sam2.1_hiera_tiny.pt"``.
+        name: For messages, e.g. ``"sam2.1_hiera_tiny.pt, SAM2.1 tiny"``.
         max_batch: Prompts per decoder call.
         fast_decoder: On the CPU, decode prompts without mask input with
             :class:`~sam2_refine.fast_decoder.FastBoxDecoder` (sam2's decoder's output, faster);
@@ -219,9 +302,10 @@ class Sam2BoxPredictor:
             CheckpointError: missing, corrupt or mismatched checkpoint.
         """
         choice = choice or choose_device()
-        untrained = inspect_checkpoint(checkpoint)
-        model = build_model(checkpoint, choice)
-        return cls(model, choice, checkpoint.name, max_batch, fast_decoder, local_statistics), untrained
+        entry = inspect_checkpoint(checkpoint)
+        model = build_model(checkpoint, choice, entry)
+        name = f"{checkpoint.name}, {entry.architecture.label}"
+        return cls(model, choice, name, max_batch, fast_decoder, local_statistics), entry.untrained
 
     def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
         """Embed an (H, W, 3) float32 RGB image in [0, 1] (kept until the next call).
@@ -252,10 +336,14 @@ class Sam2BoxPredictor:
             # --- end fast decoder
         self._image_hw = (height, width)
 
-    def decode(self, boxes: np.ndarray, mask_inputs: np.ndarray | None = None,
-               multimask: bool = False, *, windows: np.ndarray | None = None,
+    def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
+               multimask: bool = False, *, points: np.ndarray | None = None,
+               point_labels: np.ndarray | None = None, windows: np.ndarray | None = None,
                areas: bool = False) -> Decoded:
-        """Decode box prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
+        """Decode box and/or point prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
+
+        Boxes go to the prompt encoder as two corner points (labels 2 and 3), followed by the
+        points, and the encoder appends one padding point (label -1), as sam2's predictor does.
 
         With ``windows``, each prompt's logits cover only the grid cells its window of pixels
         needs: computed only there by the fast decoder (which still computes exactly what
@@ -268,23 +356,24 @@ class Sam2BoxPredictor:
         """
         if self._image_hw is None:
             raise RuntimeError("embed() an image before decode()")
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        coords_np, labels_np = model_prompt_points(boxes, points, point_labels, self._image_hw, self.input_size)
+        count = len(coords_np)
         height, width = self._image_hw
-        scale = np.array([width, height, width, height], dtype=np.float32)
-        model_boxes = (boxes + 0.5) / scale * self.input_size  # pixel centres -> model input space
         cells = None if windows is None else cells_for_windows(windows, self.logit_grid, (height, width))
         features = self._predictor._features
         device = self.choice.device
         with inference_mode(self.choice):
-            coords = torch.as_tensor(model_boxes, device=device).reshape(-1, 2, 2)
-            labels = torch.tensor([[2, 3]], dtype=torch.int, device=device).repeat(len(boxes), 1)
+            coords = torch.as_tensor(coords_np, device=device)
+            labels = torch.as_tensor(labels_np, dtype=torch.int, device=device)
             masks = None
             if mask_inputs is not None:
                 masks = torch.as_tensor(np.asarray(mask_inputs, dtype=np.float32), device=device)
             sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
             if masks is None and self._fast_ready and cells is not None:  # --- fast decoder, windowed
-                stats = (neighbourhood_cells(boxes, (height, width), self.logit_grid)
-                         if self.local_statistics else None)
+                stats = None
+                if self.local_statistics:  # near each box (point prompts: in their windows)
+                    stats = (cells if boxes is None else
+                             neighbourhood_cells(np.asarray(boxes).reshape(-1, 4), (height, width), self.logit_grid))
                 out = self._fast.decode_windows(sparse, cells, multimask, areas=areas, statistics=stats)
                 logits = tuple(torch.clamp(x, -32.0, 32.0).cpu().numpy() for x in out.logits)
                 return Decoded(logits, out.iou.cpu().numpy(), out.windows, self.logit_grid,
@@ -298,7 +387,7 @@ class Sam2BoxPredictor:
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask,
-                    repeat_image=len(boxes) > 1,
+                    repeat_image=count > 1,
                     high_res_features=list(features["high_res_feats"]),
                 )
             low_res = torch.clamp(low_res.float(), -32.0, 32.0).cpu().numpy()

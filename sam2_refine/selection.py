@@ -3,6 +3,11 @@
 Annotations arrive as the server's JSON documents. Each one is turned into an
 :class:`Original` once; a document that cannot be refined (bad coordinates, no area) is still an
 ``Original``, carrying its ``problem``, so that the job accounts for it and never deletes it.
+
+Three kinds of original (:attr:`Original.kind`), by the document's ``shape``: polygons (and
+blobs) outline an area; rectangles too (the convex hull of their corners: any order, possibly
+rotated); points mark an object without outlining it (their ``shape`` is a shapely ``Point``).
+Which shapes a job lists at all is the job's choice (:func:`sam2_refine.job.fetch_annotations`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shapely.geometry.base import BaseGeometry
+from shapely.geometry import Point
 
-from sam2_refine.geometry import AnnotationProblem, polygon_from_ring, ring_from_coordinates
-from sam2_refine.markers import original_of
+from sam2_refine.geometry import (
+    AnnotationProblem,
+    point_from_coordinates,
+    polygon_from_ring,
+    rectangle_from_coordinates,
+    ring_from_coordinates,
+)
+from sam2_refine.markers import read_mark
+from sam2_refine.refinements import RefinementIndex, Unreadable
 from sam2_refine.settings import Location
+
+#: Original kinds: what the annotation gives the model as a prompt.
+POLYGON, RECTANGLE, POINT = "polygon", "rectangle", "point"
 
 
 @dataclass(frozen=True)
@@ -27,9 +43,11 @@ class Original:
         id: The annotation's ``_id``.
         location: Its (XY, Z, Time), 0-based.
         tags: Its own tags.
-        shape: The area it outlines, made valid (None when ``problem`` is set).
+        shape: The area it outlines, made valid (a polygon or rectangle), or its ``Point``
+            (a point); None when ``problem`` is set.
         problem: Why it cannot be refined, or None.
         doc: The server's document, as fetched.
+        kind: :data:`POLYGON` (also blobs), :data:`RECTANGLE` or :data:`POINT`.
     """
 
     id: str
@@ -38,9 +56,12 @@ class Original:
     shape: BaseGeometry | None
     problem: str | None
     doc: dict[str, Any]
+    kind: str = POLYGON
 
 
-def _location(doc: dict[str, Any]) -> Location | None:
+def annotation_location(doc: dict[str, Any]) -> Location | None:
+    """The document's (XY, Z, Time), 0-based; no ``location`` means the first position; None when
+    the location is not whole numbers."""
     loc = doc.get("location")
     if loc is None:
         return Location(0, 0, 0)
@@ -67,18 +88,34 @@ def has_any_tag(doc: dict[str, Any], tags: Sequence[str]) -> bool:
     return not tags or bool(set(annotation_tags(doc)) & set(tags))
 
 
+def kind_of(doc: dict[str, Any]) -> str:
+    """The kind of original a document is (:data:`POINT`, :data:`RECTANGLE`, else :data:`POLYGON`)."""
+    shape = doc.get("shape")
+    return shape if shape in (POINT, RECTANGLE) else POLYGON
+
+
+def _shape(doc: dict[str, Any], kind: str) -> BaseGeometry:
+    coordinates = doc.get("coordinates")
+    if kind == POINT:
+        return Point(point_from_coordinates(coordinates))
+    if kind == RECTANGLE:
+        return rectangle_from_coordinates(coordinates)
+    return polygon_from_ring(ring_from_coordinates(coordinates))
+
+
 def to_original(doc: dict[str, Any]) -> Original:
     """Check one annotation document and prepare its shape (see :class:`Original`)."""
     ann_id = str(doc.get("_id", ""))
-    location = _location(doc) or Location(-1, -1, -1)
+    location = annotation_location(doc) or Location(-1, -1, -1)
     tags = annotation_tags(doc)
+    kind = kind_of(doc)
     if location.xy < 0:
-        return Original(ann_id, location, tags, None, "its location is not whole numbers", doc)
+        return Original(ann_id, location, tags, None, "its location is not whole numbers", doc, kind)
     try:
-        shape = polygon_from_ring(ring_from_coordinates(doc.get("coordinates")))
+        shape = _shape(doc, kind)
     except AnnotationProblem as exc:
-        return Original(ann_id, location, tags, None, exc.reason, doc)
-    return Original(ann_id, location, tags, shape, None, doc)
+        return Original(ann_id, location, tags, None, exc.reason, doc, kind)
+    return Original(ann_id, location, tags, shape, None, doc, kind)
 
 
 @dataclass(frozen=True)
@@ -89,18 +126,24 @@ class Selection:
         by_location: Location -> originals there, locations sorted (XY, then Z, then Time).
         duplicates: Ids listed more than once by the server (refined once).
         without_id: How many documents had no ``_id`` (they cannot be refined or deleted).
-        refinements: original id -> id of an existing annotation that refines it (made by an
-            earlier run; see :mod:`sam2_refine.markers`). Such annotations are never originals.
+        index: Every refinement on the server (made by an earlier or a concurrent job; see
+            :mod:`sam2_refine.markers`) and every annotation with an unreadable mark. Neither
+            is ever an original.
     """
 
     by_location: dict[Location, list[Original]]
     duplicates: tuple[str, ...] = ()
     without_id: int = 0
-    refinements: dict[str, str] = field(default_factory=dict)
+    index: RefinementIndex = field(default_factory=RefinementIndex)
 
     @property
     def count(self) -> int:
         return sum(len(v) for v in self.by_location.values())
+
+    @property
+    def refinements(self) -> dict[str, str]:
+        """original id -> the id of its surviving refinement on the server."""
+        return self.index.survivors()
 
 
 def select(
@@ -121,15 +164,18 @@ def select(
     grouped: dict[Location, list[Original]] = defaultdict(list)
     seen: set[str] = set()
     duplicates: list[str] = []
-    refinements: dict[str, str] = {}
+    index = RefinementIndex()
     without_id = 0
     for doc in docs:
         if not isinstance(doc, dict):
             continue
-        refines = original_of(doc)
-        if refines is not None:
-            if isinstance(doc.get("_id"), str):
-                refinements.setdefault(refines, doc["_id"])
+        mark, unreadable = read_mark(doc)
+        if mark is not None or unreadable is not None:  # a refinement, or a mark not to trust
+            if isinstance(doc.get("_id"), str) and doc["_id"]:
+                if mark is not None:
+                    index.add(doc["_id"], mark, annotation_location(doc))
+                else:
+                    index.unreadable.append(Unreadable(doc["_id"], annotation_location(doc), str(unreadable)))
             continue
         if not has_any_tag(doc, refine_tags):
             continue
@@ -141,10 +187,10 @@ def select(
             duplicates.append(ann_id)
             continue
         seen.add(ann_id)
-        location = _location(doc)
+        location = annotation_location(doc)
         if location is not None and not (location.xy in xy_set and location.z in z_set and location.time in t_set):
             continue
         original = to_original(doc)
         grouped[original.location].append(original)
     ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda loc: (loc.xy, loc.z, loc.time))}
-    return Selection(ordered, tuple(duplicates), without_id, refinements)
+    return Selection(ordered, tuple(duplicates), without_id, index)

@@ -8,13 +8,14 @@ of them so the user sees every problem at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
-from sam2_refine.checkpoints import CheckpointChoiceError, resolve_checkpoint
+from sam2_refine.checkpoints import CheckpointChoiceError, ModelEntry, resolve_model
 
 
 class SettingError(ValueError):
@@ -57,7 +58,8 @@ class RefineSettings:
     Attributes:
         dataset_id: The dataset (folder) id.
         model: Checkpoint file name, e.g. ``sam2.1_hiera_small.pt``.
-        checkpoint: Its path, an existing file in the checkpoint directory.
+        checkpoint: Its path: a usable SAM2 checkpoint of the checkpoint directory (recognised from
+            its weights; its sidecar's sha256, if any, checked).
         padding: Pixels to grow (or, negative, shrink) each refined polygon, in [-20, 20].
         smoothing: Simplification tolerance in pixels, in [0, 3].
         refine_tags: Refine annotations carrying any of these; empty = every polygon.
@@ -70,6 +72,9 @@ class RefineSettings:
         resolution: ``"auto"``, ``"whole"`` or ``"crops"`` (sam2_refine.regions).
         prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.refine).
         min_overlap: Minimum IoU of a refined shape with its original, in [0, 1]; 0 = off.
+        refine_points: Also refine point annotations (prompted with the point).
+        refine_rectangles: Also refine rectangle annotations (prompted with their box).
+        separate: Keep the refined outlines of touching objects (same tags, same location) apart.
     """
 
     dataset_id: str
@@ -89,6 +94,15 @@ class RefineSettings:
     resolution: str = "auto"
     prompt: str = "box"
     min_overlap: float = 0.0
+    refine_points: bool = ui.REFINE_POINTS_DEFAULT
+    refine_rectangles: bool = ui.REFINE_RECTANGLES_DEFAULT
+    separate: bool = ui.SEPARATE_DEFAULT
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """The annotation shapes the job lists as originals (``blob`` with ``polygon``)."""
+        return ("polygon", "blob") + (("rectangle",) if self.refine_rectangles else ()) + (
+            ("point",) if self.refine_points else ())
 
 
 def _number(field: str, value: Any, low: float, high: float, default: float) -> float:
@@ -123,6 +137,26 @@ def _bool(field: str, value: Any) -> bool:
     return value
 
 
+def _checkbox(field: str, value: Any, default: bool) -> bool:
+    """A checkbox: true or false; missing or null (a tool saved before the field existed) is
+    the field's default."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SettingError(field, f"expected true or false, got {value!r}")
+    return value
+
+
+def _shape_settings(values: dict[str, Any], attempt: Any) -> dict[str, Any]:
+    """The fields of issue 13, each checked on its own (see :func:`sam2_refine.interface.shape_fields`)."""
+    return {
+        "refine_points": attempt(_checkbox, ui.REFINE_POINTS, values.get(ui.REFINE_POINTS), ui.REFINE_POINTS_DEFAULT),
+        "refine_rectangles": attempt(_checkbox, ui.REFINE_RECTANGLES, values.get(ui.REFINE_RECTANGLES),
+                                     ui.REFINE_RECTANGLES_DEFAULT),
+        "separate": attempt(_checkbox, ui.SEPARATE, values.get(ui.SEPARATE), ui.SEPARATE_DEFAULT),
+    }
+
+
 def _int(field: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise SettingError(field, f"expected a whole number, got {value!r}")
@@ -145,6 +179,68 @@ def _tile(value: Any) -> Location:
     if not isinstance(value, dict):
         raise SettingError("tile", f"expected {{'XY': int, 'Z': int, 'Time': int}}, got {value!r}")
     return Location(*(_int(f"tile.{k}", value.get(k, 0)) for k in ("XY", "Z", "Time")))
+
+
+# -- defaults a model's sidecar may set (sam2_refine.sidecar) -------------------------------------
+
+def _tuned_number(field: str, low: float, high: float) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        number = _number(field, value, low, high, 0)
+        return int(number) if number.is_integer() else number
+    return check
+
+
+def _tuned_select(field: str, items: Mapping[str, str]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        _select(field, value, dict(items), next(iter(items)))
+        return value
+    return check
+
+
+#: Fields a checkpoint's sidecar may give a default for (the value the model was tuned with),
+#: each checked by its field's own rule and returned as the field takes it.
+TUNABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    ui.PADDING: _tuned_number(ui.PADDING, *ui.PADDING_RANGE),
+    ui.SMOOTHING: _tuned_number(ui.SMOOTHING, *ui.SMOOTHING_RANGE),
+    ui.RESOLUTION: _tuned_select(ui.RESOLUTION, ui.RESOLUTION_ITEMS),
+    ui.PROMPT: _tuned_select(ui.PROMPT, ui.PROMPT_ITEMS),
+    ui.MIN_OVERLAP: _tuned_number(ui.MIN_OVERLAP, *ui.MIN_OVERLAP_RANGE),
+}
+
+
+def check_tuned_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A sidecar's ``"defaults"``, checked: field name -> value as the field takes it.
+
+    Raises:
+        ValueError: every field that is not tunable or whose value its field would refuse.
+    """
+    problems, checked = [], {}
+    for name, value in defaults.items():
+        check = TUNABLE_FIELDS.get(name)
+        if check is None:
+            problems.append(f"{name!r} is not a field a model can set (one of: {', '.join(TUNABLE_FIELDS)})")
+        elif value is None or (isinstance(value, str) and not value.strip()):
+            problems.append(f"{name}: no value given")
+        else:
+            try:
+                checked[name] = check(value)
+            except SettingError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return checked
+
+
+def with_tuned_defaults(values: Mapping[str, Any], model: ModelEntry | None) -> dict[str, Any]:
+    """The field values with the model's tuned defaults put where a field is null, empty or
+    missing (a saved tool that never had the field, or a field left blank). A value the
+    user gave always wins."""
+    merged = dict(values)
+    for name, value in (model.defaults if model is not None else {}).items():
+        current = merged.get(name)
+        if current is None or (isinstance(current, str) and not current.strip()):
+            merged[name] = value
+    return merged
 
 
 def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) -> RefineSettings:
@@ -181,8 +277,8 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
     dataset = dataset_id or params.get("datasetId")
     if not isinstance(dataset, str) or not dataset.strip():
         errors.append(SettingError("datasetId", "no dataset id given (--datasetId)"))
-    model = values.get(ui.MODEL)
-    checkpoint = attempt(resolve_checkpoint, checkpoint_dir, model)
+    model = attempt(resolve_model, checkpoint_dir, values.get(ui.MODEL))
+    values = with_tuned_defaults(values, model)
     padding = attempt(_number, ui.PADDING, values.get(ui.PADDING), *ui.PADDING_RANGE, ui.PADDING_DEFAULT)
     smoothing = attempt(_number, ui.SMOOTHING, values.get(ui.SMOOTHING), *ui.SMOOTHING_RANGE,
                         ui.SMOOTHING_DEFAULT)
@@ -198,12 +294,13 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
     prompt = attempt(_select, ui.PROMPT, values.get(ui.PROMPT), ui.PROMPT_ITEMS, ui.PROMPT_DEFAULT)
     min_overlap = attempt(_number, ui.MIN_OVERLAP, values.get(ui.MIN_OVERLAP), *ui.MIN_OVERLAP_RANGE,
                           ui.MIN_OVERLAP_DEFAULT)
+    shape_settings = _shape_settings(values, attempt)
     if errors:
         raise SettingsErrors(errors)
     return RefineSettings(
         dataset_id=str(dataset).strip(),
-        model=str(model),
-        checkpoint=checkpoint,
+        model=model.name,
+        checkpoint=model.path,
         padding=padding,
         smoothing=smoothing,
         refine_tags=refine_tags,
@@ -218,4 +315,5 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         resolution=resolution,
         prompt=prompt,
         min_overlap=min_overlap,
+        **shape_settings,
     )

@@ -36,10 +36,12 @@ def client(server: NimbusTestServer) -> Iterator[NimbusClient]:
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    """A checkpoint directory for stand-in runs: settings only check that the file exists."""
+    """A checkpoint directory for stand-in runs: a SAM2.1 tiny checkpoint with the real layout
+    and constant weights (settings recognise it from its weights; stand-ins never load it)."""
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
+
     directory = tmp_path / "stub-ckpt"
-    directory.mkdir()
-    (directory / "sam2.1_hiera_tiny.pt").write_bytes(b"")
+    write_layout_checkpoint(directory / "sam2.1_hiera_tiny.pt")
     return directory
 
 

@@ -328,7 +328,8 @@ def test_catalogue_dataset_without_layer_settings(server, ckpt, tmp_path):
 
 
 def test_catalogue_unknown_shapes(server, ckpt, tmp_path):
-    """Lines, points and rectangles are not polygons: never selected, never touched."""
+    """Lines, points and rectangles are not polygons: with the point and rectangle fields off
+    (the default), never selected, never touched."""
     ds = dataset(server)
     x, y, r = DISKS[0]
     box = [[x - r, y - r], [x + r, y - r], [x + r, y + r], [x - r, y + r]]
@@ -344,6 +345,132 @@ def test_catalogue_unknown_shapes(server, ckpt, tmp_path):
     assert not {line, point, rect, odd} & everything
     shapes = {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")}
     assert shapes <= {"polygon", "blob"}
+
+
+# -- points and rectangles (issue 13) ------------------------------------------------------------------
+
+SHAPES_ON = {ui.REFINE_POINTS: True, ui.REFINE_RECTANGLES: True}
+
+
+def point(x: float, y: float, **extra) -> dict[str, Any]:
+    return doc([[x, y]], shape="point", **extra)
+
+
+def test_catalogue_line_annotation_is_not_selected(server, ckpt, tmp_path):
+    """Even with points and rectangles on, lines (and unknown shapes) are never listed."""
+    ds = dataset(server)
+    line, odd, ok = server.add_annotations(ds.dataset_id, [
+        doc([[10, 10], [50, 50], [90, 20]], shape="line"), doc(octagon(60, 50, 16), shape="ellipse"),
+        point(*DISKS[1][:2])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0 and summary["selected"] == 1
+    assert_refined(server, ds, summary, ok)
+    assert {line, odd} <= stored_ids(server, ds)
+    assert {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")} == {
+        "polygon", "blob", "rectangle", "point"}
+
+
+def test_catalogue_point_outside_the_frame(server, ckpt, tmp_path):
+    ds = dataset(server)
+    left, far, ok = server.add_annotations(ds.dataset_id, [point(-3, 50), point(50, H + 40), point(*DISKS[0][:2])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    for bad in (left, far):
+        assert_kept(server, ds, summary, bad, f"it lies outside the {W}x{H} frame")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_point_with_several_coordinates(server, ckpt, tmp_path):
+    ds = dataset(server)
+    several, repeated = server.add_annotations(ds.dataset_id, [
+        doc([DISKS[0][:2], DISKS[1][:2], DISKS[2][:2]], shape="point"),
+        doc([DISKS[1][:2], DISKS[1][:2]], shape="point")])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    assert_kept(server, ds, summary, several, "a point annotation with 3 different coordinates (one expected)")
+    assert_refined(server, ds, summary, repeated)  # the same position twice is one point
+
+
+def test_catalogue_rectangle_with_zero_area(server, ckpt, tmp_path):
+    ds = dataset(server)
+    flat, dot = server.add_annotations(ds.dataset_id, [
+        doc([[40, 50], [80, 50], [80, 50], [40, 50]], shape="rectangle"), doc([[40, 50]] * 4, shape="rectangle")])
+    ok, = server.add_annotations(ds.dataset_id, [good(1)])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    for bad in (flat, dot):
+        assert_kept(server, ds, summary, bad, "the rectangle encloses no area (its corners lie on a line)")
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_rectangle_corners_in_any_order_or_rotated(server, ckpt, tmp_path):
+    """Upright corners shuffled, and a rotated square around a disk: both prompt with the
+    bounding box of their corners and are refined to the disk."""
+    ds = dataset(server)
+    x0, y0, r0 = DISKS[0]
+    shuffled = [[x0 + 1.2 * r0, y0 + 1.2 * r0], [x0 - 1.2 * r0, y0 - 1.2 * r0], [x0 - 1.2 * r0, y0 + 1.2 * r0],
+                [x0 + 1.2 * r0, y0 - 1.2 * r0]]
+    x1, y1, r1 = DISKS[1]
+    rotated = [[x1 + 1.4 * r1 * np.cos(a), y1 + 1.4 * r1 * np.sin(a)] for a in np.radians([20, 110, 200, 290])]
+    a, b = server.add_annotations(ds.dataset_id, [doc(shuffled, shape="rectangle"), doc(rotated, shape="rectangle")])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    for ann_id, (x, y, r) in ((a, DISKS[0]), (b, DISKS[1])):
+        new = assert_refined(server, ds, summary, ann_id)
+        xs, ys = [p["x"] for p in new["coordinates"]], [p["y"] for p in new["coordinates"]]
+        assert abs(min(xs) - (x - r)) < 1.5 and abs(max(ys) - (y + r)) < 1.5  # the disk
+
+
+def test_catalogue_points_and_polygons_under_one_tag(server, ckpt, tmp_path):
+    """Under the same tag, polygons prompt with their box and points with the point; each is
+    refined; the points' typical area comes from points only."""
+    ds = dataset(server)
+    polygon_ids = server.add_annotations(ds.dataset_id, [good(0), good(1)])
+    point_ids = server.add_annotations(ds.dataset_id, [point(*DISKS[2][:2]), point(DISKS[0][0] + 2, DISKS[0][1]),
+                                                       point(DISKS[3][0] + 3, DISKS[3][1])])
+    seen = []
+
+    class Watching(KnownMaskPredictor):
+        def decode(self, boxes, mask_inputs=None, multimask=False, **kw):
+            seen.append(("points" if boxes is None else "boxes", len(kw.get("points") if boxes is None else boxes)))
+            return super().decode(boxes, mask_inputs, multimask, **kw)
+
+    code, _, summary = run(server, ds, ckpt, tmp_path, predictor=Watching(), **SHAPES_ON)
+    assert code == 0
+    assert seen == [("boxes", 2), ("points", 3)]
+    for ann_id in polygon_ids + point_ids:
+        assert_refined(server, ds, summary, ann_id)
+
+
+def test_catalogue_point_on_the_background(server, ckpt, tmp_path):
+    ds = dataset(server)
+    bad, ok = server.add_annotations(ds.dataset_id, [point(180, 10), point(*DISKS[0][:2])])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    reason = reason_of(summary, bad)
+    assert reason in ("empty mask", "the mask does not reach the point"), reason
+    assert bad in stored_ids(server, ds)
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_point_mask_far_from_its_tags_typical_area(server, ckpt, tmp_path):
+    """Four points mark disks of radius 5; a fifth, same tag, marks a disk of radius 19 (14
+    times their area, under the 5 % bound) whose three masks all lie outside 0.25x to 3x the
+    typical area: kept, the others refined. (An object whose part-mask falls in that range
+    gets that part: the rule picks the mask nearest the typical size.)"""
+    yy, xx = np.mgrid[0:H, 0:W]
+    centres = [(20, 30, 5), (45, 30, 5), (70, 30, 5), (95, 30, 5), (150, 80, 19)]
+    inside = np.zeros((H, W), bool)
+    for x, y, r in centres:
+        inside |= (xx - x) ** 2 + (yy - y) ** 2 <= r * r
+    plane = np.where(inside, 30000, 1000).astype(np.uint16)
+    ds = server.add_dataset(np.broadcast_to(plane, (1, 1, 1, 1, H, W)).copy(), layers=LAYER)
+    *small, big = server.add_annotations(ds.dataset_id, [point(x, y) for x, y, _ in centres])
+    code, _, summary = run(server, ds, ckpt, tmp_path, **SHAPES_ON)
+    assert code == 0
+    assert_kept(server, ds, summary, big, "far from the typical area of the objects its tags mark here")
+    for ann_id in small:
+        assert_refined(server, ds, summary, ann_id)
 
 
 def test_catalogue_location_not_whole_numbers(server, ckpt, tmp_path):
@@ -535,6 +662,9 @@ BAD_SETTINGS = {
     "prompt_unknown": ({ui.PROMPT: "points"}, ui.PROMPT),
     "min_overlap_above_one": ({ui.MIN_OVERLAP: 1.5}, ui.MIN_OVERLAP),
     "keep_tags_not_bool": ({ui.KEEP_TAGS: "yes"}, ui.KEEP_TAGS),
+    "refine_points_not_bool": ({ui.REFINE_POINTS: "yes"}, ui.REFINE_POINTS),
+    "refine_rectangles_not_bool": ({ui.REFINE_RECTANGLES: 1}, ui.REFINE_RECTANGLES),
+    "separate_not_bool": ({ui.SEPARATE: "false"}, ui.SEPARATE),
 }
 BAD_PARAMETERS = {
     "channel_negative": ({"channel": -1}, "channel"),
@@ -633,3 +763,94 @@ def test_catalogue_current_tile_beyond_the_dataset(server, ckpt, monkeypatch, ca
     assert code == 2 and "Batch XY" in errors[0]["error"] and "1 position" in errors[0]["error"]
     assert server.requests_to("GET", "upenn_annotation") == []
     assert [r for r in server.requests if r.method != "GET"] == []
+
+
+# -- refinement marks (issue 11) ------------------------------------------------------------------
+
+
+def planted(original_id: Any, xy: int = 0, k: int = 2, delete_original: bool = False, **mark: Any) -> dict[str, Any]:
+    """An annotation carrying a sam2Refine mark (as if a refinement), tagged like an original."""
+    entry = dict(mark) if mark else {"originalId": original_id}
+    if delete_original:
+        entry["deleteOriginal"] = True
+    x, y, r = DISKS[k]
+    return doc(octagon(x, y, r), xy=xy, tags=("cell", "refined"), sam2Refine=entry)
+
+
+def not_trusted(reporter: Reporter) -> str:
+    return " ".join(f"{m['warning']} {m.get('info', '')}" for m in reporter.lines
+                    if m.get("title") == "Marks not trusted")
+
+
+@pytest.mark.parametrize("mark", [{"originalId": 42}, {"originalId": None}, {"originalId": ["x"]}, {}],
+                         ids=["number", "null", "list", "no_original_id"])
+def test_catalogue_mark_with_an_original_id_that_is_not_a_string(server, ckpt, tmp_path, mark):
+    ds = dataset(server)
+    bad, ok = server.add_annotations(ds.dataset_id, [planted(None, **mark) if mark else
+                                                     {**planted(None), "sam2Refine": {}}, good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    assert bad in stored_ids(server, ds) and bad not in summary["replacements"]  # not an original, not deleted
+    assert bad in not_trusted(reporter) and "cannot be read" in not_trusted(reporter)
+    assert bad in summary["not_trusted_ids"]
+    assert_refined(server, ds, summary, ok)
+
+
+def test_catalogue_mark_that_refers_to_nothing(server, ckpt, tmp_path):
+    """An original id that is not an annotation id, alone; and two refinements sharing a
+    well-formed id that no annotation has (and that no job deleting originals made): warned
+    about, left alone, never counted as duplicates."""
+    ds = dataset(server)
+    nothing = "ffffffffffffffffffffffff"
+    ids = server.add_annotations(ds.dataset_id, [planted("not-an-id"), planted(nothing, k=1), planted(nothing, k=2),
+                                                 good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    assert set(ids[:3]) <= stored_ids(server, ds)
+    text = not_trusted(reporter)
+    assert ids[0] in text and "refers to nothing" in text
+    assert ids[1] in text and ids[2] in text
+    assert summary["duplicates_removed"] == 0 and set(ids[:3]) <= set(summary["not_trusted_ids"])
+    assert_refined(server, ds, summary, ids[3])
+
+
+def test_catalogue_mark_that_points_to_another_dataset(server, ckpt, tmp_path):
+    ds, other = dataset(server), dataset(server)
+    (foreign,) = server.add_annotations(other.dataset_id, [good(0)])
+    ids = server.add_annotations(ds.dataset_id, [planted(foreign, k=1, delete_original=True),
+                                                 planted(foreign, k=2, delete_original=True), good(0)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    assert set(ids[:2]) <= stored_ids(server, ds) and foreign in stored_ids(server, other)
+    text = not_trusted(reporter)
+    assert "another dataset" in text and ids[0] in text and ids[1] in text
+    assert summary["duplicates_removed"] == 0
+    assert_refined(server, ds, summary, ids[2])
+
+
+def test_catalogue_mark_naming_an_original_at_another_location(server, ckpt, tmp_path):
+    """A mark at XY 2 naming an original at XY 1 does not make that original "already refined"."""
+    ds = dataset(server, n_xy=2)
+    (original,) = server.add_annotations(ds.dataset_id, [good(0)])
+    (misplaced,) = server.add_annotations(ds.dataset_id, [planted(original, xy=1)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0 and summary["already_refined"] == 0
+    new = assert_refined(server, ds, summary, original)
+    assert new["_id"] != misplaced and misplaced in stored_ids(server, ds)
+    assert misplaced in not_trusted(reporter) and "another location" in not_trusted(reporter)
+
+
+def test_catalogue_refinements_left_by_a_stopped_job_after_the_original_was_replaced(server, ckpt, tmp_path):
+    """Two refinements of an original that a job deleting originals already deleted (its
+    original is gone: a job was stopped after uploading a duplicate): one stays (the smaller
+    id), silently; a lone one is the normal state after a replacement and is not reported."""
+    ds = dataset(server)
+    gone, alone = server.new_id(), server.new_id()
+    pair = server.add_annotations(ds.dataset_id, [planted(gone, k=1, delete_original=True),
+                                                  planted(gone, k=2, delete_original=True)])
+    (lone,) = server.add_annotations(ds.dataset_id, [planted(alone, k=3, delete_original=True)])
+    code, reporter, summary = run(server, ds, ckpt, tmp_path, delete=True)
+    assert code == 0
+    kept = stored_ids(server, ds)
+    assert min(pair) in kept and max(pair) not in kept and lone in kept
+    assert not not_trusted(reporter)

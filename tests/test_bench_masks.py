@@ -88,3 +88,22 @@ def test_the_model_still_runs_and_its_scores_are_kept() -> None:
     assert predictor.max_batch == 8
     assert decoded.logits.shape == (1, 3, GRID, GRID) and decoded.scores.tolist() == [[0.5, 0.5, 0.5]]
     assert iou(full_mask(decoded.logits[0, 2], labels.shape), labels == 1) > 0.95
+
+
+def test_point_prompts_get_the_object_under_the_point() -> None:
+    image, labels = two_disks()
+
+    class PointCounting(CountingPredictor):
+        def decode(self, boxes, mask_inputs=None, multimask=False, *, points=None, point_labels=None):
+            self.calls.append("decode points" if boxes is None else "decode")
+            n = len(points) if boxes is None else len(boxes)
+            channels = 3 if multimask else 1
+            return Decoded(np.zeros((n, channels, GRID, GRID), np.float32), np.full((n, channels), 0.5, np.float32))
+
+    model = PointCounting()
+    predictor = RealisticBoxPredictor(model, MaskOracle())
+    predictor.embed(image)
+    decoded = predictor.decode(None, multimask=True, points=np.array([[[200.0, 150.0]]]), point_labels=np.ones((1, 1)))
+    assert model.calls == ["embed", "decode points"]
+    assert decoded.logits.shape == (1, 3, GRID, GRID)
+    assert iou(full_mask(decoded.logits[0, 1], labels.shape), labels == 1) > 0.95

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN, run_worker
-from sam2_refine.interface import build_interface, list_checkpoints
+from sam2_refine.checkpoints import scan_models
+from sam2_refine.interface import build_interface
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 
 pytestmark = pytest.mark.slow
@@ -72,12 +73,16 @@ def test_interface_posts_the_fields(server, checkpoint_dir):
     elapsed = time.perf_counter() - started
     assert run.returncode == 0, run.stdout + run.stderr
     posted = server.interface(image)
-    assert posted == build_interface(list_checkpoints(checkpoint_dir))
+    assert posted == build_interface(scan_models(checkpoint_dir))
     assert list(posted) == ["SAM2 Refiner", "Batch XY", "Batch Z", "Batch Time", "Tag of objects to refine",
                             "Model", "Delete original annotations", "Padding", "Smoothing",
-                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags"]
-    assert posted["Model"]["items"] == ["sam2.1_hiera_tiny.pt"]
-    assert posted["Model"]["default"] == "sam2.1_hiera_tiny.pt"
+                            "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags",
+                            "Refine point annotations", "Refine rectangle annotations",
+                            "Keep touching objects apart"]
+    item = "SAM2.1 tiny, UNTRAINED test weights (sam2.1_hiera_tiny.pt)"
+    assert posted["Model"]["items"] == [item]
+    assert posted["Model"]["default"] == item
+    assert run.warnings() == []  # every file of the directory is usable
     # The interface job touches no dataset and no model: one request, and it is quick.
     assert [(r.method, r.path) for r in server.requests] == [("POST", "worker_interface")]
     print(f"\ninterface request: {elapsed:.2f} s (process start included)")
@@ -167,11 +172,15 @@ def test_tag_and_batch_filtering(server, checkpoint_dir, tmp_path):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert set(summary["replacements"]) | set(i for v in summary["kept_reasons"].values() for i in v) == set(wanted)
     assert not set(unwanted) & set(summary["replacements"])
-    # One listing of every polygon (tags are filtered here, so that earlier refinements with any
-    # output tags are seen); frames only for XY 2.
+    # The selection is one listing of every polygon (tags are filtered here, so that earlier
+    # refinements with any output tags are seen); later listings read the refinements again
+    # (polygons with the tool's output tags: other jobs' refinements) and check them at the end
+    # (every polygon). Frames only for XY 2.
     listings = server.requests_to("GET", "upenn_annotation")
-    assert [r.params["shape"] for r in listings] == ["polygon", "blob"]
-    assert not any("tags" in r.params for r in listings)
+    assert [r.params["shape"] for r in listings[:2]] == ["polygon", "blob"]
+    assert not any("tags" in r.params for r in listings[:2])
+    assert all(r.params["shape"] == "polygon" for r in listings[2:])
+    assert all(json.loads(r.params["tags"]) == ["refined"] for r in listings[2:] if "tags" in r.params)
     frames = {int(r.params["frame"]) for r in server.requests_to("GET", r"item/\w+/tiles/region")}
     assert frames == {ds.frame_of[(1, t, 0, c)] for t in range(2) for c in range(2)}
 
@@ -274,15 +283,18 @@ def test_missing_checkpoint_file_and_corrupt_checkpoint(server, tmp_path):
     corrupt_dir.mkdir()
     (corrupt_dir / "sam2.1_hiera_tiny.pt").write_bytes(b"not a checkpoint" * 100)
     run = run_worker(server, "compute", params(), dataset_id=ds.dataset_id, checkpoint_dir=corrupt_dir)
-    assert run.returncode == 1
-    assert run.errors()[-1]["error"] == "The SAM2 model could not be loaded."
-    assert "corrupt" in run.errors()[-1]["info"]
-    assert writes(server) == [] and [a["_id"] for a in server.annotations()] == original
+    # Recognised as unusable by the settings: nothing was asked of the server.
+    assert run.returncode == 2
+    assert run.errors()[0]["error"] == "Invalid setting: Model"
+    assert "not a PyTorch checkpoint" in run.errors()[0]["info"]
+    assert server.requests == [] and [a["_id"] for a in server.annotations()] == original
     assert_no_token(run)
 
 
 def test_wrong_architecture_checkpoint_is_refused(server, checkpoint_dir, tmp_path):
-    """A tiny checkpoint saved under the small model's name does not load with random leftovers."""
+    """A tiny checkpoint saved under the stock small model's name is not run as either: the
+    weights say tiny, the name promises small; the settings refuse it before the server is
+    asked anything."""
     ds = server.add_dataset(pixels(1, 1), layers=LAYERS)
     server.add_annotations(ds.dataset_id, [ann(BIG)])
     wrong = tmp_path / "wrong"
@@ -290,9 +302,9 @@ def test_wrong_architecture_checkpoint_is_refused(server, checkpoint_dir, tmp_pa
     (wrong / "sam2.1_hiera_small.pt").symlink_to(checkpoint_dir / "sam2.1_hiera_tiny.pt")
     run = run_worker(server, "compute", params(Model="sam2.1_hiera_small.pt"), dataset_id=ds.dataset_id,
                      checkpoint_dir=wrong)
-    assert run.returncode == 1
-    assert "does not fit" in run.errors()[-1]["info"]
-    assert writes(server) == []
+    assert run.returncode == 2
+    assert "named like the stock SAM2.1 small checkpoint, but its weights are SAM2.1 tiny" in run.errors()[0]["info"]
+    assert server.requests == []
 
 
 def test_no_annotations_is_a_clean_success(server, checkpoint_dir):
@@ -318,18 +330,32 @@ def test_bad_command_lines_exit_non_zero_without_echoing_the_token(server, check
         assert json.loads(done.stdout.splitlines()[0])["type"] == "error"
 
 
-def test_demo_runs_end_to_end_and_labels_an_untrained_model(tmp_path, checkpoint_dir, monkeypatch):
-    """The README's first command, in-process (it starts its own server and worker subprocess)."""
+def test_demo_runs_end_to_end_and_labels_an_untrained_model(tmp_path, checkpoint_dir, monkeypatch, capsys):
+    """The README's first command, in-process (it starts its own server and worker subprocess).
+    Offline (an untrained checkpoint only): the honest SAM2 run rejects nearly every mask, and the
+    same job with the stand-in segmenter refines, confirms and replaces every original."""
     from sam2_refine import demo
 
     monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(checkpoint_dir))
     summary = demo.run(tmp_path, allow_download=False)
+    printed = capsys.readouterr().out
     assert summary["worker_exit_code"] == 0
     assert summary["untrained_model"] is True  # the test checkpoint carries the marker
     assert summary["annotations"] == 28
     assert summary["refined"] + summary["kept"] == 28
+    assert summary["refined"] <= 3  # random weights: the quality checks reject nearly every mask
     overlay = tmp_path / "overlay.png"
     import cv2
     image = cv2.imread(str(overlay))
     assert image is not None and image.shape[0] > 512 and image.shape[1] > 1024
+    assert tuple(image[5, 5]) == (0, 0, 160)  # the red UNTRAINED title bar
     assert json.loads((tmp_path / "summary.json").read_text())["overlay"] == str(overlay)
+    stand_in = summary["stand_in"]
+    assert stand_in["segmenter"] == "stand-in segmenter, not SAM2" and stand_in["exit_code"] == 0
+    assert stand_in["refined"] == stand_in["deleted"] == 28 and stand_in["kept"] == 0  # created, confirmed, replaced
+    assert stand_in["mean_iou_to_truth_after"] > stand_in["mean_iou_to_truth_before"] + 0.15
+    stand_in_image = cv2.imread(stand_in["overlay"])
+    assert stand_in_image is not None and tuple(stand_in_image[5, 5]) == (0, 90, 200)  # its own orange bar
+    lines = [line for line in printed.splitlines() if "STAND-IN" in line.upper()]
+    assert any("STAND-IN SEGMENTER, NOT SAM2: exit code 0" in line and "refined 28" in line for line in lines)
+    assert len(lines) >= 5 and all("stand-in segmenter, not sam2" in line.lower() for line in lines)

@@ -271,3 +271,80 @@ def test_empty_batch(setup: Setup) -> None:
     for multimask, count in ((False, 1), (True, 3)):
         logits, iou = decoder(torch.zeros(0, 3, 256), multimask)
         assert logits.shape == (0, count, 256, 256) and iou.shape == (0, count)
+
+
+@pytest.mark.parametrize("negatives", [0, 2])
+def test_predictor_point_prompts_match_sam2_image_predictor(setup: Setup, negatives: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point prompts (issue 13) through ``decode(None, points=..., point_labels=...)``: the fast
+    decoder runs them and gives what sam2's own ``SAM2ImagePredictor.predict(point_coords=...,
+    point_labels=...)`` gives on the same image features (sam2 normalises by the image size
+    and its prompt encoder appends the padding point; here pixel centres are at integers, so
+    sam2 is given the coordinates + 0.5)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    calls = []
+    original = FastBoxDecoder.__call__
+
+    def spy(self: FastBoxDecoder, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastBoxDecoder, "__call__", spy)
+    height, width = setup.image_hw
+    rng = np.random.default_rng(31 + negatives)
+    count = 4
+    points = np.stack([rng.uniform(0, width - 1, (count, 1 + negatives)),
+                       rng.uniform(0, height - 1, (count, 1 + negatives))], axis=2)
+    labels = np.zeros((count, 1 + negatives), dtype=np.int64)
+    labels[:, 0] = 1
+    fast = setup.fast.decode(None, multimask=True, points=points, point_labels=labels)
+    assert len(calls) == 1  # the fast decoder decoded them
+    slow = setup.slow.decode(None, multimask=True, points=points, point_labels=labels)
+    assert fast.logits.shape == (count, 3, 256, 256) and fast.scores.shape == (count, 3)
+    np.testing.assert_allclose(fast.logits, slow.logits, rtol=0, atol=LOGIT_TOL)
+
+    reference = SAM2ImagePredictor(setup.model)
+    reference._features = setup.features
+    reference._orig_hw = [setup.image_hw]
+    reference._is_image_set = True
+    with torch.inference_mode():
+        _, scores, low_res = reference.predict(point_coords=points + 0.5, point_labels=labels,
+                                               multimask_output=True, return_logits=True)
+    np.testing.assert_allclose(slow.logits, low_res, rtol=0, atol=LOGIT_TOL)
+    np.testing.assert_allclose(slow.scores, scores, rtol=0, atol=IOU_TOL)
+
+
+def test_predictor_boxes_and_points_in_one_prompt(setup: Setup) -> None:
+    """A box and points together: the box's corners first, then the points, as sam2 does."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    boxes = np.array([[40.0, 50.0, 200.0, 180.0], [150.0, 20.0, 330.0, 260.0]])
+    points = np.array([[[100.0, 100.0]], [[200.0, 150.0]]])
+    labels = np.array([[1], [0]])
+    got = setup.slow.decode(boxes, multimask=False, points=points, point_labels=labels)
+    reference = SAM2ImagePredictor(setup.model)
+    reference._features = setup.features
+    reference._orig_hw = [setup.image_hw]
+    reference._is_image_set = True
+    with torch.inference_mode():
+        _, _, low_res = reference.predict(point_coords=points + 0.5, point_labels=labels, box=boxes + 0.5,
+                                          multimask_output=False, return_logits=True)
+    np.testing.assert_allclose(got.logits, low_res, rtol=0, atol=LOGIT_TOL)
+
+
+def test_prompt_points_are_checked() -> None:
+    from sam2_refine.sam2_model import model_prompt_points
+
+    with pytest.raises(ValueError, match="boxes or points"):
+        model_prompt_points(None, None, None, (100, 100), 1024)
+    with pytest.raises(ValueError, match="point_labels"):
+        model_prompt_points(None, np.zeros((1, 1, 2)), None, (100, 100), 1024)
+    with pytest.raises(ValueError, match="expected points"):
+        model_prompt_points(None, np.zeros((1, 2)), np.zeros((1, 2)), (100, 100), 1024)
+    with pytest.raises(ValueError, match="2 boxes but 1"):
+        model_prompt_points(np.zeros((2, 4)), np.zeros((1, 1, 2)), np.ones((1, 1)), (100, 100), 1024)
+    coords, labels = model_prompt_points(np.array([[0.0, 0.0, 99.0, 49.0]]), np.array([[[49.5, 24.5]]]),
+                                         np.array([[1]]), (50, 100), 1000)
+    np.testing.assert_allclose(coords, [[[5.0, 10.0], [995.0, 990.0], [500.0, 500.0]]])
+    assert labels.tolist() == [[2, 3, 1]]

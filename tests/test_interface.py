@@ -27,14 +27,15 @@ EXPECTED_ORDER = [
     "Smoothing",
 ]
 #: Fields added after the original ones (the originals keep their order and defaults).
-ADDED = ["Resolution", "Prompt", "Minimum overlap with original", "Keep original tags"]
+ADDED = ["Resolution", "Prompt", "Minimum overlap with original", "Keep original tags",
+         "Refine point annotations", "Refine rectangle annotations", "Keep touching objects apart"]
 MODELS = ["sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_tiny.pt"]
 
 
 def test_fields_names_and_order() -> None:
     spec = build_interface(MODELS)
     assert list(spec) == EXPECTED_ORDER + ADDED
-    assert [spec[name]["displayOrder"] for name in EXPECTED_ORDER + ADDED] == list(range(13))
+    assert [spec[name]["displayOrder"] for name in EXPECTED_ORDER + ADDED] == list(range(len(EXPECTED_ORDER + ADDED)))
 
 
 def test_added_fields_and_defaults() -> None:
@@ -47,6 +48,16 @@ def test_added_fields_and_defaults() -> None:
     assert (overlap["type"], overlap["min"], overlap["max"], overlap["default"]) == ("number", 0, 1, 0)
     assert spec["Keep original tags"] == {**spec["Keep original tags"], "type": "checkbox", "default": False}
     assert all(spec[name].get("tooltip") for name in ADDED)
+
+
+def test_issue_13_fields_come_after_the_others_with_their_defaults() -> None:
+    spec = build_interface(MODELS)
+    assert [spec[name]["displayOrder"] for name in (ui.REFINE_POINTS, ui.REFINE_RECTANGLES, ui.SEPARATE)] == [
+        13, 14, 15]
+    assert spec[ui.REFINE_POINTS]["default"] is False  # the original behaviour: polygons only
+    assert spec[ui.REFINE_RECTANGLES]["default"] is False
+    assert spec[ui.SEPARATE]["default"] is True  # decided by measurement: README "Accuracy"
+    assert all(spec[name]["tooltip"] for name in (ui.REFINE_POINTS, ui.REFINE_RECTANGLES, ui.SEPARATE))
 
 
 def test_field_types() -> None:
@@ -65,6 +76,9 @@ def test_field_types() -> None:
         "Prompt": "select",
         "Minimum overlap with original": "number",
         "Keep original tags": "checkbox",
+        "Refine point annotations": "checkbox",
+        "Refine rectangle annotations": "checkbox",
+        "Keep touching objects apart": "checkbox",
     }
 
 

@@ -94,7 +94,9 @@ class _Recorder(KnownMaskPredictor):
         super().embed(image)
 
 
-def test_next_location_is_fetched_while_the_current_one_is_refined(server, ckpt):
+def test_next_location_is_fetched_while_the_current_one_is_refined(server, ckpt, monkeypatch):
+    # A budget smaller than one location: one location ahead (deeper: tests/test_prefetch.py).
+    monkeypatch.setenv("SAM2_REFINE_PREFETCH_BYTES", "0")
     ds, scene = scene_dataset(server, n_xy=2, n_t=2)
     for xy in range(2):
         for t in range(2):

@@ -63,9 +63,10 @@ def reset_peak_rss() -> bool:
 def test_25000_annotations_in_one_job(tmp_path: Path, monkeypatch):
     import sam2_refine.sam2_model  # noqa: F401 - torch is imported by every job; not counted as growth
 
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
+
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "sam2.1_hiera_tiny.pt").write_bytes(b"")
+    write_layout_checkpoint(ckpt / "sam2.1_hiera_tiny.pt")
     scene = grid_scene(SIZE, SIZE, PER_LOCATION, seed=0)
     assert scene.count == PER_LOCATION
     with NimbusTestServer(token=TOKEN) as server:

@@ -217,27 +217,30 @@ def test_model_value_cannot_leave_the_checkpoint_directory(server, stub_ckpt, mo
 def test_symlinked_checkpoint_is_followed_and_still_checked(tmp_path):
     """Behaviour: a symlink named like a checkpoint inside the directory is accepted and its
     target is read (the directory is the image builder's, not the user's); the target must
-    still be a weights-only SAM2 checkpoint. A dangling link is "not in the directory"."""
-    from sam2_refine.sam2_model import CheckpointError, Sam2BoxPredictor
+    still be a SAM2 checkpoint, recognised from its weights. A dangling link is "not in the
+    directory"."""
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
 
     directory = tmp_path / "ckpts"
     directory.mkdir()
     secret = tmp_path / "outside.txt"
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n" * 20)
     (directory / CKPT).symlink_to(secret)
+    with pytest.raises(CheckpointChoiceError) as info:
+        resolve_checkpoint(directory, CKPT)
+    assert "not a PyTorch checkpoint" in str(info.value) and "root:x" not in str(info.value)
+    (directory / CKPT).unlink()
+    outside = write_layout_checkpoint(tmp_path / "elsewhere" / "weights.bin")
+    (directory / CKPT).symlink_to(outside)
     path = resolve_checkpoint(directory, CKPT)
     assert path == directory / CKPT and path.is_symlink()
-    with pytest.raises(CheckpointError) as info:
-        Sam2BoxPredictor.load(path)
-    assert "corrupt or not a PyTorch checkpoint" in str(info.value) and "root:x" not in str(info.value)
     (directory / CKPT).unlink()
     (directory / CKPT).symlink_to(tmp_path / "missing.pt")
     with pytest.raises(CheckpointChoiceError, match="not in the checkpoint directory"):
         resolve_checkpoint(directory, CKPT)
     # A symlinked directory of checkpoints works as the directory itself.
     real = tmp_path / "real"
-    real.mkdir()
-    (real / CKPT).write_bytes(b"")
+    write_layout_checkpoint(real / CKPT)
     (tmp_path / "linked").symlink_to(real)
     assert resolve_checkpoint(tmp_path / "linked", CKPT) == tmp_path / "linked" / CKPT
     with pytest.raises(SettingsErrors):
@@ -265,9 +268,12 @@ def _malicious_checkpoint(path: Path, marker: Path) -> Path:
 
 
 def test_a_malicious_checkpoint_runs_no_code(tmp_path):
+    """Two locks: the layout reader refuses the pickle's global without importing it, and
+    torch's weights_only load refuses it too (should a file change after it was recognised)."""
     import torch
 
-    from sam2_refine.sam2_model import CheckpointError, Sam2BoxPredictor
+    from sam2_refine.sam2_model import CheckpointError, Sam2BoxPredictor, inspect_checkpoint, load_state_dict
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
 
     # Control: loaded unsafely, this payload does run (so the test below means something).
     control_marker = tmp_path / "control-ran"
@@ -279,21 +285,29 @@ def test_a_malicious_checkpoint_runs_no_code(tmp_path):
     evil = _malicious_checkpoint(tmp_path / "ckpts" / CKPT, marker)
     with pytest.raises(CheckpointError) as info:
         Sam2BoxPredictor.load(evil)
+    assert "a pickle with code: it would call io.open (refused, never run)" in str(info.value)
+    with pytest.raises(CheckpointChoiceError, match="a pickle with code"):
+        resolve_checkpoint(evil.parent, CKPT)
+    entry = inspect_checkpoint(write_layout_checkpoint(tmp_path / "good" / CKPT))
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict(evil, entry)
     assert "corrupt or not a PyTorch checkpoint" in str(info.value)
     assert not marker.exists()
 
 
 @pytest.mark.slow
 def test_a_malicious_checkpoint_through_the_cli(server, tmp_path):
-    """The real CLI and model loader (torch, no model built): exit 1, nothing ran, nothing changed."""
+    """The real CLI: the settings refuse the file (exit 2) before the server is asked anything;
+    nothing ran, nothing changed."""
     marker = tmp_path / "payload-ran"
     _malicious_checkpoint(tmp_path / "ckpts" / CKPT, marker)
     dataset_id, originals = one_location(server)
     run = run_worker(server, "compute", params(**{"Delete original annotations": True}), dataset_id=dataset_id,
                      checkpoint_dir=tmp_path / "ckpts")
-    assert run.returncode == 1, run.stdout + run.stderr
-    assert run.errors()[-1]["error"] == "The SAM2 model could not be loaded."
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.errors()[0]["error"] == "Invalid setting: Model"
+    assert "a pickle with code" in run.errors()[0]["info"]
     assert not marker.exists()
-    assert [r for r in server.requests if r.method != "GET"] == []
+    assert server.requests == []
     assert {a["_id"] for a in server.annotations(dataset_id)} == set(originals)
     assert_no_token(run)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from shapely.geometry import Polygon
+from shapely.geometry import Point, Polygon
 
-from sam2_refine.selection import Original, has_any_tag, select, to_original
+from sam2_refine.selection import POINT, POLYGON, RECTANGLE, Original, has_any_tag, select, to_original
 from sam2_refine.settings import Location
 
 SQUARE = [{"x": 10.0, "y": 10.0}, {"x": 20.0, "y": 10.0}, {"x": 20.0, "y": 20.0}, {"x": 10.0, "y": 20.0}]
@@ -190,3 +190,68 @@ def test_unusable_coordinates_keep_the_annotation_with_a_problem(coordinates: An
     (original,) = selection.by_location[Location(0, 0, 0)]
     assert original.shape is None
     assert original.problem is not None and reason in original.problem
+
+
+# -- points and rectangles (issue 13) -----------------------------------------------------------
+
+
+def test_point_original() -> None:
+    original = to_original({**doc("p", coordinates=[{"x": 12.5, "y": 7.0, "z": 0}]), "shape": "point"})
+    assert original.kind == POINT and original.problem is None
+    assert isinstance(original.shape, Point) and (original.shape.x, original.shape.y) == (12.5, 7.0)
+
+
+def test_polygons_and_blobs_are_polygon_kind() -> None:
+    assert to_original(doc("a")).kind == POLYGON
+    assert to_original({**doc("b"), "shape": "blob"}).kind == POLYGON
+
+
+@pytest.mark.parametrize(
+    ("coordinates", "reason"),
+    [
+        ([{"x": 1, "y": 1}, {"x": 5, "y": 5}], "a point annotation with 2 different coordinates (one expected)"),
+        ([], "the point has no coordinates"),
+        ([{"x": None, "y": 1}], "not a number"),
+        ("12,3", "not a list"),
+    ],
+)
+def test_unusable_points_keep_a_reason(coordinates: Any, reason: str) -> None:
+    original = to_original({**doc("p", coordinates=coordinates), "shape": "point"})
+    assert original.kind == POINT and original.shape is None
+    assert original.problem is not None and reason in original.problem
+
+
+def test_a_point_repeated_is_one_point() -> None:
+    original = to_original({**doc("p", coordinates=[{"x": 3, "y": 4}, {"x": 3, "y": 4}]), "shape": "point"})
+    assert original.problem is None and (original.shape.x, original.shape.y) == (3.0, 4.0)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [0, 2, 1, 3], [3, 1, 0, 2]])
+def test_rectangle_corners_in_any_order(order: list[int]) -> None:
+    corners = [SQUARE[i] for i in order]
+    original = to_original({**doc("r", coordinates=corners), "shape": "rectangle"})
+    assert original.kind == RECTANGLE and original.problem is None
+    assert original.shape.area == pytest.approx(100.0) and original.shape.bounds == (10.0, 10.0, 20.0, 20.0)
+
+
+def test_rotated_rectangle_is_its_hull() -> None:
+    diamond = [{"x": 10, "y": 0}, {"x": 20, "y": 10}, {"x": 10, "y": 20}, {"x": 0, "y": 10}]
+    original = to_original({**doc("r", coordinates=diamond), "shape": "rectangle"})
+    assert original.shape.area == pytest.approx(200.0)  # the rotated square, not its 400 px box
+    assert original.shape.bounds == (0.0, 0.0, 20.0, 20.0)
+
+
+def test_two_corner_rectangle_is_an_upright_box() -> None:
+    original = to_original({**doc("r", coordinates=[{"x": 20, "y": 5}, {"x": 10, "y": 15}]), "shape": "rectangle"})
+    assert original.problem is None and original.shape.bounds == (10.0, 5.0, 20.0, 15.0)
+
+
+@pytest.mark.parametrize("coordinates", [
+    [{"x": 1, "y": 1}] * 4,
+    [{"x": 0, "y": 0}, {"x": 5, "y": 0}, {"x": 9, "y": 0}, {"x": 2, "y": 0}],
+    [{"x": 0, "y": 0}, {"x": 0, "y": 0}, {"x": 0, "y": 9}, {"x": 0, "y": 9}],
+])
+def test_zero_area_rectangle_keeps_a_reason(coordinates: Any) -> None:
+    original = to_original({**doc("r", coordinates=coordinates), "shape": "rectangle"})
+    assert original.kind == RECTANGLE and original.shape is None
+    assert original.problem == "the rectangle encloses no area (its corners lie on a line)"

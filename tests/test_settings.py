@@ -17,11 +17,12 @@ SMALL = "sam2.1_hiera_small.pt"
 
 @pytest.fixture
 def ckpt_dir(tmp_path: Path) -> Path:
-    """Settings only check that the checkpoint file exists: empty files will do."""
+    """Checkpoints with the real layouts (constant weights): settings recognise them."""
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
+
     directory = tmp_path / "checkpoints"
-    directory.mkdir()
-    (directory / TINY).write_bytes(b"")
-    (directory / SMALL).write_bytes(b"")
+    write_layout_checkpoint(directory / TINY, TINY)
+    write_layout_checkpoint(directory / SMALL, SMALL)
     (directory / "notes.txt").write_text("not a checkpoint")
     return directory
 
@@ -192,10 +193,12 @@ def test_model_error_without_checkpoints_says_none_found(tmp_path: Path) -> None
     assert str(empty) in message
 
 
-def test_unknown_model_names_the_known_ones(ckpt_dir: Path) -> None:
+def test_unknown_model_names_the_available_ones(ckpt_dir: Path) -> None:
+    """Checkpoints are recognised by their weights, not their names: an unknown name is one the
+    directory does not hold, and the message lists what it does hold."""
     message = errors_of(full_params(Model="foo.pt"), ckpt_dir)["Model"]
-    assert "foo.pt" in message
-    assert "sam2.1_hiera_large.pt" in message
+    assert "foo.pt" in message and "not in the checkpoint directory" in message
+    assert TINY in message and SMALL in message
 
 
 @pytest.mark.parametrize("padding", [-21, 21, 20.5, -20.01, "abc", True, False, math.nan, math.inf, [1], {}])
@@ -309,3 +312,35 @@ def test_input_not_mutated(ckpt_dir: Path) -> None:
     before = copy.deepcopy(params)
     parse_settings(params, "ds-1", ckpt_dir)
     assert params == before
+
+
+# -- issue 13: points, rectangles, touching objects kept apart ------------------------------------
+
+
+def test_shape_fields_default_to_the_original_behaviour(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(), "ds-1", ckpt_dir)
+    assert (settings.refine_points, settings.refine_rectangles, settings.separate) == (False, False, True)
+    assert settings.shapes == ("polygon", "blob")
+
+
+def test_shape_fields_null_means_default(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(**{"Refine point annotations": None, "Refine rectangle annotations": None,
+                                             "Keep touching objects apart": None}), "ds-1", ckpt_dir)
+    assert (settings.refine_points, settings.refine_rectangles, settings.separate) == (False, False, True)
+
+
+def test_shape_fields_on(ckpt_dir: Path) -> None:
+    settings = parse_settings(full_params(**{"Refine point annotations": True, "Refine rectangle annotations": True,
+                                             "Keep touching objects apart": False}), "ds-1", ckpt_dir)
+    assert (settings.refine_points, settings.refine_rectangles, settings.separate) == (True, True, False)
+    assert settings.shapes == ("polygon", "blob", "rectangle", "point")
+
+
+def test_bad_shape_fields_are_each_named(ckpt_dir: Path) -> None:
+    errors = errors_of(full_params(**{"Refine point annotations": "yes", "Refine rectangle annotations": 1,
+                                      "Keep touching objects apart": "false"}), ckpt_dir)
+    assert errors == {
+        "Refine point annotations": "expected true or false, got 'yes'",
+        "Refine rectangle annotations": "expected true or false, got 1",
+        "Keep touching objects apart": "expected true or false, got 'false'",
+    }

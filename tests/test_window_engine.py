@@ -34,9 +34,10 @@ from sam2_refine.refine import (  # noqa: E402
     BEST_OF_THREE,
     GeometryOptions,
     LargerWindow,
+    ObjectMask,
     Refined,
+    _box_object,
     _Prompt,
-    mask_to_polygon,
     refine_location,
 )
 from sam2_refine.report import Reporter  # noqa: E402
@@ -166,7 +167,7 @@ def _original(shape: Polygon, oid: str = "a") -> Original:
 
 
 def test_tracing_asks_for_a_larger_window_and_the_engine_re_decodes() -> None:
-    """A mask that outgrows the logits it was given: mask_to_polygon (pure) answers LargerWindow;
+    """A mask that outgrows the logits it was given: object_mask (pure) answers LargerWindow;
     refine_location decodes that prompt again for it and ends with the whole-grid outline."""
     frame = np.zeros((256, 256, 3), np.float32)
     frame[124:132, 50:206] = 1.0  # a rod
@@ -192,12 +193,12 @@ def test_tracing_asks_for_a_larger_window_and_the_engine_re_decodes() -> None:
     windowed.embed(frame)
     first = real(np.array([[113.0, 118.0, 143.0, 138.0]]), windows=np.array([[110, 105, 147, 152]]))
     prompt = _Prompt(_original(shape), np.array([113.0, 118.0, 143.0, 138.0]))
-    answer = mask_to_polygon(first.mask(0, 0), prompt, frame_window(256, 256), (256, 256), options)
+    answer = _box_object(first.mask(0, 0), prompt, frame_window(256, 256), (256, 256))
     assert isinstance(answer, LargerWindow) and answer.margin > 8.0
     assert answer.window.contains(Window.around(prompt.box, answer.margin / 2, frame_window(256, 256)))
     assert not first.mask(0, 0).covers((0, 0, 128, 128))
-    assert isinstance(mask_to_polygon(GridPatch.whole(whole.decode(prompt.box[None]).logits[0, 0]), prompt,
-                                      frame_window(256, 256), (256, 256), options), Polygon)
+    assert isinstance(_box_object(GridPatch.whole(whole.decode(prompt.box[None]).logits[0, 0]), prompt,
+                                  frame_window(256, 256), (256, 256)), ObjectMask)
 
 
 class ThreeMasks:

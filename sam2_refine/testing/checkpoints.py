@@ -1,35 +1,88 @@
-"""Checkpoints with random weights, for the tests and the offline demo only.
+"""Checkpoints with random or constant weights, for the tests and the offline demo only.
 
-They have the real SAM2.1 architecture and are saved exactly like a real checkpoint
-(``{"model": state_dict}``), so the worker loads them through its real path. They also carry
-:data:`~sam2_refine.sam2_model.UNTRAINED_MARKER`, and the worker announces such a checkpoint
-with a warning on every job: an untrained model never runs silently.
+- :func:`make_untrained_checkpoint`: the real architecture (any of sam2's eight), built by sam2
+  with random weights and saved exactly like a real checkpoint (``{"model": state_dict}``), so
+  the worker loads it through its real path.
+- :func:`write_layout_checkpoint`: the same names and shapes without building a model: every
+  weight is a zero broadcast to its shape (one 4-byte storage for all), so even SAM2.1 large
+  is a file of a few hundred kB that ``torch.load`` and sam2 load like any other.
+
+Both carry :data:`~sam2_refine.architectures.UNTRAINED_MARKER`, and the worker announces such
+a checkpoint with a warning on every job: an untrained model never runs silently.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
-from sam2_refine.sam2_model import UNTRAINED_MARKER
+from sam2_refine.architectures import UNTRAINED_MARKER, architectures, expected_weights
+from sam2_refine.checkpoints import STOCK_CHECKPOINTS
 
 
-def make_untrained_checkpoint(path: Path, name: str = "sam2.1_hiera_tiny.pt", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of the architecture ``name`` implies to ``path``.
+def architecture_key(name: str) -> str:
+    """``"sam2.1_hiera_t"`` for ``"sam2.1_hiera_tiny.pt"`` (stock file names or keys)."""
+    key = STOCK_CHECKPOINTS.get(name, name)
+    if key not in architectures():
+        raise KeyError(f"unknown SAM2 architecture {name!r}")
+    return key
+
+
+def save_checkpoint(path: Path, weights: Mapping[str, torch.Tensor], *, layout: str | None = "model",
+                    prefix: str = "", extra: Mapping[str, Any] | None = None, untrained: bool = True) -> Path:
+    """Write ``weights`` as a checkpoint, atomically.
 
     Args:
         path: File to write (its directory is created).
-        name: Which SAM2.1 checkpoint's architecture to use.
+        weights: The state dict.
+        layout: Top-level key of the state dict (``"model"`` as sam2 saves it), or None for a
+            bare state dict.
+        prefix: Prepended to every weight name (e.g. ``"module."``).
+        extra: More top-level entries (e.g. a training checkpoint's optimizer and epoch).
+        untrained: Carry the untrained marker (only with a ``layout`` key).
+    """
+    state_dict = {prefix + name: tensor for name, tensor in weights.items()}
+    if layout is None:
+        obj: Any = state_dict
+    else:
+        obj = {layout: state_dict, **(extra or {})}
+        if untrained:
+            obj[UNTRAINED_MARKER] = True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+    return path
+
+
+def layout_weights(name: str, dtype: torch.dtype = torch.float32,
+                   shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Zero weights of an architecture's (or the given) shapes, all views of one element."""
+    zero = torch.zeros((), dtype=dtype)
+    shapes = shapes if shapes is not None else expected_weights(architecture_key(name))
+    return {weight: zero.expand(*shape) for weight, shape in shapes.items()}
+
+
+def write_layout_checkpoint(path: Path, name: str = "sam2.1_hiera_tiny.pt", **save: Any) -> Path:
+    """A checkpoint of the architecture ``name`` names (a stock file name or a key such as
+    ``"sam2_hiera_l"``) with constant zero weights; see the module docstring."""
+    return save_checkpoint(path, layout_weights(name), **save)
+
+
+def make_untrained_checkpoint(path: Path, name: str = "sam2.1_hiera_tiny.pt", seed: int = 0, **save: Any) -> Path:
+    """Write a random-weight checkpoint of the architecture ``name`` names to ``path``.
+
+    Args:
+        path: File to write (its directory is created).
+        name: A stock file name (``"sam2_hiera_tiny.pt"``) or an architecture key (``"sam2.1_hiera_s"``).
         seed: Seed for the random initialisation (same seed, same weights).
+        save: Passed to :func:`save_checkpoint` (layout, prefix, extra).
     """
     from sam2.build_sam import build_sam2
 
     torch.manual_seed(seed)
-    model = build_sam2(CHECKPOINT_CONFIGS[name], ckpt_path=None, device="cpu", mode="eval")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".part")
-    torch.save({"model": model.state_dict(), UNTRAINED_MARKER: True}, tmp)
-    tmp.replace(path)
-    return path
+    model = build_sam2(architectures()[architecture_key(name)].config, ckpt_path=None, device="cpu", mode="eval")
+    return save_checkpoint(path, model.state_dict(), **save)

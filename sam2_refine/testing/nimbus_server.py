@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,15 +55,28 @@ AXES = ("XY", "T", "Z", "C")
 
 
 class _ObjectIds:
-    """24-hex-digit ids that increase with creation order, like MongoDB ObjectIds."""
+    """24-hex-digit ids, like MongoDB ObjectIds.
 
-    def __init__(self) -> None:
+    ``ordered=True``: they increase with creation order (one server process). ``ordered=False``:
+    drawn at random (seeded), as ids made by several server processes or clocks are not ordered
+    by creation time; a client must not read any order of creation into them.
+    """
+
+    def __init__(self, ordered: bool = True, seed: int = 0) -> None:
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+        self._rng = None if ordered else np.random.default_rng(seed)
+        self._used: set[str] = set()
 
     def new(self) -> str:
         with self._lock:
-            return f"{0x650000000000000000000000 + next(self._counter):024x}"
+            if self._rng is None:
+                return f"{0x650000000000000000000000 + next(self._counter):024x}"
+            while True:
+                value = "".join(f"{int(b):02x}" for b in self._rng.integers(0, 256, 12))
+                if value not in self._used:
+                    self._used.add(value)
+                    return value
 
 
 @dataclass
@@ -104,7 +117,8 @@ class Fault:
     """A failure the server injects for requests matching ``method`` and ``path``.
 
     ``path`` is a regular expression matched against the path after ``/api/v1/``. ``calls`` are
-    the 1-based numbers of the matching calls that fail (None = every call).
+    the 1-based numbers of the matching calls that fail (None = every call). ``client``: only
+    requests made with the token registered under that name (:meth:`NimbusTestServer.add_token`).
     ``action``: ``"status"`` answers ``status``; ``"drop_before"`` closes the connection without
     acting; ``"drop_after"`` acts (creates, deletes) and then closes the connection without an
     answer; ``"delay"`` sleeps ``delay`` seconds and then answers normally.
@@ -116,16 +130,19 @@ class Fault:
     calls: frozenset[int] | None = None
     action: str = "status"
     delay: float = 0.0
+    client: str | None = None
     seen: int = 0
     fired: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
-        return method == self.method and re.fullmatch(self.path, path) is not None
+    def matches(self, method: str, path: str, client: str | None = None) -> bool:
+        return (method == self.method and re.fullmatch(self.path, path) is not None
+                and (self.client is None or self.client == client))
 
 
 @dataclass
 class RecordedRequest:
-    """One request the server received (the token itself is not kept)."""
+    """One request the server received (the token itself is not kept: ``client`` is the name
+    its token was registered under, see :meth:`NimbusTestServer.add_token`)."""
 
     method: str
     path: str
@@ -133,6 +150,9 @@ class RecordedRequest:
     body: Any
     authorized: bool
     status: int = 0
+    client: str | None = None
+    #: time.monotonic() when the server finished acting on it (0 while it is in flight).
+    done_at: float = 0.0
 
 
 def _finite(obj: Any) -> Any:
@@ -153,8 +173,9 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class _Dropped(Exception):
-    """Close the connection without an answer."""
+class DroppedRequest(Exception):
+    """Close the connection without an answer (raised by a fault, or by a ``before_acting`` hook)."""
+
 
 
 @dataclass
@@ -173,15 +194,28 @@ class NimbusTestServer:
     """An in-memory NimbusImage API on 127.0.0.1 (see the module docstring).
 
     Args:
-        token: The only token the server accepts.
+        token: The token the server accepts (more with :meth:`add_token`).
         port: 0 picks a free port.
         poll_interval: Seconds between the serving thread's shutdown checks (stopping waits this long).
+        ordered_ids: Ids increase with creation order; False draws them at random (several
+            server processes: ids are not ordered by creation time).
+        id_seed: Seed for random ids.
     """
 
-    def __init__(self, token: str = "test-token", port: int = 0, poll_interval: float = 0.02) -> None:
+    def __init__(self, token: str = "test-token", port: int = 0, poll_interval: float = 0.02,
+                 ordered_ids: bool = True, id_seed: int = 0) -> None:
         self.token = token
         self.poll_interval = poll_interval
-        self._ids = _ObjectIds()
+        self._ids = _ObjectIds(ordered_ids, id_seed)
+        #: token -> client name, for tokens other than ``token`` (several jobs, told apart).
+        self._clients: dict[str, str] = {}
+        #: Called as ``hook(request)`` before the server acts on each authorized request (in the
+        #: request's thread: it may sleep or wait, to force an interleaving of several clients;
+        #: see :mod:`sam2_refine.testing.interleave`).
+        self.before_acting: Callable[[RecordedRequest], None] | None = None
+        #: Called as ``ids(client)`` for the id of each annotation a client creates, when set (to
+        #: choose which of two jobs' refinements has the smaller id); else :meth:`new_id`.
+        self.annotation_ids: Callable[[str | None], str] | None = None
         self._lock = threading.RLock()
         self.state = _State()
         self.requests: list[RecordedRequest] = []
@@ -227,6 +261,11 @@ class NimbusTestServer:
 
     def new_id(self) -> str:
         return self._ids.new()
+
+    def add_token(self, token: str, client: str) -> None:
+        """Accept ``token`` too; its requests are recorded (and matched by faults) as ``client``."""
+        with self._lock:
+            self._clients[token] = client
 
     def add_dataset(
         self,
@@ -339,11 +378,13 @@ class NimbusTestServer:
         calls: Iterable[int] | None = None,
         action: str = "status",
         delay: float = 0.0,
+        client: str | None = None,
     ) -> Fault:
         """Inject a fault (see :class:`Fault`). ``calls=None`` fails every matching call."""
         if action not in ("status", "drop_before", "drop_after", "delay"):
             raise ValueError(action)
-        fault = Fault(method.upper(), path, status, None if calls is None else frozenset(calls), action, delay)
+        fault = Fault(method.upper(), path, status, None if calls is None else frozenset(calls), action, delay,
+                      client)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -352,16 +393,18 @@ class NimbusTestServer:
         with self._lock:
             self.faults.clear()
 
-    def requests_to(self, method: str, path_regex: str) -> list[RecordedRequest]:
+    def requests_to(self, method: str, path_regex: str, client: str | None = None) -> list[RecordedRequest]:
+        """Recorded requests matching ``method`` and ``path_regex`` (and ``client``, if given)."""
         with self._lock:
-            return [r for r in self.requests if r.method == method and re.fullmatch(path_regex, r.path)]
+            return [r for r in self.requests if r.method == method and re.fullmatch(path_regex, r.path)
+                    and (client is None or r.client == client)]
 
     # -- request handling ---------------------------------------------------------------------
 
-    def _fault_for(self, method: str, path: str) -> Fault | None:
+    def _fault_for(self, method: str, path: str, client: str | None = None) -> Fault | None:
         with self._lock:
             for fault in self.faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, client):
                     fault.seen += 1
                     if fault.calls is None or fault.seen in fault.calls:
                         fault.fired += 1
@@ -371,36 +414,48 @@ class NimbusTestServer:
     def handle(self, method: str, path: str, params: dict[str, str], body: Any, token: str | None,
                ) -> tuple[int, bytes, str, dict[str, str]]:
         """Answer one request: (status, body bytes, content type, extra headers)."""
-        authorized = token == self.token
-        record = RecordedRequest(method, path, params, body, authorized)
+        with self._lock:
+            client = self._clients.get(token) if token is not None else None
+        authorized = token == self.token or client is not None
+        record = RecordedRequest(method, path, params, body, authorized, client=client)
         with self._lock:
             self.requests.append(record)
-        fault = self._fault_for(method, path)
+        if authorized and self.before_acting is not None:
+            self.before_acting(record)
+        try:
+            return self._handle(record, token)
+        finally:
+            record.done_at = time.monotonic()
+
+    def _handle(self, record: RecordedRequest, token: str | None) -> tuple[int, bytes, str, dict[str, str]]:
+        method, path, params, body, authorized = (record.method, record.path, record.params, record.body,
+                                                  record.authorized)
+        fault = self._fault_for(method, path, record.client)
         if fault is not None and fault.action == "delay":
             time.sleep(fault.delay)
             fault = None
         if fault is not None and fault.action == "drop_before":
             record.status = -1
-            raise _Dropped()
+            raise DroppedRequest()
         if fault is not None and fault.action == "status":
             record.status = fault.status
             return _json_response(fault.status, {"message": f"injected failure {fault.status}", "type": "rest"})
         try:
             if not authorized:
                 raise _BadRequest(401, "You must be logged in.")
-            status, payload, ctype, headers = self._route(method, path, params, body)
+            status, payload, ctype, headers = self._route(method, path, params, body, record.client)
         except _BadRequest as exc:
             record.status = exc.status
             return _json_response(exc.status, {"message": exc.message, "type": "rest"})
         if fault is not None and fault.action == "drop_after":
             record.status = -1
-            raise _Dropped()
+            raise DroppedRequest()
         record.status = status
         if ctype == "application/json":
             return status, json.dumps(_finite(payload)).encode(), ctype, headers
         return status, payload, ctype, headers
 
-    def _route(self, method: str, path: str, params: dict[str, str], body: Any,
+    def _route(self, method: str, path: str, params: dict[str, str], body: Any, client: str | None = None,
                ) -> tuple[int, Any, str, dict[str, str]]:
         json_ok = "application/json"
         m = re.fullmatch(r"folder/(\w+)", path)
@@ -432,8 +487,11 @@ class NimbusTestServer:
         if method == "GET" and path == "upenn_annotation":
             docs, total = self._find_annotations(params)
             return 200, docs, json_ok, {"Girder-Total-Count": str(total)}
+        m = re.fullmatch(r"upenn_annotation/([0-9a-f]{24})", path)
+        if method == "GET" and m:
+            return 200, self._get(self.state.annotations, m.group(1), "upenn_annotation"), json_ok, {}
         if method == "POST" and path == "upenn_annotation/multiple":
-            return 200, self._create_annotations(body), json_ok, {}
+            return 200, self._create_annotations(body, client), json_ok, {}
         if method == "DELETE" and path == "upenn_annotation/multiple":
             self._delete_annotations(body)
             return 200, None, json_ok, {}
@@ -549,7 +607,7 @@ class NimbusTestServer:
             docs = docs[:limit]
         return docs, total
 
-    def _create_annotations(self, body: Any) -> list[dict[str, Any]]:
+    def _create_annotations(self, body: Any, client: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         for index, ann in enumerate(body):
@@ -560,7 +618,7 @@ class NimbusTestServer:
         with self._lock:
             for ann in body:
                 doc = {k: v for k, v in ann.items() if k != "_id"}
-                doc["_id"] = self.new_id()
+                doc["_id"] = self.annotation_ids(client) if self.annotation_ids is not None else self.new_id()
                 self.state.annotations[doc["_id"]] = doc
                 created.append(doc)
         return created
@@ -583,6 +641,9 @@ class NimbusTestServer:
         for key in ("parentId", "childId"):
             if params.get(key):
                 docs = [c for c in docs if c.get(key) == params[key]]
+        if params.get("nodeAnnotationId"):
+            node = params["nodeAnnotationId"]
+            docs = [c for c in docs if node in (c.get("parentId"), c.get("childId"))]
         docs.sort(key=lambda c: c["_id"])
         offset = int(params.get("offset", 0))
         limit = int(params.get("limit", 50))
@@ -697,7 +758,7 @@ def _make_handler(server: NimbusTestServer) -> type[BaseHTTPRequestHandler]:
             try:
                 status, payload, ctype, headers = server.handle(
                     method, path, params, body, self.headers.get("Girder-Token"))
-            except _Dropped:
+            except DroppedRequest:
                 self.close_connection = True
                 try:
                     self.connection.shutdown(socket.SHUT_RDWR)
