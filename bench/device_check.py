@@ -162,6 +162,8 @@ class Capture:
         self.untrained = untrained
         self.calls: list[tuple[Any, Any]] = []
         self.precision: list[tuple[str, bool]] = []
+        # whole 256 x 256 logits are compared between runs: the engine is not offered windows
+        self.logit_grid = None
         self._hook = predictor.model.sam_mask_decoder.register_forward_hook(self._record_precision)
 
     def __getattr__(self, name: str) -> Any:
