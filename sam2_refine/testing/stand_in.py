@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from sam2_refine.logits import cells_for_windows
 from sam2_refine.predictor import Decoded, from_whole_grid
 
 #: Logit magnitude of a known mask: inside +LOGIT, outside -LOGIT.
@@ -290,8 +291,10 @@ class ZeroCostPredictor:
     averaging of its brightest band), thresholds and labels it once; :meth:`decode` gives each
     box the labelled object covering most of it, as logits ``(fraction - 0.5) * 2 * LOGIT`` (a
     ramp across the boundary, like a trained model's), ``-LOGIT`` elsewhere: one cached
-    (grid, grid) map per object, copied per prompt. Like SAM2 it takes regions already shrunk to
-    ``input_size`` (``region_hw``), so the engine prepares its input exactly as for SAM2.
+    (grid, grid) map per object, its cells in each prompt's window copied when the engine asks
+    for ``windows`` (as it asks SAM2, whose logits on CUDA are cut to the same windows), else
+    the whole map. Like SAM2 it takes regions already shrunk to ``input_size``
+    (``region_hw``), so the engine prepares its input exactly as for SAM2.
 
     Args:
         threshold: An object is where the image's brightest band exceeds this.
@@ -316,12 +319,15 @@ class ZeroCostPredictor:
         self.grid = grid
         self.input_size = input_size
         self.mask_input_size = (grid, grid)
+        #: decode's grid: fixed, so the engine asks for windows
+        self.logit_grid = (grid, grid)
         self.max_batch = max_batch
         self.embed_calls = self.decode_calls = self.prompts = 0
         self._hw = (0, 0)
         self._labels: np.ndarray | None = None  # (grid, grid) int32, 0 = background
         self._ramp: np.ndarray | None = None  # (grid, grid) float32 logits where an object is
         self._maps: dict[int, np.ndarray] = {}
+        self._areas: dict[int, int] = {}
 
     def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
         pause = self.embed_seconds[self.embed_calls % len(self.embed_seconds)] if self.embed_seconds else 0.0
@@ -329,15 +335,25 @@ class ZeroCostPredictor:
         if pause > 0:
             time.sleep(pause)
         self._hw = tuple(region_hw or image.shape[:2])
-        bright = (np.asarray(image).max(axis=2) > self.threshold).astype(np.float32)
+        image = np.asarray(image)
+        brightest = np.maximum.reduce([image[..., b] for b in range(image.shape[2])])  # = max(axis=2), 10x faster
+        bright = (brightest > self.threshold).astype(np.float32)
         fraction = cv2.resize(bright, (self.grid, self.grid), interpolation=cv2.INTER_AREA)
         _, self._labels = cv2.connectedComponents((fraction >= 0.5).astype(np.uint8), connectivity=4)
         self._ramp = ((fraction - 0.5) * (2.0 * LOGIT)).astype(np.float32)
-        self._maps = {}
+        self._maps, self._areas = {0: np.full((self.grid, self.grid), -LOGIT, np.float32)}, {0: 0}
+
+    def _map(self, label: int) -> np.ndarray:
+        assert self._labels is not None and self._ramp is not None, "embed() first"
+        if label not in self._maps:
+            self._maps[label] = np.where(self._labels == label, self._ramp, -LOGIT).astype(np.float32)
+            self._areas[label] = int(np.count_nonzero(self._maps[label] > 0))
+        return self._maps[label]
 
     def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
                multimask: bool = False, *, points: np.ndarray | None = None,
-               point_labels: np.ndarray | None = None) -> Decoded:
+               point_labels: np.ndarray | None = None, windows: np.ndarray | None = None,
+               areas: bool = False) -> Decoded:
         """Box prompts as above; a point prompt gets the object under its first point (the same
         mask for each of the three with ``multimask``)."""
         assert self._labels is not None and self._ramp is not None, "embed() first"
@@ -353,17 +369,22 @@ class ZeroCostPredictor:
         height, width = self._hw
         grid = self.grid
         channels = 3 if multimask else 1
-        out = np.full((len(boxes), channels, grid, grid), -LOGIT, dtype=np.float32)
+        labels = []
         scaled = boxes * np.array([grid / width, grid / height] * 2)
-        for k, (x0, y0, x1, y1) in enumerate(scaled):
+        for x0, y0, x1, y1 in scaled:
             c0, r0 = int(np.clip(np.floor(x0), 0, grid - 1)), int(np.clip(np.floor(y0), 0, grid - 1))
             c1, r1 = int(np.clip(np.ceil(x1), c0 + 1, grid)), int(np.clip(np.ceil(y1), r0 + 1, grid))
             counts = np.bincount(self._labels[r0:r1, c0:c1].ravel())
             counts[0] = 0
-            if counts.max(initial=0) == 0:
-                continue
-            label = int(np.argmax(counts))
-            if label not in self._maps:
-                self._maps[label] = np.where(self._labels == label, self._ramp, -LOGIT).astype(np.float32)
-            out[k, :] = self._maps[label]
-        return Decoded(out, np.ones((len(boxes), channels), dtype=np.float32))
+            labels.append(int(np.argmax(counts)) if counts.max(initial=0) > 0 else 0)
+        scores = np.ones((len(boxes), channels), dtype=np.float32)
+        maps = [self._map(label) for label in labels]
+        counts_ = np.array([[self._areas[label]] * channels for label in labels], np.int64).reshape(-1, channels)
+        if windows is None:
+            out = np.stack([np.broadcast_to(m, (channels, grid, grid)) for m in maps]) if maps else \
+                np.zeros((0, channels, grid, grid), np.float32)
+            return Decoded(out, scores, areas=counts_ if areas else None)
+        cells = cells_for_windows(windows, (grid, grid), (height, width))
+        patches = tuple(np.repeat(m[None, top:bottom, left:right], channels, axis=0)
+                        for m, (top, left, bottom, right) in zip(maps, cells, strict=True))
+        return Decoded(patches, scores, cells, (grid, grid), counts_ if areas else None)
