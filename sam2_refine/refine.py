@@ -31,9 +31,11 @@ Memory therefore grows with the objects' size, not with N x frame size.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -58,6 +60,7 @@ from sam2_refine.geometry import (
 )
 from sam2_refine.imaging import ArrayImage, LocationImage
 from sam2_refine.logits import GridPatch, grid_window, upsample_window
+from sam2_refine.outline_pool import OutlinePool
 from sam2_refine.predictor import BoxPredictor, Decoded
 from sam2_refine.regions import CROPS, choose_mode, plan_regions
 from sam2_refine.selection import POINT, Original
@@ -357,62 +360,180 @@ def _cropped(window: Window, logits: np.ndarray, component: np.ndarray, area: in
                       component[top:bottom, left:right].copy(), area)
 
 
-def _outline_chooser(shape: BaseGeometry) -> Chooser:
-    return lambda mask, window: select_component(mask, rasterize_rough(shape, window))[0]
+@dataclass(frozen=True)
+class _OutlineChooser:
+    """The component of a mask that overlaps the original outline most (picklable)."""
+
+    shape: BaseGeometry
+
+    def __call__(self, mask: np.ndarray, window: Window) -> np.ndarray | None:
+        return select_component(mask, rasterize_rough(self.shape, window))[0]
 
 
-def _point_chooser(prompt: _Prompt) -> Chooser:
-    row, col = prompt.pixel
-    return lambda mask, window: point_component(mask, row - window.top, col - window.left)
+@dataclass(frozen=True)
+class _PointChooser:
+    """The component of a mask that holds frame pixel (row, col), or the nearest within 2 px."""
+
+    row: int
+    col: int
+
+    def __call__(self, mask: np.ndarray, window: Window) -> np.ndarray | None:
+        return point_component(mask, self.row - window.top, self.col - window.left)
 
 
 def _chooser(prompt: _Prompt) -> Chooser:
-    return _point_chooser(prompt) if prompt.point is not None else _outline_chooser(prompt.original.shape)
+    return _PointChooser(*prompt.pixel) if prompt.point is not None else _OutlineChooser(prompt.original.shape)
+
+
+def _box_limits(prompt: _Prompt) -> tuple[float, str, str]:
+    """(max_area, too_large, no_match) of a box prompt's mask."""
+    x0, y0, x1, y1 = prompt.box
+    box_area = max((x1 - x0) * (y1 - y0), 1.0)
+    return (MAX_AREA_RATIO * box_area,
+            f"the mask is far larger than the original (over {MAX_AREA_RATIO:g}x its box area)",
+            "the mask does not overlap the original outline")
 
 
 def _box_object(grid: np.ndarray | GridPatch, prompt: _Prompt, region: Window, frame_hw: tuple[int, int],
                 margin: float | None = None) -> ObjectMask | LargerWindow:
-    x0, y0, x1, y1 = prompt.box
-    box_area = max((x1 - x0) * (y1 - y0), 1.0)
-    return object_mask(grid, region, frame_hw, prompt.box, _chooser(prompt), MAX_AREA_RATIO * box_area,
-                       f"the mask is far larger than the original (over {MAX_AREA_RATIO:g}x its box area)",
-                       "the mask does not overlap the original outline", margin)
+    return object_mask(grid, region, frame_hw, prompt.box, _chooser(prompt), *_box_limits(prompt), margin)
 
 
-def _point_start(grid: np.ndarray, region: Window, point: np.ndarray) -> tuple[np.ndarray, float] | None:
+def _point_start(grid: np.ndarray | GridPatch, region: Window, point: np.ndarray,
+                 ) -> tuple[np.ndarray, float] | LargerWindow | None:
     """Where a point's mask is on the low-resolution grid: (box of its grid component in frame
     coordinates, the component's area in frame pixels), or None when no positive grid cell is
-    at (or next to) the point."""
-    h, w = grid.shape
+    at (or next to) the point.
+
+    Given a :class:`GridPatch`, the answer is the one over the whole grid, or a
+    :class:`LargerWindow` (the whole region) when the patch cannot tell: the cells next to the
+    point are not all in it, or the component reaches an edge of the patch that is not an edge
+    of the grid (it may go on beyond)."""
+    patch = grid if isinstance(grid, GridPatch) else GridPatch.whole(grid)
+    h, w = patch.grid_hw
     cell_h, cell_w = region.height / h, region.width / w
     row = int(np.clip((point[1] - region.top + 0.5) / cell_h, 0, h - 1))
     col = int(np.clip((point[0] - region.left + 0.5) / cell_w, 0, w - 1))
-    positive = grid > 0
-    if not positive[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2].any():
+    near_cells = (max(row - 1, 0), max(col - 1, 0), min(row + 2, h), min(col + 2, w))
+    whole = LargerWindow(0.0, region)
+    if not patch.covers(near_cells):
+        return whole
+    rows, cols = patch.values.shape
+    positive = patch.values > 0
+    near_rows = slice(near_cells[0] - patch.top, near_cells[2] - patch.top)
+    near_cols = slice(near_cells[1] - patch.left, near_cells[3] - patch.left)
+    if not positive[near_rows, near_cols].any():
         return None
     count, labels, stats, _ = cv2.connectedComponentsWithStats(positive.astype(np.uint8), connectivity=8)
-    near = labels[max(row - 1, 0):row + 2, max(col - 1, 0):col + 2]
-    label = int(labels[row, col]) or int(near[near > 0][0])
+    near = labels[near_rows, near_cols]
+    label = int(labels[row - patch.top, col - patch.left]) or int(near[near > 0][0])
     c0, r0, cw, ch, cells = stats[label]
+    if ((r0 == 0 and patch.top > 0) or (c0 == 0 and patch.left > 0)
+            or (r0 + ch == rows and patch.top + rows < h) or (c0 + cw == cols and patch.left + cols < w)):
+        return whole
+    r0, c0 = r0 + patch.top, c0 + patch.left
     box = np.array([region.left + c0 * cell_w - 0.5, region.top + r0 * cell_h - 0.5,
                     region.left + (c0 + cw) * cell_w - 0.5, region.top + (r0 + ch) * cell_h - 0.5])
     return box, float(cells) * cell_h * cell_w
 
 
-def _point_object(grid: np.ndarray, prompt: _Prompt, region: Window, frame_hw: tuple[int, int]) -> ObjectMask:
-    assert prompt.point is not None
+def _point_limits(frame_hw: tuple[int, int]) -> tuple[float, str]:
+    """(max_area, too_large) of a point's mask."""
     max_area = point_choice.MAX_FRAME_FRACTION * frame_hw[0] * frame_hw[1]
-    too_large = point_choice.area_problem(max_area + 1, None, frame_hw[0] * frame_hw[1]) or ""
-    start = _point_start(grid, region, prompt.point)
+    return max_area, point_choice.area_problem(max_area + 1, None, frame_hw[0] * frame_hw[1]) or ""
+
+
+def _point_object(grid: np.ndarray | GridPatch, point: np.ndarray, chooser: Chooser, region: Window,
+                  frame_hw: tuple[int, int]) -> ObjectMask | LargerWindow:
+    """One of a point's masks -> its object (the component holding the point), or a
+    :class:`LargerWindow` when ``grid`` is a patch that does not hold enough of the grid (the
+    caller then gives the whole grid)."""
+    max_area, too_large = _point_limits(frame_hw)
+    start = _point_start(grid, region, point)
     if start is None:
         raise AnnotationProblem("the mask does not reach the point")
+    if isinstance(start, LargerWindow):
+        return start
     box, grid_area = start
     if grid_area > 2 * max_area:  # far too large already on the grid: not upsampled at all
         raise AnnotationProblem(too_large)
-    mask = object_mask(grid, region, frame_hw, box, _point_chooser(prompt), max_area, too_large,
+    return object_mask(grid, region, frame_hw, box, chooser, max_area, too_large,
                        "the mask does not reach the point")
-    assert isinstance(mask, ObjectMask)  # the whole grid: never a larger window
-    return mask
+
+
+# -- the pool's tasks: pure, picklable, one chunk of objects each ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _MaskJob:
+    """One mask's object to find (:func:`find_objects`).
+
+    Attributes:
+        patch: The mask's logits (a window of the grid, or the whole grid).
+        box: The prompt box (x0, y0, x1, y1), frame coordinates; None for a point's mask.
+        point: (x, y) of a point prompt, else None.
+        chooser: Picks the object's component.
+        margin: The window's margin to go on from (:class:`LargerWindow`); None: the first.
+    """
+
+    patch: GridPatch
+    box: np.ndarray | None
+    point: np.ndarray | None
+    chooser: Chooser
+    max_area: float = 0.0
+    too_large: str = ""
+    no_match: str = ""
+    margin: float | None = None
+
+
+MaskResult = ObjectMask | LargerWindow | str
+
+
+def find_objects(jobs: Sequence[_MaskJob], region: Window, frame_hw: tuple[int, int]) -> list[MaskResult]:
+    """Each job's object mask, or the :class:`LargerWindow` it needs, or the reason it has none
+    (a str: that object is kept). Pure; runs in the outline pool."""
+    out: list[MaskResult] = []
+    for job in jobs:
+        try:
+            if job.point is not None:
+                out.append(_point_object(job.patch, job.point, job.chooser, region, frame_hw))
+            else:
+                assert job.box is not None
+                out.append(object_mask(job.patch, region, frame_hw, job.box, job.chooser, job.max_area,
+                                       job.too_large, job.no_match, job.margin))
+        except AnnotationProblem as exc:
+            out.append(exc.reason)
+    return out
+
+
+@dataclass(frozen=True)
+class _Traced:
+    """An object's outline (:func:`trace_objects`): ``core`` unpadded when padding comes later
+    (separation with a positive Padding), else ``core is polygon``; ``overlap`` with the
+    original where the quality gate asked for it."""
+
+    core: Polygon
+    polygon: Polygon
+    overlap: float | None = None
+
+
+def trace_objects(masks: Sequence[ObjectMask], gates: Sequence[BaseGeometry | None], options: GeometryOptions,
+                  frame_hw: tuple[int, int], apart: bool) -> list[_Traced | str]:
+    """Each mask's outline (:func:`trace`; with ``apart``, unpadded and then padded), with its
+    overlap with ``gates[k]`` (the original's shape, where the gate applies now), or the
+    reason it has none (a str). Pure; runs in the outline pool."""
+    out: list[_Traced | str] = []
+    for mask, gate in zip(masks, gates, strict=True):
+        try:
+            if apart:
+                core = trace(mask, replace(options, padding=0.0), frame_hw)
+                out.append(_Traced(core, _padded(core, options.padding, frame_hw)))
+            else:
+                polygon = trace(mask, options, frame_hw)
+                out.append(_Traced(polygon, polygon, None if gate is None else overlap(polygon, gate)))
+        except AnnotationProblem as exc:
+            out.append(exc.reason)
+    return out
 
 
 # -- stage 4: tracing ---------------------------------------------------------------------------------
@@ -516,60 +637,100 @@ class _Location:
         return sorted(found, key=lambda f: (f[1][0] - own_row) ** 2 + (f[1][1] - own_col) ** 2)
 
 
-def _decode_boxes(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window, options: GeometryOptions,
-                  work: _Location) -> None:
+def _cut(patch: GridPatch, window: Window, region: Window) -> GridPatch:
+    """The cells of ``patch`` (which holds them) that upsampling ``window`` (frame pixels inside
+    ``region``) reads, copied: what a windowed decoder would have returned for it."""
+    rows = (window.top - region.top, window.bottom - region.top)
+    cols = (window.left - region.left, window.right - region.left)
+    top, left, bottom, right = grid_window(patch.grid_hw, (region.height, region.width), rows, cols)
+    values = patch.values[top - patch.top:bottom - patch.top, left - patch.left:right - patch.left].copy()
+    return GridPatch(values, top, left, patch.grid_hw)
+
+
+class _BoxChunk:
     """Box prompts of one chunk (polygons, rectangles) -> their object masks.
 
-    Every model call happens here, on the calling thread; :func:`object_mask` is pure. A
-    predictor with a fixed ``logit_grid`` is asked only for each prompt's window of logits; a
-    prompt whose mask outgrows it is decoded again for the larger window (all such prompts of
-    the chunk in one call), as often as needed, keeping the mask chosen first.
+    Decoded here, on the model's thread, when made; :meth:`start` and :meth:`take` turn the
+    answers into :class:`_MaskJob` rounds for :func:`find_objects`. A predictor with a fixed
+    ``logit_grid`` is asked only for each prompt's window of logits; a prompt whose mask
+    outgrows it is decoded again for the larger window (all such prompts of the chunk and round
+    in one call, in the chunk's order), as often as needed, keeping the mask chosen first.
+    Whole-grid answers are cut to the same windows (the pool gets only those cells) and a larger
+    window is cut again from them, without a model call.
     """
-    grid_hw = getattr(predictor, "logit_grid", None)
-    offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
-    boxes = np.stack([p.box for p in chunk]) - offset
-    references = None
-    if options.prompt in (BOX_AND_SHAPE, BEST_OF_THREE):
-        references = [shape_on_grid(p.original.shape, win, predictor.mask_input_size) for p in chunk]
-    mask_inputs = (np.stack([shape_logits(r) for r in references])[:, None]
-                   if options.prompt == BOX_AND_SHAPE and references is not None else None)
-    multimask = options.prompt == BEST_OF_THREE
-    best3 = multimask and references is not None
-    margins: list[float | None] = [None] * len(chunk)
-    if grid_hw is not None:
-        refs = [_regrid(r, grid_hw) for r in references] if best3 and references else None
-        margins = [first_margin(p.box, win, grid_hw) for p in chunk]
-        windows = [decode_window(p.box, GROWTH_PAID * m, win, grid_hw, refs[k] if refs else None)
-                   for k, (p, m) in enumerate(zip(chunk, margins, strict=True))]
-        decoded = predictor.decode(boxes, mask_inputs, multimask=multimask, windows=_relative(windows, win),
-                                   areas=best3)
-    else:
-        decoded = predictor.decode(boxes, mask_inputs, multimask=multimask)
-    todo = []  # (index in chunk, mask index, margin, logits)
-    for k in range(len(chunk)):
-        reference = _regrid(references[k], decoded.grid_size) if best3 and references is not None else None
-        best = _choose_mask(decoded, k, reference)
-        work.scores[chunk[k].original.id] = float(decoded.scores[k, best])
-        todo.append((k, best, margins[k], decoded.mask(k, best)))
-    while todo:
+
+    def __init__(self, predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window, options: GeometryOptions,
+                 work: _Location) -> None:
+        self.predictor, self.chunk, self.win, self.work = predictor, chunk, win, work
+        grid_hw = getattr(predictor, "logit_grid", None)
+        offset = np.array([win.left, win.top, win.left, win.top], dtype=np.float64)
+        self.boxes = np.stack([p.box for p in chunk]) - offset
+        references = None
+        if options.prompt in (BOX_AND_SHAPE, BEST_OF_THREE):
+            references = [shape_on_grid(p.original.shape, win, predictor.mask_input_size) for p in chunk]
+        self.mask_inputs = (np.stack([shape_logits(r) for r in references])[:, None]
+                            if options.prompt == BOX_AND_SHAPE and references is not None else None)
+        self.multimask = options.prompt == BEST_OF_THREE
+        best3 = self.multimask and references is not None
+        if grid_hw is not None:
+            refs = [_regrid(r, grid_hw) for r in references] if best3 and references else None
+            margins = [first_margin(p.box, win, grid_hw) for p in chunk]
+            windows = [decode_window(p.box, GROWTH_PAID * m, win, grid_hw, refs[k] if refs else None)
+                       for k, (p, m) in enumerate(zip(chunk, margins, strict=True))]
+            decoded = predictor.decode(self.boxes, self.mask_inputs, multimask=self.multimask,
+                                       windows=_relative(windows, win), areas=best3)
+        else:
+            decoded = predictor.decode(self.boxes, self.mask_inputs, multimask=self.multimask)
+        self.decoded: Decoded | None = decoded
+        self.todo: list[tuple[int, int]] = []  # (index in chunk, mask index) of the jobs in flight
+        for k in range(len(chunk)):
+            reference = _regrid(references[k], decoded.grid_size) if best3 and references is not None else None
+            best = _choose_mask(decoded, k, reference)
+            work.scores[chunk[k].original.id] = float(decoded.scores[k, best])
+            self.todo.append((k, best))
+
+    def _job(self, k: int, patch: GridPatch, margin: float | None) -> _MaskJob:
+        prompt = self.chunk[k]
+        return _MaskJob(patch, prompt.box, None, _chooser(prompt), *_box_limits(prompt), margin=margin)
+
+    def start(self) -> list[_MaskJob]:
+        """The first round: each prompt's chosen mask in its first window."""
+        assert self.decoded is not None
+        jobs = []
+        for k, best in self.todo:
+            patch = self.decoded.mask(k, best)
+            if self.decoded.windows is None:
+                box = self.chunk[k].box
+                margin = first_margin(box, self.win, patch.grid_hw)
+                patch = _cut(patch, decode_window(box, GROWTH_PAID * margin, self.win, patch.grid_hw), self.win)
+            jobs.append(self._job(k, patch, None))
+        return jobs
+
+    def take(self, results: Sequence[MaskResult]) -> list[_MaskJob]:
+        """Record a round's results; the next round's jobs (larger windows), or none."""
         again = []
-        for k, best, margin, patch in todo:
-            prompt = chunk[k]
-            try:
-                result = _box_object(patch, prompt, win, work.frame_hw, margin)
-            except AnnotationProblem as exc:
-                work.keep(prompt.original.id, exc.reason)
-                continue
-            if isinstance(result, LargerWindow):
+        for (k, best), result in zip(self.todo, results, strict=True):
+            original_id = self.chunk[k].original.id
+            if isinstance(result, str):
+                self.work.keep(original_id, result)
+            elif isinstance(result, LargerWindow):
                 again.append((k, best, result))
             else:
-                work.masks[prompt.original.id] = result
-        todo = []
-        if again:  # the same prompts, larger windows
+                self.work.masks[original_id] = result
+        self.todo = [(k, best) for k, best, _ in again]
+        decoded = self.decoded
+        if not again or decoded is None:
+            self.decoded = None
+            return []
+        if decoded.windows is None:  # the whole grid is at hand: cut the larger windows from it
+            patches = [_cut(decoded.mask(k, best), grow.window, self.win) for k, best, grow in again]
+        else:  # the same prompts, decoded again for their larger windows
             idx = [k for k, _, _ in again]
-            redecoded = predictor.decode(boxes[idx], None if mask_inputs is None else mask_inputs[idx],
-                                         multimask=multimask, windows=_relative([g.window for _, _, g in again], win))
-            todo = [(k, best, grow.margin, redecoded.mask(i, best)) for i, (k, best, grow) in enumerate(again)]
+            inputs = None if self.mask_inputs is None else self.mask_inputs[idx]
+            redecoded = self.predictor.decode(self.boxes[idx], inputs, multimask=self.multimask,
+                                              windows=_relative([g.window for _, _, g in again], self.win))
+            patches = [redecoded.mask(i, best) for i, (_, best, _) in enumerate(again)]
+        return [self._job(k, patch, grow.margin) for (k, _, grow), patch in zip(again, patches, strict=True)]
 
 
 def _relative(windows: Sequence[Window], region: Window) -> np.ndarray:
@@ -578,50 +739,144 @@ def _relative(windows: Sequence[Window], region: Window) -> np.ndarray:
                       w.right - region.left] for w in windows], dtype=np.int64).reshape(-1, 4)
 
 
-def _point_candidates(decoded: Decoded, k: int, prompt: _Prompt, win: Window, work: _Location) -> list[_Candidate]:
-    out = []
-    for c in range(decoded.logits.shape[1]):
-        score = float(decoded.scores[k, c])
-        try:
-            mask = _point_object(decoded.logits[k, c], prompt, win, work.frame_hw)
-            out.append(_Candidate(mask, score, others=len(work.points_inside(prompt, mask))))
-        except AnnotationProblem as exc:
-            out.append(_Candidate(None, score, exc.reason))
-    return out
+class _PointChunk:
+    """Point prompts of one chunk -> three candidate object masks each (:meth:`start`,
+    :meth:`take`, as :class:`_BoxChunk`). The pool gets each mask's logits around the point's
+    planning box (the whole grid where a mask turns out to need more); then, with negative
+    points on, points whose candidates hold other points of their group are decoded a second
+    time with those as negative points (grouped by their number, so that no padding point is
+    added), their candidates found at once."""
+
+    def __init__(self, predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window, options: GeometryOptions,
+                 work: _Location, pool: OutlinePool, decoded: Decoded | None = None) -> None:
+        self.predictor, self.chunk, self.win, self.options, self.work, self.pool = (
+            predictor, chunk, win, options, work, pool)
+        self.origin = np.array([win.left, win.top], dtype=np.float64)
+        if decoded is None:
+            points = np.stack([p.point for p in chunk])[:, None] - self.origin
+            decoded = predictor.decode(None, multimask=True, points=points,
+                                       point_labels=np.ones((len(chunk), 1), np.int64))
+        self.decoded: Decoded | None = decoded
+        self.results: dict[tuple[int, int], MaskResult] = {}
+        self.todo: list[tuple[int, int]] = []
+
+    def _job(self, k: int, patch: GridPatch) -> _MaskJob:
+        prompt = self.chunk[k]
+        return _MaskJob(patch, None, prompt.point, _chooser(prompt))
+
+    def _first(self, decoded: Decoded, ks: Sequence[int]) -> list[_MaskJob]:
+        if decoded.windows is not None:
+            raise ValueError("point prompts are decoded over the whole grid")
+        self.todo = [(k, c) for k in ks for c in range(decoded.scores.shape[1])]
+        jobs = []
+        for k, c in self.todo:
+            patch = decoded.mask(k, c)
+            box = self.chunk[k].box  # the point's planning box
+            margin = first_margin(box, self.win, patch.grid_hw)
+            jobs.append(self._job(k, _cut(patch, decode_window(box, GROWTH_PAID * margin, self.win, patch.grid_hw),
+                                          self.win)))
+        return jobs
+
+    def start(self) -> list[_MaskJob]:
+        assert self.decoded is not None
+        return self._first(self.decoded, range(len(self.chunk)))
+
+    def take(self, results: Sequence[MaskResult]) -> list[_MaskJob]:
+        decoded = self.decoded
+        assert decoded is not None
+        again = []
+        for key, result in zip(self.todo, results, strict=True):
+            if isinstance(result, LargerWindow):
+                again.append(key)
+            else:
+                self.results[key] = result
+        if again:  # the whole grid of those masks
+            self.todo = again
+            return [self._job(k, decoded.mask(k, c)) for k, c in again]
+        for k in sorted({k for k, _ in self.results}):
+            self.work.candidates[self.chunk[k].original.id] = self._candidates(decoded, k)
+        self.results, self.decoded = {}, None
+        if self.options.negative_points:
+            self._negative_points()
+        return []
+
+    def _candidates(self, decoded: Decoded, k: int) -> list[_Candidate]:
+        prompt = self.chunk[k]
+        out = []
+        for c in range(decoded.scores.shape[1]):
+            result, score = self.results[(k, c)], float(decoded.scores[k, c])
+            if isinstance(result, str):
+                out.append(_Candidate(None, score, result))
+            else:
+                assert isinstance(result, ObjectMask)
+                out.append(_Candidate(result, score, others=len(self.work.points_inside(prompt, result))))
+        return out
+
+    def _negative_points(self) -> None:
+        work = self.work
+        again: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
+        for k, prompt in enumerate(self.chunk):
+            inside: dict[str, tuple[int, int]] = {}
+            for candidate in work.candidates[prompt.original.id]:
+                if candidate.mask is not None:
+                    inside.update(work.points_inside(prompt, candidate.mask))
+            if inside:
+                negatives = sorted(inside.values(), key=lambda rc: (rc[0] - prompt.pixel[0]) ** 2
+                                   + (rc[1] - prompt.pixel[1]) ** 2)[:MAX_NEGATIVES]
+                xy = np.array([[c, r] for r, c in negatives], dtype=np.float64) - self.origin
+                again[len(xy)].append((k, xy))
+        step = max(1, self.predictor.max_batch)
+        for count, items in sorted(again.items()):
+            for start in range(0, len(items), step):
+                part = items[start:start + step]
+                pts = np.stack([np.vstack([self.chunk[k].point - self.origin, xy]) for k, xy in part])
+                labels = np.zeros((len(part), count + 1), np.int64)
+                labels[:, 0] = 1
+                redecoded = self.predictor.decode(None, multimask=True, points=pts, point_labels=labels)
+                sub = _PointChunk(self.predictor, [self.chunk[k] for k, _ in part], self.win,
+                                  replace(self.options, negative_points=False), work, self.pool, redecoded)
+                jobs = sub.start()
+                while jobs:  # found at once: negative points are for measuring, not overlapped
+                    jobs = sub.take(self.pool.submit(find_objects, jobs, self.win, work.frame_hw).result())
 
 
-def _decode_points(predictor: BoxPredictor, chunk: Sequence[_Prompt], win: Window, options: GeometryOptions,
-                   work: _Location) -> None:
-    """Point prompts of one chunk -> three candidate object masks each; then, for points whose
-    candidates hold other points of their group, a second decoding with those as negative points
-    (grouped by their number, so that no padding point is added)."""
-    origin = np.array([win.left, win.top], dtype=np.float64)
-    points = np.stack([p.point for p in chunk])[:, None] - origin
-    decoded = predictor.decode(None, multimask=True, points=points, point_labels=np.ones((len(chunk), 1), np.int64))
-    again: dict[int, list[tuple[_Prompt, np.ndarray]]] = defaultdict(list)
-    for k, prompt in enumerate(chunk):
-        candidates = _point_candidates(decoded, k, prompt, win, work)
-        work.candidates[prompt.original.id] = candidates
-        if not options.negative_points:
-            continue
-        inside: dict[str, tuple[int, int]] = {}
-        for candidate in candidates:
-            if candidate.mask is not None:
-                inside.update(work.points_inside(prompt, candidate.mask))
-        if inside:
-            negatives = sorted(inside.values(), key=lambda rc: (rc[0] - prompt.pixel[0]) ** 2
-                               + (rc[1] - prompt.pixel[1]) ** 2)[:MAX_NEGATIVES]
-            xy = np.array([[c, r] for r, c in negatives], dtype=np.float64) - origin
-            again[len(xy)].append((prompt, xy))
-    for count, items in sorted(again.items()):
-        for start in range(0, len(items), max(1, predictor.max_batch)):
-            part = items[start:start + predictor.max_batch]
-            pts = np.stack([np.vstack([p.point - origin, xy]) for p, xy in part])
-            labels = np.zeros((len(part), count + 1), np.int64)
-            labels[:, 0] = 1
-            redecoded = predictor.decode(None, multimask=True, points=pts, point_labels=labels)
-            for k, (prompt, _) in enumerate(part):
-                work.candidates[prompt.original.id] = _point_candidates(redecoded, k, prompt, win, work)
+class _Chunk(Protocol):
+    def start(self) -> list[_MaskJob]: ...
+
+    def take(self, results: Sequence[MaskResult]) -> list[_MaskJob]: ...
+
+
+class _ObjectMasks:
+    """Stage 1 of one region: chunks decoded on this thread, their objects found by the pool
+    while the next chunks are decoded; what a chunk's round gives back (larger windows) is
+    decoded again here, while the region's embedding is current (:meth:`finish` before the
+    next region is embedded). At most ``pool.max_in_flight`` chunks wait for the pool, so
+    decoded batches do not pile up."""
+
+    def __init__(self, pool: OutlinePool, win: Window, frame_hw: tuple[int, int]) -> None:
+        self.pool, self.win, self.frame_hw = pool, win, frame_hw
+        self.pending: deque[tuple[_Chunk, Future[list[MaskResult]]]] = deque()
+
+    def add(self, chunk: _Chunk) -> None:
+        """Hand a decoded chunk to the pool; collect the chunks that are done."""
+        while len(self.pending) >= self.pool.max_in_flight:
+            self._collect_first()
+        self._submit(chunk, chunk.start())
+        while self.pending and self.pending[0][1].done():
+            self._collect_first()
+
+    def finish(self) -> None:
+        """Wait for every chunk of the region to be done."""
+        while self.pending:
+            self._collect_first()
+
+    def _submit(self, chunk: _Chunk, jobs: list[_MaskJob]) -> None:
+        if jobs:
+            self.pending.append((chunk, self.pool.submit(find_objects, jobs, self.win, self.frame_hw)))
+
+    def _collect_first(self) -> None:
+        chunk, future = self.pending.popleft()
+        self._submit(chunk, chunk.take(future.result()))
 
 
 def _choose_points(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location) -> None:
@@ -678,42 +933,60 @@ def _separate(prompts: Sequence[_Prompt], work: _Location) -> None:
         work.masks[prompt.original.id] = _cropped(claim.window, field, component, int(np.count_nonzero(component)))
 
 
-def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location) -> None:
-    """Stage 4: polygons and the quality gate. With separation and a positive Padding, the
-    outlines are traced unpadded first, then padded without growing into each other
-    (:func:`sam2_refine.separation.keep_padded_apart`)."""
+def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location, pool: OutlinePool) -> None:
+    """Stage 4: polygons (in the pool, :func:`trace_objects`) and the quality gate. With
+    separation and a positive Padding, the outlines are traced unpadded first, then padded
+    without growing into each other (:func:`sam2_refine.separation.keep_padded_apart`, here:
+    it needs them all)."""
     gate = f"its overlap with the original is below the minimum ({options.min_overlap:g})"
     traced = [p for p in prompts if p.original.id in work.masks]
     apart = options.separate and options.padding > 0
+    gated = options.min_overlap > 0
+    masks = [work.masks.pop(p.original.id) for p in traced]
+    shapes = [p.original.shape if gated and not apart and p.point is None else None for p in traced]
+    results = _in_chunks(pool, trace_objects, masks, shapes, options, work.frame_hw, apart)
+    del masks
     polygons: list[Polygon | None] = []
     cores: list[Polygon | None] = []
-    for prompt in traced:
-        pid = prompt.original.id
-        mask = work.masks.pop(pid)
-        try:
-            core = trace(mask, replace(options, padding=0.0) if apart else options, work.frame_hw)
-            polygon = _padded(core, options.padding, work.frame_hw) if apart else core
-            cores.append(core)
-            polygons.append(polygon)
-        except AnnotationProblem as exc:
-            work.outcomes[pid] = Kept(pid, exc.reason)
+    for prompt, result in zip(traced, results, strict=True):
+        if isinstance(result, str):
+            work.outcomes[prompt.original.id] = Kept(prompt.original.id, result)
             cores.append(None)
             polygons.append(None)
+        else:
+            cores.append(result.core)
+            polygons.append(result.polygon)
     if apart:
         polygons = keep_padded_apart(polygons, cores, [p.group for p in traced])
         for prompt, core, polygon in zip(traced, cores, polygons, strict=True):
             if core is not None and polygon is None:
                 work.outcomes[prompt.original.id] = Kept(prompt.original.id, "nothing is left of the padded "
                                                          "shape beside its neighbours")
-    for prompt, polygon in zip(traced, polygons, strict=True):
+    for prompt, polygon, result in zip(traced, polygons, results, strict=True):
         pid = prompt.original.id
         if polygon is None:
             continue
-        outline_gate = prompt.point is None and options.min_overlap > 0
-        if outline_gate and overlap(polygon, prompt.original.shape) < options.min_overlap:
-            work.outcomes[pid] = Kept(pid, gate)
-        else:
-            work.outcomes[pid] = Refined(pid, polygon, work.scores[pid])
+        if prompt.point is None and gated:
+            value = result.overlap if not apart and isinstance(result, _Traced) else None
+            if (overlap(polygon, prompt.original.shape) if value is None else value) < options.min_overlap:
+                work.outcomes[pid] = Kept(pid, gate)
+                continue
+        work.outcomes[pid] = Refined(pid, polygon, work.scores[pid])
+
+
+#: Objects per tracing task: about four tasks per worker (some balance between them), within these bounds.
+TRACE_CHUNK = (8, 64)
+
+
+def _in_chunks(pool: OutlinePool, fn: Callable[..., list[Any]], items: Sequence[Any], more: Sequence[Any],
+               *args: Any) -> list[Any]:
+    """``fn(items, more, *args)`` in chunks on the pool; the results in order."""
+    if not items:
+        return []
+    size = len(items) if pool.inline else min(max(-(-len(items) // (4 * pool.workers)), TRACE_CHUNK[0]),
+                                              TRACE_CHUNK[1])
+    futures = [pool.submit(fn, items[i:i + size], more[i:i + size], *args) for i in range(0, len(items), size)]
+    return [result for future in futures for result in future.result()]
 
 
 def _padded(core: Polygon, padding: float, frame_hw: tuple[int, int]) -> Polygon:
@@ -741,6 +1014,7 @@ def refine_location(
     originals: Sequence[Original],
     options: GeometryOptions,
     on_progress: Callable[[int], None] | None = None,
+    pool: OutlinePool | None = None,
 ) -> list[Outcome]:
     """Refine every original of one location (see the module docstring for the stages).
 
@@ -755,10 +1029,13 @@ def refine_location(
         originals: Annotations at this location.
         options: Resolution, prompt, smoothing, padding, quality gate, separation, points.
         on_progress: Called with the number of originals decoded so far (after each batch).
+        pool: Where the outline work runs (:mod:`sam2_refine.outline_pool`); default: on this
+            thread. The outlines are the same either way.
 
     Returns:
         One outcome per original, in the order given.
     """
+    pool = pool if pool is not None else OutlinePool(0)
     source = ArrayImage(image) if isinstance(image, np.ndarray) else image
     height, width = source.height, source.width
     prompts, kept = _prepare(originals, width, height, options.group_tags)
@@ -776,18 +1053,22 @@ def refine_location(
             predictor.embed(source.window(win.top, win.left, win.bottom, win.right))
         members = [prompts[i] for i in region.members]
         step = max(1, predictor.max_batch)
-        for kind_members, decode in (([p for p in members if p.point is None], _decode_boxes),
-                                     ([p for p in members if p.point is not None], _decode_points)):
+        stage = _ObjectMasks(pool, win, work.frame_hw)
+        boxes_here = [p for p in members if p.point is None]
+        points_here = [p for p in members if p.point is not None]
+        for kind_members, points in ((boxes_here, False), (points_here, True)):
             for start in range(0, len(kind_members), step):
                 chunk = kind_members[start:start + step]
-                decode(predictor, chunk, win, options, work)
+                stage.add(_PointChunk(predictor, chunk, win, options, work, pool) if points
+                          else _BoxChunk(predictor, chunk, win, options, work))
                 done += len(chunk)
                 if on_progress is not None:
                     on_progress(done)
+        stage.finish()  # before the next region replaces the embedding
     _choose_points(prompts, options, work)
     if options.separate:
         _separate(prompts, work)
-    _trace_all(prompts, options, work)
+    _trace_all(prompts, options, work, pool)
     return [work.outcomes[o.id] for o in originals]
 
 
