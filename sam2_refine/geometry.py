@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -78,8 +79,10 @@ def frame_window(width: int, height: int) -> Window:
     return Window(0, 0, height, width)
 
 
+@lru_cache(maxsize=8)
 def frame_polygon(width: int, height: int) -> Polygon:
-    """The area a W x H frame covers, in annotation coordinates."""
+    """The area a W x H frame covers, in annotation coordinates (shared: shapely geometries
+    are immutable, and every object of a frame asks for it)."""
     return shapely_box(-0.5, -0.5, width - 0.5, height - 0.5)
 
 
@@ -221,7 +224,8 @@ def prompt_box(shape: BaseGeometry, width: int, height: int) -> np.ndarray:
     x0, y0, x1, y1 = shape.bounds
     if x1 - x0 <= 0 or y1 - y0 <= 0:
         raise AnnotationProblem("its box has zero area")
-    inside = shape.intersection(frame_polygon(width, height))
+    within = x0 >= -0.5 and y0 >= -0.5 and x1 <= width - 0.5 and y1 <= height - 0.5
+    inside = shape if within else shape.intersection(frame_polygon(width, height))
     if inside.is_empty or inside.area <= 0:
         raise AnnotationProblem(f"it lies outside the {width}x{height} frame")
     cx0, cy0, cx1, cy1 = inside.bounds

@@ -167,20 +167,33 @@ def merge_layers(planes: Mapping[int, np.ndarray], layers: Sequence[Layer],
         float32 (H, W, 3) in [0, 1].
     """
     first = planes[layers[0].channel]
-    merged = np.zeros(first.shape + (3,), dtype=np.float32)
+    merged = np.empty(first.shape + (3,), dtype=np.float32)
+    written = [False, False, False]
     for index, layer in enumerate(layers):
         plane = planes[layer.channel]
         black, white = limits[index] if limits is not None else contrast_limits(plane, layer)
-        values = plane.astype(np.float32, copy=False)
         if white > black:
-            scaled = (values - np.float32(black)) * np.float32(1.0 / (white - black))
+            scaled = plane.astype(np.float32)  # a copy, scaled in place
+            np.subtract(scaled, np.float32(black), out=scaled)
+            np.multiply(scaled, np.float32(1.0 / (white - black)), out=scaled)
             np.clip(scaled, 0.0, 1.0, out=scaled)
         else:  # a flat window (e.g. a sparse channel whose percentiles coincide): above it is white
-            scaled = (values > np.float32(white)).astype(np.float32)
-        scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
+            scaled = (plane.astype(np.float32, copy=False) > np.float32(white)).astype(np.float32)
+        if np.issubdtype(plane.dtype, np.floating):  # integer frames hold no NaN or infinity
+            scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
         for band in range(3):
-            if layer.colour[band] > 0:
-                np.maximum(merged[..., band], scaled * np.float32(layer.colour[band]), out=merged[..., band])
+            colour = layer.colour[band]
+            if colour <= 0:
+                continue
+            part = scaled if colour == 1 else scaled * np.float32(colour)
+            if written[band]:
+                np.maximum(merged[..., band], part, out=merged[..., band])
+            else:
+                merged[..., band] = part
+                written[band] = True
+    for band in range(3):
+        if not written[band]:
+            merged[..., band] = 0.0
     return merged
 
 

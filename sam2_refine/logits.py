@@ -41,6 +41,14 @@ def _axis_weights(in_size: int, out_size: int, start: int, stop: int) -> tuple[n
     return i0, i1, w1
 
 
+def _source_index(in_size: int, out_size: int, d: int) -> int:
+    """``i0`` of :func:`_axis_weights` for the one output position ``d``, in the same float32
+    arithmetic (numpy scalars round as its arrays do), without building arrays."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = max((np.float32(d) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0.0))
+    return min(int(np.floor(src)), in_size - 1)
+
+
 @dataclass(frozen=True)
 class GridPatch:
     """Logits of one mask on a window of the model's low-resolution grid.
@@ -85,11 +93,9 @@ def grid_window(grid_hw: tuple[int, int], out_hw: tuple[int, int], rows: tuple[i
     if not (0 <= rows[0] < rows[1] <= out_h and 0 <= cols[0] < cols[1] <= out_w):
         raise ValueError(f"window rows {rows} cols {cols} outside {out_hw}")
     # the source indices grow with the output position: the ends of the window give the extremes
-    r0, _, _ = _axis_weights(grid_hw[0], out_h, rows[0], rows[0] + 1)
-    _, r1, _ = _axis_weights(grid_hw[0], out_h, rows[1] - 1, rows[1])
-    c0, _, _ = _axis_weights(grid_hw[1], out_w, cols[0], cols[0] + 1)
-    _, c1, _ = _axis_weights(grid_hw[1], out_w, cols[1] - 1, cols[1])
-    return int(r0[0]), int(c0[0]), int(r1[0]) + 1, int(c1[0]) + 1
+    return (_source_index(grid_hw[0], out_h, rows[0]), _source_index(grid_hw[1], out_w, cols[0]),
+            min(_source_index(grid_hw[0], out_h, rows[1] - 1) + 1, grid_hw[0] - 1) + 1,
+            min(_source_index(grid_hw[1], out_w, cols[1] - 1) + 1, grid_hw[1] - 1) + 1)
 
 
 def upsample_window(
