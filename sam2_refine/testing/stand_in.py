@@ -26,6 +26,7 @@ stop the spill into it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -290,10 +291,10 @@ class ZeroCostPredictor:
     :meth:`embed` reduces the embedded region to the ``grid`` x ``grid`` logit grid (area
     averaging of its brightest band), thresholds and labels it once; :meth:`decode` gives each
     box the labelled object covering most of it, as logits ``(fraction - 0.5) * 2 * LOGIT`` (a
-    ramp across the boundary, like a trained model's), ``-LOGIT`` elsewhere: one cached
-    (grid, grid) map per object, its cells in each prompt's window copied when the engine asks
-    for ``windows`` (as it asks SAM2, whose logits on CUDA are cut to the same windows), else
-    the whole map. Like SAM2 it takes regions already shrunk to ``input_size``
+    ramp across the boundary, like a trained model's), ``-LOGIT`` elsewhere. When the engine
+    asks for ``windows`` (as it asks SAM2, whose logits on CUDA are cut to the same windows),
+    only each prompt's window is made, from the object's cells (cached per object); else the
+    whole (grid, grid) map. Like SAM2 it takes regions already shrunk to ``input_size``
     (``region_hw``), so the engine prepares its input exactly as for SAM2.
 
     Args:
@@ -327,7 +328,8 @@ class ZeroCostPredictor:
         self._labels: np.ndarray | None = None  # (grid, grid) int32, 0 = background
         self._ramp: np.ndarray | None = None  # (grid, grid) float32 logits where an object is
         self._maps: dict[int, np.ndarray] = {}
-        self._areas: dict[int, int] = {}
+        self._stats: np.ndarray | None = None  # (labels, 5) OpenCV's component statistics
+        self._local: dict[int, tuple[int, int, np.ndarray]] = {}  # label -> (top, left, its cells' logits)
 
     def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:
         pause = self.embed_seconds[self.embed_calls % len(self.embed_seconds)] if self.embed_seconds else 0.0
@@ -339,16 +341,44 @@ class ZeroCostPredictor:
         brightest = np.maximum.reduce([image[..., b] for b in range(image.shape[2])])  # = max(axis=2), 10x faster
         bright = (brightest > self.threshold).astype(np.float32)
         fraction = cv2.resize(bright, (self.grid, self.grid), interpolation=cv2.INTER_AREA)
-        _, self._labels = cv2.connectedComponents((fraction >= 0.5).astype(np.uint8), connectivity=4)
+        _, self._labels, self._stats, _ = cv2.connectedComponentsWithStats((fraction >= 0.5).astype(np.uint8),
+                                                                           connectivity=4)
         self._ramp = ((fraction - 0.5) * (2.0 * LOGIT)).astype(np.float32)
-        self._maps, self._areas = {0: np.full((self.grid, self.grid), -LOGIT, np.float32)}, {0: 0}
+        self._maps, self._local = {}, {}
 
     def _map(self, label: int) -> np.ndarray:
-        assert self._labels is not None and self._ramp is not None, "embed() first"
+        """The object's logits over the whole grid."""
         if label not in self._maps:
-            self._maps[label] = np.where(self._labels == label, self._ramp, -LOGIT).astype(np.float32)
-            self._areas[label] = int(np.count_nonzero(self._maps[label] > 0))
+            self._maps[label] = np.full((self.grid, self.grid), -LOGIT, np.float32)
+            if label:
+                top, left, cells = self._cells(label)
+                self._maps[label][top:top + cells.shape[0], left:left + cells.shape[1]] = cells
         return self._maps[label]
+
+    def _cells(self, label: int) -> tuple[int, int, np.ndarray]:
+        """(top, left, logits over the object's bounding box of cells)."""
+        assert self._labels is not None and self._ramp is not None and self._stats is not None, "embed() first"
+        if label not in self._local:
+            left, top, width, height = (int(v) for v in self._stats[label, :4])
+            rows, cols = slice(top, top + height), slice(left, left + width)
+            self._local[label] = (top, left, np.where(self._labels[rows, cols] == label, self._ramp[rows, cols],
+                                                      -LOGIT).astype(np.float32))
+        return self._local[label]
+
+    def _area(self, label: int) -> int:
+        return int(np.count_nonzero(self._cells(label)[2] > 0)) if label else 0
+
+    def _window(self, label: int, cells: np.ndarray, channels: int) -> np.ndarray:
+        """(channels, rows, cols) logits of grid cells (top, left, bottom, right)."""
+        top, left, bottom, right = (int(v) for v in cells)
+        out = np.full((channels, bottom - top, right - left), -LOGIT, np.float32)
+        if label:
+            otop, oleft, values = self._cells(label)
+            r0, r1 = max(top, otop), min(bottom, otop + values.shape[0])
+            c0, c1 = max(left, oleft), min(right, oleft + values.shape[1])
+            if r0 < r1 and c0 < c1:
+                out[:, r0 - top:r1 - top, c0 - left:c1 - left] = values[r0 - otop:r1 - otop, c0 - oleft:c1 - oleft]
+        return out
 
     def decode(self, boxes: np.ndarray | None, mask_inputs: np.ndarray | None = None,
                multimask: bool = False, *, points: np.ndarray | None = None,
@@ -371,20 +401,20 @@ class ZeroCostPredictor:
         channels = 3 if multimask else 1
         labels = []
         scaled = boxes * np.array([grid / width, grid / height] * 2)
-        for x0, y0, x1, y1 in scaled:
-            c0, r0 = int(np.clip(np.floor(x0), 0, grid - 1)), int(np.clip(np.floor(y0), 0, grid - 1))
-            c1, r1 = int(np.clip(np.ceil(x1), c0 + 1, grid)), int(np.clip(np.ceil(y1), r0 + 1, grid))
+        for x0, y0, x1, y1 in scaled.tolist():  # Python floats: scalar numpy calls cost more than the work
+            c0, r0 = min(max(math.floor(x0), 0), grid - 1), min(max(math.floor(y0), 0), grid - 1)
+            c1, r1 = min(max(math.ceil(x1), c0 + 1), grid), min(max(math.ceil(y1), r0 + 1), grid)
             counts = np.bincount(self._labels[r0:r1, c0:c1].ravel())
             counts[0] = 0
             labels.append(int(np.argmax(counts)) if counts.max(initial=0) > 0 else 0)
         scores = np.ones((len(boxes), channels), dtype=np.float32)
-        maps = [self._map(label) for label in labels]
-        counts_ = np.array([[self._areas[label]] * channels for label in labels], np.int64).reshape(-1, channels)
+        counts = (np.array([[self._area(label)] * channels for label in labels], np.int64).reshape(-1, channels)
+                  if areas else None)
         if windows is None:
-            out = np.stack([np.broadcast_to(m, (channels, grid, grid)) for m in maps]) if maps else \
-                np.zeros((0, channels, grid, grid), np.float32)
-            return Decoded(out, scores, areas=counts_ if areas else None)
+            out = np.full((len(boxes), channels, grid, grid), -LOGIT, dtype=np.float32)
+            for k, label in enumerate(labels):
+                out[k, :] = self._map(label)
+            return Decoded(out, scores, areas=counts)
         cells = cells_for_windows(windows, (grid, grid), (height, width))
-        patches = tuple(np.repeat(m[None, top:bottom, left:right], channels, axis=0)
-                        for m, (top, left, bottom, right) in zip(maps, cells, strict=True))
-        return Decoded(patches, scores, cells, (grid, grid), counts_ if areas else None)
+        patches = tuple(self._window(label, c, channels) for label, c in zip(labels, cells, strict=True))
+        return Decoded(patches, scores, cells, (grid, grid), counts)
