@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from sam2_refine.converge import ConvergeReport, RefinementWatch, converge, read
 from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, NimbusAPIError, NimbusClient
+from sam2_refine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.predictor import BoxPredictor
 from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
 from sam2_refine.refine import GeometryOptions, Kept, refine_location
@@ -172,11 +174,16 @@ def run_compute(
     client: NimbusClient,
     reporter: Reporter,
     load_predictor: PredictorLoader,
+    outline_pool: OutlinePool | None = None,
 ) -> int:
-    """Run one compute job; returns the exit status (see the module docstring)."""
+    """Run one compute job; returns the exit status (see the module docstring).
+
+    ``outline_pool``: where the engine's outline work runs (kept open: the caller's); default:
+    a pool of :func:`~sam2_refine.outline_pool.workers_from_env` worker processes for the
+    model's device, started once the model is loaded and stopped with the job."""
     ledger = Ledger()
     try:
-        return _run(settings, client, reporter, load_predictor, ledger)
+        return _run(settings, client, reporter, load_predictor, ledger, outline_pool)
     except JobFailed as exc:
         reporter.error(str(exc), exc.info)
         return exc.exit_code
@@ -201,7 +208,7 @@ def run_compute(
 
 
 def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
-         load_predictor: PredictorLoader, ledger: Ledger) -> int:
+         load_predictor: PredictorLoader, ledger: Ledger, outline_pool: OutlinePool | None) -> int:
     started = time.monotonic()
     reporter.progress(0.0, "Reading dataset", "Frame layout and layer settings")
     try:
@@ -242,7 +249,9 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                          location_bytes(info, layers), PrefetchPolicy.from_env()) as frames:
         frames.start()  # the first locations' frames arrive while the model loads
         predictor = _load_model(settings, reporter, load_predictor, selection)
-        failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames, watch)
+        with _outline_work(predictor, outline_pool, reporter) as pool:
+            failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames,
+                                           watch, pool)
 
     reporter.progress(0.85, "Uploading", f"Creating {uploader.pending()} refined annotation(s)")
     uploader.flush()
@@ -416,8 +425,33 @@ def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: Pr
     if untrained:
         reporter.warning("UNTRAINED MODEL: this checkpoint holds random weights made for tests or the "
                          "offline demo. Its masks are meaningless.", settings.model, title="Untrained model")
-    reporter.progress(0.1, "Model ready", predictor.description)
     return predictor
+
+
+def predictor_device(predictor: BoxPredictor) -> str:
+    """``"cuda"`` or ``"cpu"``: where the model runs (stand-ins without a ``device``: the CPU)."""
+    device = getattr(predictor, "device", "cpu")
+    return device if isinstance(device, str) else "cpu"
+
+
+@contextmanager
+def _outline_work(predictor: BoxPredictor, given: OutlinePool | None, reporter: Reporter) -> Iterator[OutlinePool]:
+    """The job's outline pool: ``given`` (left open), else one for the model's device (its worker
+    processes started now, while the first location is prepared; stopped after the last)."""
+    if given is not None:
+        reporter.progress(0.1, "Model ready", _ready_text(predictor, given))
+        yield given
+        return
+    with OutlinePool(workers_from_env(predictor_device(predictor))) as pool:
+        pool.start()
+        reporter.progress(0.1, "Model ready", _ready_text(predictor, pool))
+        yield pool
+
+
+def _ready_text(predictor: BoxPredictor, pool: OutlinePool) -> str:
+    if pool.inline:
+        return predictor.description
+    return f"{predictor.description}; outlines on {pool.workers} worker process(es)"
 
 
 class _Uploader:
@@ -478,7 +512,7 @@ def _locations_to_fetch(selection: Selection) -> list[Location]:
 
 def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPredictor, selection: Selection,
                 ledger: Ledger, uploader: _Uploader, frames: FramePrefetcher[LocationImage],
-                watch: RefinementWatch) -> list[str]:
+                watch: RefinementWatch, pool: OutlinePool) -> list[str]:
     """Refine every location; returns descriptions of locations that failed.
 
     Frames come from ``frames`` (fetched ahead within its byte budget), and refined annotations
@@ -486,7 +520,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
     :data:`UPLOAD_AFTER_S` seconds). After an upload failure no further location is processed
     (its originals are kept). Before a location, the refinements are read again when that is
     cheap relative to the job (:class:`RefinementWatch`): what another job has refined meanwhile
-    is not refined again.
+    is not refined again. The outline work of each location runs on ``pool``.
     """
     options = geometry_options(settings)
     span = ProgressSpan(reporter, 0.1, 0.85, "Refining")
@@ -526,7 +560,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
             ledger.tags[original.id] = original.tags
         base = done
         outcomes = refine_location(predictor, image, originals, options,
-                                   on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w))
+                                   on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w), pool=pool)
         del image
         ledger.record(location, outcomes)
         done += len(originals)

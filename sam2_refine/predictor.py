@@ -76,6 +76,10 @@ class BoxPredictor(Protocol):
     #: image (SAM2: 256 x 256). Only predictors that have it are asked for ``windows``.
     #: logit_grid: tuple[int, int]
 
+    #: Optional: ``"cuda"`` or ``"cpu"``, where the model runs (absent: the CPU). It decides how
+    #: many processes the job gives the outline work by default (:mod:`sam2_refine.outline_pool`).
+    #: device: str
+
     #: Side of the square the model resizes every image to (SAM2: 1024), or None when the
     #: predictor needs the image at full resolution. With a size, the engine may hand over a
     #: region already shrunk to it (cheaper to merge), with the region's size in ``region_hw``.

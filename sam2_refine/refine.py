@@ -602,6 +602,7 @@ class _Location:
         self.scores: dict[str, float] = {}
         self.candidates: dict[str, list[_Candidate]] = {}
         self.outcomes: dict[str, Outcome] = {}
+        self.early: _EarlyTraces | None = None  # outlines traced ahead (with a pool)
         # the location's points by group, sorted by x, for finding the points inside a mask
         self._points: dict[Hashable, tuple[np.ndarray, np.ndarray, list[str]]] = {}
         by_group: dict[Hashable, list[_Prompt]] = defaultdict(list)
@@ -708,7 +709,7 @@ class _BoxChunk:
 
     def take(self, results: Sequence[MaskResult]) -> list[_MaskJob]:
         """Record a round's results; the next round's jobs (larger windows), or none."""
-        again = []
+        again, found = [], []
         for (k, best), result in zip(self.todo, results, strict=True):
             original_id = self.chunk[k].original.id
             if isinstance(result, str):
@@ -717,6 +718,9 @@ class _BoxChunk:
                 again.append((k, best, result))
             else:
                 self.work.masks[original_id] = result
+                found.append((self.chunk[k], result))
+        if found and self.work.early is not None:
+            self.work.early.offer(found)
         self.todo = [(k, best) for k, best, _ in again]
         decoded = self.decoded
         if not again or decoded is None:
@@ -879,6 +883,57 @@ class _ObjectMasks:
         self._submit(chunk, chunk.take(future.result()))
 
 
+class _EarlyTraces:
+    """Stage 4 ahead of time: box prompts' outlines traced in the pool as their masks are found,
+    while the location is still being decoded (points wait for their choice).
+
+    With separation on, a mask is traced early only if its window meets no window of a mask of
+    its group found before it (touching objects are likely to change; a later mask may still
+    meet it, and then that early outline may be wasted). Stage 4 uses an early outline only
+    where its object's mask is still the one traced (:func:`_separate` replaces every mask it
+    changes) and traces the others then: the outlines are those stage 4 makes alone.
+    """
+
+    #: Side (pixels) of the buckets the windows seen are filed under.
+    BUCKET = 64
+
+    def __init__(self, pool: OutlinePool, options: GeometryOptions, frame_hw: tuple[int, int]) -> None:
+        self.pool, self.options, self.frame_hw = pool, options, frame_hw
+        self.apart = options.separate and options.padding > 0
+        self.batches: list[tuple[list[str], list[ObjectMask], Future[list[_Traced | str]]]] = []
+        self._seen: dict[tuple[Hashable, int, int], list[Window]] = defaultdict(list)
+
+    def offer(self, found: Sequence[tuple[_Prompt, ObjectMask]]) -> None:
+        """Masks just found: those that qualify are traced now (one task)."""
+        take = [(p, m) for p, m in found if not self.options.separate or self._alone(p.group, m.window)]
+        if not take:
+            return
+        gated = self.options.min_overlap > 0 and not self.apart
+        masks = [m for _, m in take]
+        shapes = [p.original.shape if gated else None for p, _ in take]
+        future = self.pool.submit(trace_objects, masks, shapes, self.options, self.frame_hw, self.apart)
+        self.batches.append(([p.original.id for p, _ in take], masks, future))
+
+    def _alone(self, group: Hashable, window: Window) -> bool:
+        """Whether ``window`` meets no window seen before in ``group``; it is seen from now on."""
+        b = self.BUCKET
+        keys = [(group, row, col) for row in range(window.top // b, (window.bottom - 1) // b + 1)
+                for col in range(window.left // b, (window.right - 1) // b + 1)]
+        alone = not any(window.top < other.bottom and other.top < window.bottom and window.left < other.right
+                        and other.left < window.right for key in keys for other in self._seen.get(key, ()))
+        for key in keys:
+            self._seen[key].append(window)
+        return alone
+
+    def results(self) -> dict[str, tuple[ObjectMask, _Traced | str]]:
+        """original id -> (the mask traced, its outline or reason); waits for every task."""
+        out = {}
+        for ids, masks, future in self.batches:
+            out.update(zip(ids, zip(masks, future.result(), strict=True), strict=True))
+        self.batches = []
+        return out
+
+
 def _choose_points(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location) -> None:
     """Stage 2: each point's candidate, by the two-pass rule (or the score), and its quality checks."""
     points = [p for p in prompts if p.point is not None and p.original.id in work.candidates]
@@ -943,9 +998,18 @@ def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Loca
     apart = options.separate and options.padding > 0
     gated = options.min_overlap > 0
     masks = [work.masks.pop(p.original.id) for p in traced]
-    shapes = [p.original.shape if gated and not apart and p.point is None else None for p in traced]
-    results = _in_chunks(pool, trace_objects, masks, shapes, options, work.frame_hw, apart)
-    del masks
+    early = work.early.results() if work.early is not None else {}
+    results: list[_Traced | str | None] = [None] * len(traced)
+    for k, prompt in enumerate(traced):  # outlines traced ahead, of masks separation left as they were
+        ahead = early.get(prompt.original.id)
+        if ahead is not None and ahead[0] is masks[k]:
+            results[k] = ahead[1]
+    todo = [k for k, result in enumerate(results) if result is None]
+    shapes = [traced[k].original.shape if gated and not apart and traced[k].point is None else None for k in todo]
+    for k, result in zip(todo, _in_chunks(pool, trace_objects, [masks[k] for k in todo], shapes, options,
+                                          work.frame_hw, apart), strict=True):
+        results[k] = result
+    del masks, early
     polygons: list[Polygon | None] = []
     cores: list[Polygon | None] = []
     for prompt, result in zip(traced, results, strict=True):
@@ -954,6 +1018,7 @@ def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Loca
             cores.append(None)
             polygons.append(None)
         else:
+            assert result is not None
             cores.append(result.core)
             polygons.append(result.polygon)
     if apart:
@@ -1040,6 +1105,8 @@ def refine_location(
     height, width = source.height, source.width
     prompts, kept = _prepare(originals, width, height, options.group_tags)
     work = _Location(prompts, height, width)
+    if not pool.inline:
+        work.early = _EarlyTraces(pool, options, work.frame_hw)
     work.outcomes.update({k.original_id: k for k in kept})
     done = len(kept)
     mode, boxes = _planning(prompts, height, width, options.resolution)

@@ -282,6 +282,11 @@ class Sam2BoxPredictor:
         # --- end fast decoder
 
     @property
+    def device(self) -> str:
+        """``"cuda"`` or ``"cpu"``."""
+        return self.choice.device
+
+    @property
     def decoder_name(self) -> str:
         """Which mask decoder runs box prompts without mask input."""
         if self._fast is None:
