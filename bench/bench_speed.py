@@ -42,10 +42,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from per_box_loop import run_per_box_loop  # noqa: E402
 from realistic_masks import MaskOracle, RealisticBoxPredictor, RealisticImagePredictor  # noqa: E402
+from speed_scenes import FULL, QUICK, Config, build_dataset, job_parameters  # noqa: E402
 
 from sam2_refine import job  # noqa: E402
 from sam2_refine.imaging import default_layers  # noqa: E402
@@ -66,32 +67,9 @@ from sam2_refine.report import Reporter  # noqa: E402
 from sam2_refine.sam2_model import Sam2BoxPredictor  # noqa: E402
 from sam2_refine.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.checkpoints import make_untrained_checkpoint  # noqa: E402
-from sam2_refine.testing.datasets import grid_scene, rough_octagons  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 
 TOKEN = "bench-token"
-
-
-@dataclass(frozen=True)
-class Config:
-    size: int
-    objects: int
-    locations: int
-    per_box: bool = True
-    points: bool = False  # the objects are marked by points (issue 13) instead of rough polygons
-
-    @property
-    def name(self) -> str:
-        return f"{self.size}x{self.size} N={self.objects} L={self.locations}" + (" points" if self.points else "")
-
-
-FULL = [
-    Config(1024, 200, 1), Config(1024, 100, 4), Config(2048, 100, 2), Config(4096, 500, 1), Config(4096, 100, 2),
-    Config(2048, 10, 1), Config(2048, 100, 1), Config(2048, 1000, 1), Config(2048, 5000, 1, per_box=False),
-    # 9: the twin of 7 with points (the per-box loop has no point prompts)
-    Config(2048, 1000, 1, per_box=False, points=True),
-]
-QUICK = [Config(1024, 20, 1), Config(2048, 20, 2), Config(1024, 20, 1, per_box=False, points=True)]
 
 
 def rss_mb() -> float:
@@ -117,31 +95,9 @@ def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
     return time.perf_counter() - started, rss_mb(), result
 
 
-def build_dataset(server: NimbusTestServer, cfg: Config, seed: int = 0):
-    scene = grid_scene(cfg.size, cfg.size, cfg.objects, channels=1, seed=seed)
-    pixels = np.broadcast_to(scene.channels, (cfg.locations, 1, 1) + scene.channels.shape).copy()
-    ds = server.add_dataset(pixels)
-    rng = np.random.default_rng(seed)
-    for xy in range(cfg.locations):
-        where = {"tags": ["rough"], "channel": 0, "location": {"XY": xy, "Z": 0, "Time": 0}}
-        if cfg.points:  # a click within 2 px of each centre
-            clicks = scene.centres + rng.uniform(-2, 2, size=scene.centres.shape)
-            docs = [{**where, "shape": "point", "coordinates": [{"x": float(x), "y": float(y)}]} for x, y in clicks]
-        else:
-            docs = [{**where, "shape": "polygon", "coordinates": [{"x": float(x), "y": float(y)} for x, y in ring]}
-                    for ring in rough_octagons(scene.centres, scene.radii, rng)]
-        server.add_annotations(ds.dataset_id, docs)
-    return ds, scene
-
-
 def run_engine(server, ds, checkpoint_dir: Path, predictor, resolution: str = "Whole frame",
                tag: str = "engine") -> int:
-    params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt", "Tag of objects to refine": ["rough"],
-                                  "Batch XY": "all", "Batch Z": "all", "Batch Time": "all",
-                                  "Smoothing": 0.7, "Padding": 0, "Delete original annotations": False,
-                                  "Resolution": resolution, "Refine point annotations": True},
-              "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": [tag]}
-    settings = parse_settings(params, ds.dataset_id, checkpoint_dir)
+    settings = parse_settings(job_parameters(resolution, tag), ds.dataset_id, checkpoint_dir)
     with NimbusClient(server.api_url, TOKEN) as client:
         code = job.run_compute(settings, client, Reporter(stream=io.StringIO()), lambda path: (predictor, False))
     if code != 0:
@@ -385,6 +341,92 @@ def dense_separation(size: int = 2048, objects: int = 1000) -> dict:
     return out
 
 
+#: (label, cores, outline workers) of the zero-cost comparison: one core with the outline work
+#: on the job's thread, two cores with two worker processes.
+ZERO_COST_SETTINGS = [("1 core, on the job's thread", "0", 0), ("2 cores, 2 outline workers", "0,1", 2)]
+
+
+def zero_cost(cfg_index: int, rounds: int = 2, repeats: int = 3) -> dict:
+    """Outline work in parallel (issue 15): the job and the engine with the zero-cost stand-in
+    model (what a GPU makes of the model), on one core against two.
+
+    Each setting runs ``bench/zero_cost_job.py`` in a child process pinned to its cores (every
+    thread and process of the job: the job's, the local server's, the outline workers'), the
+    settings alternating ``rounds`` times, ``repeats`` jobs and engine runs each time; medians of
+    all runs are reported, with the fastest. The outlines must be identical in every setting."""
+    cfg = FULL[cfg_index]
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        raise SystemExit("--zero-cost compares one core with two: this machine offers fewer")
+    results: dict[str, dict] = {label: {"jobs_s": [], "engine_s": []} for label, _, _ in ZERO_COST_SETTINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for label, on, workers in ZERO_COST_SETTINGS:
+                out = Path(tmp) / "run.json"
+                subprocess.run([sys.executable, str(REPO / "bench" / "zero_cost_job.py"), "--config", str(cfg_index),
+                                "--cores", on, "--workers", str(workers), "--repeats", str(repeats),
+                                "--out", str(out)], check=True, cwd=REPO)
+                run = json.loads(out.read_text())
+                got = results[label]
+                got["jobs_s"] += run["jobs_s"]
+                got["engine_s"] += run["engine_s"]
+                for key in ("created", "engine_refined", "digest", "engine_digest"):
+                    got.setdefault(key, run[key])
+                    if got[key] != run[key]:
+                        raise RuntimeError(f"{label}: {key} differs between rounds")
+    first = results[ZERO_COST_SETTINGS[0][0]]
+    for label, got in results.items():
+        if (got["digest"], got["engine_digest"]) != (first["digest"], first["engine_digest"]):
+            raise RuntimeError(f"{label}: other outlines than {ZERO_COST_SETTINGS[0][0]}")
+        got["job_polygons_per_s"] = got["created"] / statistics.median(got["jobs_s"])
+        got["engine_polygons_per_s"] = got["engine_refined"] / statistics.median(got["engine_s"])
+        got["engine_ratio"] = got["engine_polygons_per_s"] / first["engine_polygons_per_s"]
+        got["job_ratio"] = got["job_polygons_per_s"] / first["job_polygons_per_s"]
+        got["engine_ratio_fastest"] = min(first["engine_s"]) / min(got["engine_s"])
+    return {"config": cfg.name, "rounds": rounds, "repeats": repeats, "settings": results}
+
+
+def zero_cost_table(result: dict) -> str:
+    lines = [f"zero-cost model, {result['config']} (medians of {result['rounds'] * result['repeats']} runs; "
+             "identical outlines in every setting)",
+             "| setting | engine (s) | engine polygons/s | vs 1 core (fastest runs) | job (s) | job polygons/s "
+             "| vs 1 core |",
+             "|---|---|---|---|---|---|---|"]
+    for label, got in result["settings"].items():
+        lines.append(f"| {label} | {statistics.median(got['engine_s']):.3f} | {got['engine_polygons_per_s']:.0f} | "
+                     f"{got['engine_ratio']:.2f}x ({got['engine_ratio_fastest']:.2f}x) | "
+                     f"{statistics.median(got['jobs_s']):.3f} | {got['job_polygons_per_s']:.0f} | "
+                     f"{got['job_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def cpu_workers(cfg: Config, predictor, checkpoint_dir: Path, rounds: int = 2) -> dict:
+    """The CPU job (the real model, its threads on every core) with the outline work on the job's
+    thread (the CPU default) against two outline worker processes: what workers next to the
+    model would cost it. Variant b's job, alternating, ``rounds`` times each."""
+    oracle = MaskOracle()
+    realistic = RealisticBoxPredictor(predictor, oracle)
+    out: dict = {"config": cfg.name, "torch_threads": torch.get_num_threads()}
+    with NimbusTestServer(token=TOKEN) as server:
+        ds, _ = build_dataset(server, cfg)
+        run_engine(server, ds, checkpoint_dir, realistic)  # warm-up
+        remove_tagged(server, ds.dataset_id, "engine")
+        for _ in range(rounds):
+            for workers in ("0", "2"):
+                os.environ["SAM2_REFINE_OUTLINE_WORKERS"] = workers
+                try:
+                    seconds, _, created = timed_less_oracle(oracle, run_engine, server, ds, checkpoint_dir, realistic)
+                finally:
+                    os.environ.pop("SAM2_REFINE_OUTLINE_WORKERS", None)
+                out.setdefault(workers, []).append(seconds)
+                out.setdefault(f"created_{workers}", created)
+                remove_tagged(server, ds.dataset_id, "engine")
+    print(f"CPU job {cfg.name}, real model on {out['torch_threads']} threads: outline work on the job's thread "
+          f"{statistics.median(out['0']):.2f} s, on 2 worker processes {statistics.median(out['2']):.2f} s "
+          f"(medians of {rounds})", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small configurations")
@@ -398,7 +440,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", type=Path, help="print the table of an earlier run's JSON and stop")
     parser.add_argument("--separation-dense", action="store_true",
                         help="also time the separation step on a dense 2048 px field of 1000 touching nuclei")
+    parser.add_argument("--zero-cost", action="store_true",
+                        help="only the outline work in parallel: the zero-cost model on 1 core against 2 "
+                             "(configuration --only, default 7), and the CPU job with and without outline workers")
     args = parser.parse_args(argv)
+    if args.zero_cost:
+        index = int(args.only or 7)
+        result = zero_cost(index)
+        print(zero_cost_table(result), flush=True)
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint_dir = Path(tmp)
+            make_untrained_checkpoint(checkpoint_dir / "sam2.1_hiera_tiny.pt")
+            predictor, _ = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt")
+            result["cpu_job"] = cpu_workers(FULL[index], predictor, checkpoint_dir)
+        result["meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+        out = args.out.with_name("zero_cost.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"written {out}")
+        return 0
     if args.table:
         saved = json.loads(args.table.read_text())
         meta = saved["meta"]
