@@ -64,7 +64,7 @@ from sam2_refine.outline_pool import OutlinePool
 from sam2_refine.predictor import BoxPredictor, Decoded
 from sam2_refine.regions import CROPS, choose_mode, plan_regions
 from sam2_refine.selection import POINT, Original
-from sam2_refine.separation import Claim, keep_padded_apart, separate
+from sam2_refine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
 
 #: Frames with more pixels than this are always refined in object crops: a whole-frame RGB
 #: float copy of 16384 x 16384 pixels alone is 3.2 GB (a 20000 x 20000 frame: 4.8 GB).
@@ -962,6 +962,9 @@ def _choose_points(prompts: Sequence[_Prompt], options: GeometryOptions, work: _
         work.scores[pid] = candidate.score
 
 
+_NO_FIELD = np.zeros((0, 0), dtype=np.float32)  # a claim's field where only its window is looked at
+
+
 def _claim_field(mask: ObjectMask) -> np.ndarray:
     magnitude = np.maximum(np.abs(mask.logits), np.float32(1e-3))
     return np.where(fill_holes(mask.component), magnitude, -magnitude).astype(np.float32)
@@ -972,6 +975,9 @@ def _separate(prompts: Sequence[_Prompt], work: _Location) -> None:
     members = [p for p in prompts if p.original.id in work.masks]
     if len(members) < 2:
         return
+    # only objects whose windows meet a neighbour's can lose pixels: their claim fields alone are made
+    windows = [Claim(work.masks[p.original.id].window, _NO_FIELD, (0.0, 0.0), p.group) for p in members]
+    members = [members[k] for k in sorted({k for pair in neighbour_pairs(windows) for k in pair})]
     claims = []
     for prompt in members:
         mask = work.masks[prompt.original.id]
