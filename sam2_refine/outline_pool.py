@@ -38,6 +38,7 @@ Configuration (operators; read once per job): :data:`WORKERS_ENV`.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import select
@@ -59,12 +60,46 @@ MAX_WORKERS = 64
 CPU_WORKERS = 0
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the system tells it)."""
+def cpu_quota(cpu_max: str | None = None, cfs_quota_us: str | None = None,
+              cfs_period_us: str | None = None) -> int | None:
+    """Whole cores a cgroup's CPU quota allows (rounded up), or None where there is none.
+
+    Args:
+        cpu_max: cgroup v2 ``cpu.max`` text, ``"<quota> <period>"`` or ``"max <period>"``.
+        cfs_quota_us, cfs_period_us: cgroup v1 ``cpu.cfs_quota_us`` (-1: none) and
+            ``cpu.cfs_period_us`` texts, used when ``cpu_max`` is None.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        if cpu_max is not None:
+            quota, period = cpu_max.split()[:2]
+            if quota == "max":
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        if cfs_quota_us is not None and cfs_period_us is not None and int(cfs_quota_us) > 0:
+            return max(1, math.ceil(int(cfs_quota_us) / int(cfs_period_us)))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, within its cgroup's CPU quota (a container
+    started with ``--cpus 4`` on a 64-core host gets 4)."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota(_read("/sys/fs/cgroup/cpu.max"), _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+                      _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+    return min(cores, quota) if quota is not None else cores
 
 
 def default_workers(device: str, cores: int | None = None) -> int:

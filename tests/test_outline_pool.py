@@ -29,7 +29,15 @@ import pytest
 import shapely
 
 from sam2_refine import refine
-from sam2_refine.outline_pool import MAX_WORKERS, WORKERS_ENV, OutlinePool, default_workers, workers_from_env
+from sam2_refine.outline_pool import (
+    MAX_WORKERS,
+    WORKERS_ENV,
+    OutlinePool,
+    cpu_quota,
+    default_workers,
+    usable_cores,
+    workers_from_env,
+)
 from sam2_refine.refine import GeometryOptions, Kept, Refined, refine_location
 from sam2_refine.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, dense_scene, grid_scene, rough_octagons, rough_polygon
@@ -64,6 +72,24 @@ def test_the_cpu_keeps_its_cores_for_the_model_and_a_gpu_gives_them_to_outlines(
     assert default_workers("cpu", cores=16) == 0
     assert default_workers("cuda", cores=16) == 16
     assert default_workers("cuda", cores=500) == MAX_WORKERS
+
+
+@pytest.mark.parametrize(("cpu_max", "v1", "expected"), [
+    ("max 100000\n", None, None), ("400000 100000\n", None, 4), ("150000 100000", None, 2),
+    ("50000 100000", None, 1), ("garbage", None, None), (None, ("-1", "100000"), None),
+    (None, ("300000", "100000"), 3), (None, None, None),
+])
+def test_a_containers_cpu_quota_bounds_the_cores(cpu_max, v1, expected):
+    assert cpu_quota(cpu_max, *(v1 or (None, None))) == expected
+
+
+def test_usable_cores_are_within_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr("sam2_refine.outline_pool._read",
+                        lambda path: "200000 100000" if path.endswith("cpu.max") else None)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cores() == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert usable_cores() == 1
 
 
 # -- the pool -----------------------------------------------------------------------------------
