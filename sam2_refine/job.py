@@ -234,6 +234,12 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                          "each is refined once.", _ids_text(list(selection.duplicates)))
     if selection.without_id:
         reporter.warning(f"{selection.without_id} annotation(s) without an id were skipped.")
+    if client.pages_by_offset:
+        reporter.warning("This server ignores the afterId cursor, so annotations are listed page by page by "
+                         "offset: while another job changes this dataset, a listing can miss annotations, and "
+                         "jobs running at the same time on overlapping batches may not end with one refinement "
+                         "per original. Do not run overlapping jobs on this dataset at once.",
+                         title="Server pages by offset")
     shapes = original_shapes(selection)
     selection = _take_earlier_refinements(selection, ledger, reporter)
     if selection.count == 0:

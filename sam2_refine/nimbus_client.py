@@ -267,6 +267,9 @@ class NimbusClient:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._stack.enter_context(self._gc.session(session))
+        #: Set once a listing found that the server ignores the ``afterId`` cursor and paged by
+        #: offset instead (then another client's deletions during a listing can hide annotations).
+        self.pages_by_offset = False
 
     def close(self) -> None:
         self._stack.close()
@@ -452,6 +455,7 @@ class NimbusClient:
             if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
                 # A server without cursor support ignores afterId and restarts: page by offset.
                 cursor_ok = False
+                self.pages_by_offset = True
                 page_params.pop("afterId", None)
                 page_params["offset"] = offset
                 page = self._request("GET", "upenn_annotation", params=page_params)

@@ -564,3 +564,21 @@ def test_quarter_batches_and_a_shared_batch_give_what_one_job_gives(ckpt, tmp_pa
     assert results["quarters"] == results["one job"]
     assert results["four on all"] == results["one job"]
     assert results["one job"]["refinements"] == 12
+
+
+def test_a_server_paging_by_offset_is_reported(server, ckpt, monkeypatch):
+    """Convergence rests on listings that show whatever existed throughout them (the afterId
+    cursor); a server that pages by offset is named in a warning (here: pages of 2 annotations)."""
+    from sam2_refine.nimbus_client import NimbusClient as Client
+
+    server.cursor_paging = False
+    data = make_data(server, n_xy=1, count=3)
+    pages = Client.iter_annotation_pages
+    monkeypatch.setattr(Client, "iter_annotation_pages",
+                        lambda self, d, shape, tags=None, page_size=0: pages(self, d, shape, tags, 2))
+    outcome: dict[str, Any] = {}
+    run_in_thread(server, data, "solo", ckpt, delete=True, outcome=outcome).join(60)
+    assert outcome["solo"]["code"] == 0
+    warned = [m for m in outcome["solo"]["lines"] if m.get("title") == "Server pages by offset"]
+    assert warned and "afterId" in warned[0]["warning"]
+    assert_converged(server, data, delete=True)

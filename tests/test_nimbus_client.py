@@ -176,8 +176,10 @@ def test_paging_falls_back_to_offsets_when_cursor_is_ignored(server, client):
     server.cursor_paging = False
     ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
     server.add_annotations(ds.dataset_id, [polygon(i) for i in range(25)])
+    assert not client.pages_by_offset
     listed = client.list_annotations(ds.dataset_id, "polygon", page_size=10)
     assert len(listed) == 25 and len({a["_id"] for a in listed}) == 25
+    assert client.pages_by_offset  # the job warns that overlapping jobs are not safe then
 
 
 def test_tag_filter_and_blob_query(server, client):
