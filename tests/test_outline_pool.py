@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -351,3 +352,33 @@ def test_a_stopped_job_leaves_no_worker_process_and_no_lost_original(stub_ckpt, 
         assert left == [], f"worker processes left after {how}: {left}"
         assert server.requests_to("DELETE", r"upenn_annotation/multiple") == []
         assert {a["_id"] for a in server.annotations(ds.dataset_id)} >= set(originals)
+
+
+def test_a_job_whose_outline_workers_die_fails_and_deletes_nothing(tmp_path):
+    """Workers that cannot run (here each exits as it starts) fail the job with a report and
+    exit status 1; every original stays, none is deleted."""
+    import io
+
+    from sam2_refine import job
+    from sam2_refine.nimbus_client import NimbusClient
+    from sam2_refine.report import Reporter
+    from sam2_refine.settings import parse_settings
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
+
+    write_layout_checkpoint(ckpt / "sam2.1_hiera_tiny.pt")
+    with NimbusTestServer(token=TOKEN) as server:
+        dataset_id, originals = _grid_dataset(server)
+        settings = parse_settings(job_params(delete=True, **{"Tag of objects to refine": ["cell"]}), dataset_id, ckpt)
+        out = io.StringIO()
+        with NimbusClient(server.api_url, TOKEN) as client, OutlinePool(1, initializer=sys.exit) as dying:
+            code = job.run_compute(settings, client, Reporter(stream=out), lambda path: (KnownMaskPredictor(), False),
+                                   outline_pool=dying)
+        assert code == 1, out.getvalue()
+        errors = [json.loads(line) for line in out.getvalue().splitlines() if '"error"' in line]
+        assert errors and "no original annotation was deleted" in errors[-1]["error"], errors
+        assert "BrokenProcessPool" in errors[-1]["info"]
+        assert server.requests_to("DELETE", r"upenn_annotation/multiple") == []
+        assert {a["_id"] for a in server.annotations(dataset_id)} >= set(originals)
