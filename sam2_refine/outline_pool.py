@@ -241,10 +241,22 @@ class OutlinePool:
 
     def start(self) -> None:
         """Start every worker process now (each imports the engine's libraries, about 0.2 s of
-        one core), so that the first tasks do not wait for them; returns without waiting."""
-        if self._executor is not None:
+        one core), so that the first tasks do not wait for them; returns without waiting.
+
+        Where the processes cannot be started (no writable temporary directory for the
+        forkserver's socket, no processes allowed), this is logged and the pool runs its tasks
+        inline from then on: the job goes on, on its own thread."""
+        if self._executor is None:
+            return
+        try:
             for _ in range(self.workers):
                 self._executor.submit(_ready)
+        except OSError as exc:
+            log.warning("outline work runs on the job's thread: could not start %d worker process(es): %s",
+                        self.workers, exc)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+            self.workers = 0
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` in a worker (inline: now); waits while ``max_in_flight`` tasks

@@ -106,6 +106,20 @@ def test_inline_pool_runs_at_once_and_hands_a_task_exception_to_result():
         failed.result()
 
 
+def test_workers_that_cannot_start_leave_the_work_on_the_callers_thread(monkeypatch, caplog):
+    import multiprocessing.forkserver
+
+    def refuse(self: Any) -> None:
+        raise PermissionError(13, "Permission denied: no writable temporary directory")
+
+    monkeypatch.setattr(multiprocessing.forkserver.ForkServer, "ensure_running", refuse)
+    with OutlinePool(2) as stranded:
+        stranded.start()
+        assert stranded.inline and stranded.workers == 0
+        assert stranded.submit(os.getpid).result() == os.getpid()
+    assert "could not start 2 worker process(es)" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def pool() -> Any:
     with OutlinePool(2) as workers:
