@@ -27,6 +27,13 @@ tags, among those that hold no other point of the same tags. A location is refin
    padded, clipped to the frame; then the quality gate.
 
 Memory therefore grows with the objects' size, not with N x frame size.
+
+Where the work runs: the model (embedding, decoding, the decodings of larger windows) and
+separation run on the calling thread; the per-object work of stages 1 and 4 (:func:`find_objects`,
+:func:`trace_objects`: pure functions of picklable arguments, a chunk of objects each) runs on an
+:class:`~sam2_refine.outline_pool.OutlinePool`: inline by default (the CPU job), on worker
+processes on a GPU host, where box prompts' outlines are traced while the next batch is decoded
+(:class:`_EarlyTraces`). The outcomes are the same either way (``tests/test_outline_pool.py``).
 """
 
 from __future__ import annotations
