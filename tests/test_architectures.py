@@ -24,7 +24,7 @@ from sam2_refine.checkpoint_layout import read_layout
 from sam2_refine.checkpoints import ModelUnusable, inspect_model, scan_models
 from sam2_refine.fast_decoder import FastBoxDecoder
 from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor
-from sam2_refine.testing.checkpoints import layout_weights, save_checkpoint, write_layout_checkpoint
+from sam2_refine.testing.checkpoints import layout_weights, save_checkpoint, sharpen_decoder, write_layout_checkpoint
 from sam2_refine.testing.sam2_layouts import ARCHITECTURES, build_model, weight_shapes
 
 CPU = DeviceChoice("cpu", bfloat16=False, tf32=False)
@@ -223,26 +223,9 @@ def test_small_models_load_through_the_real_path(built: Built, tmp_path: Path) -
 
 # -- FastBoxDecoder equals sam2's decoder for every architecture ------------------------------------
 
-def _sharpen(model: torch.nn.Module) -> None:
-    """Random LayerNorm affines (initial ones are 1 and 0, which would hide folding mistakes),
-    sharper attention, logits of order 10 (so that the 1e-3 tolerance is small against them)."""
-    gen = torch.Generator().manual_seed(11)
-    dec = model.sam_mask_decoder
-    with torch.no_grad():
-        for module in dec.modules():
-            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)
-        for name, param in dec.transformer.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(3.0)
-        for mlp in dec.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40.0)
-
-
 def test_fast_decoder_equals_sam2s_for_every_architecture(built: Built) -> None:
     model = built.model
-    _sharpen(model)
+    sharpen_decoder(model, seed=11)
     assert Sam2BoxPredictor(model, CPU).decoder_name.startswith("FastBoxDecoder")  # no fallback
     gen = torch.Generator().manual_seed(3)
     embed = torch.randn(1, 256, 64, 64, generator=gen)

@@ -12,6 +12,7 @@ import torch
 
 from sam2_refine.fast_decoder import FastBoxDecoder, UnsupportedModelError
 from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model
+from sam2_refine.testing.checkpoints import sharpen_decoder
 
 CPU = DeviceChoice("cpu", bfloat16=False, tf32=False)
 LOGIT_TOL = 1e-3
@@ -30,28 +31,10 @@ class Setup:
         return self.fast._predictor._features
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    """Make the random model a harder test: the checkpoint's LayerNorms have their initial
-    weight 1 and bias 0, which would hide mistakes in how the fast decoder folds them, and its
-    logits are tiny (|logit| < 1), which would make an absolute tolerance meaningless."""
-    gen = torch.Generator().manual_seed(7)
-    dec = model.sam_mask_decoder
-    with torch.no_grad():
-        for module in dec.modules():
-            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)
-        for name, param in dec.transformer.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(3.0)  # sharper attention
-        for mlp in dec.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40.0)  # logits of order 10
-
-
 @pytest.fixture(scope="module")
 def setup(checkpoint_dir: Path) -> Iterator[Setup]:
     model = build_model(checkpoint_dir / "sam2.1_hiera_tiny.pt", CPU)
-    _perturb(model)
+    sharpen_decoder(model)
     fast = Sam2BoxPredictor(model, CPU, fast_decoder=True)
     slow = Sam2BoxPredictor(model, CPU, fast_decoder=False)
     image = np.random.default_rng(3).random((300, 400, 3), dtype=np.float32)
@@ -202,10 +185,9 @@ def test_dynamic_multimask_fallback(setup: Setup, monkeypatch: pytest.MonkeyPatc
     _assert_close(got, ref)
 
 
-@pytest.mark.parametrize("multimask", [False, True])
-def test_predictor_fast_equals_sam2(setup: Setup, multimask: bool,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+def fast_decoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each call of FastBoxDecoder (which still runs)."""
+    calls: list[int] = []
     original = FastBoxDecoder.__call__
 
     def spy(self: FastBoxDecoder, *args: object, **kwargs: object) -> object:
@@ -213,6 +195,13 @@ def test_predictor_fast_equals_sam2(setup: Setup, multimask: bool,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(FastBoxDecoder, "__call__", spy)
+    return calls
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_predictor_fast_equals_sam2(setup: Setup, multimask: bool,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fast_decoder_calls(monkeypatch)
     height, width = setup.image_hw
     boxes = _random_boxes(np.random.default_rng(21), 6, float(min(height, width)))
     fast = setup.fast.decode(boxes, multimask=multimask)
@@ -283,14 +272,7 @@ def test_predictor_point_prompts_match_sam2_image_predictor(setup: Setup, negati
     sam2 is given the coordinates + 0.5)."""
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    calls = []
-    original = FastBoxDecoder.__call__
-
-    def spy(self: FastBoxDecoder, *args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(FastBoxDecoder, "__call__", spy)
+    calls = fast_decoder_calls(monkeypatch)
     height, width = setup.image_hw
     rng = np.random.default_rng(31 + negatives)
     count = 4

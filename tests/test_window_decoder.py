@@ -20,6 +20,7 @@ from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
 from sam2_refine.fast_decoder import FastBoxDecoder
 from sam2_refine.logits import cells_for_windows, upsample_window
 from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model, neighbourhood_cells
+from sam2_refine.testing.checkpoints import sharpen_decoder
 
 CPU = DeviceChoice("cpu", bfloat16=False, tf32=False)
 LOGIT_TOL = 1e-3
@@ -33,25 +34,8 @@ class Model:
     features: dict
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    """A harder test than the random checkpoint: LayerNorms away from (1, 0), sharper
-    attention, logits of order 10 (see tests/test_fast_decoder.py)."""
-    gen = torch.Generator().manual_seed(7)
-    dec = model.sam_mask_decoder
-    with torch.no_grad():
-        for module in dec.modules():
-            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
-                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)
-        for name, param in dec.transformer.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.mul_(3.0)
-        for mlp in dec.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40.0)
-
-
 def _embedded(model: torch.nn.Module, seed: int) -> Model:
-    _perturb(model)
+    sharpen_decoder(model)
     predictor = Sam2BoxPredictor(model, CPU)
     predictor.embed(np.random.default_rng(seed).random((240, 320, 3), dtype=np.float32))
     return Model(model, predictor._predictor._features)

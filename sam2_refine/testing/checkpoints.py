@@ -86,3 +86,25 @@ def make_untrained_checkpoint(path: Path, name: str = "sam2.1_hiera_tiny.pt", se
     torch.manual_seed(seed)
     model = build_sam2(architectures()[architecture_key(name)].config, ckpt_path=None, device="cpu", mode="eval")
     return save_checkpoint(path, model.state_dict(), **save)
+
+
+def sharpen_decoder(model: torch.nn.Module, seed: int = 7) -> None:
+    """Make a random-weight model's mask decoder a harder test of a re-formulation of it, in place.
+
+    A fresh checkpoint's LayerNorms have weight 1 and bias 0 (which would hide mistakes in how
+    they are folded) and its logits are tiny (|logit| < 1, against which an absolute tolerance
+    means nothing): the LayerNorm affines are drawn at random, the attention made sharper and the
+    mask logits brought to the order of 10.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dec = model.sam_mask_decoder
+    with torch.no_grad():
+        for module in dec.modules():
+            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)
+        for name, param in dec.transformer.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(3.0)  # sharper attention
+        for mlp in dec.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(40.0)  # logits of order 10

@@ -33,6 +33,16 @@ class Scene:
         return int(self.labels.max())
 
 
+def _as_dtype(planes: np.ndarray, dtype: type) -> np.ndarray:
+    """Planes with values in [0, 1] as a frame of ``dtype``: uint16 up to 60000, uint8 up to 250,
+    else float32 as they are."""
+    if dtype == np.uint16:
+        return (planes * 60000).astype(np.uint16)
+    if dtype == np.uint8:
+        return (planes * 250).astype(np.uint8)
+    return planes.astype(np.float32)
+
+
 def cell_scene(
     height: int,
     width: int,
@@ -81,13 +91,7 @@ def cell_scene(
     if noise:
         planes = rng.poisson(planes * 2000.0).astype(np.float32) / 2000.0
     planes = np.clip(planes, 0, 1)
-    if dtype == np.uint16:
-        out = (planes * 60000).astype(np.uint16)
-    elif dtype == np.uint8:
-        out = (planes * 250).astype(np.uint8)
-    else:
-        out = planes.astype(np.float32)
-    return Scene(out, labels)
+    return Scene(_as_dtype(planes, dtype), labels)
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -239,10 +243,4 @@ def dense_scene(height: int, width: int, count: int, radius: tuple[float, float]
     nucleus = cv2.GaussianBlur(nucleus, (0, 0), 0.8) + 0.04
     plane = np.clip(rng.poisson(nucleus * 2000.0).astype(np.float32) / 2000.0, 0, 1)
     planes = np.stack([plane, plane])
-    if dtype == np.uint16:
-        out = (planes * 60000).astype(np.uint16)
-    elif dtype == np.uint8:
-        out = (planes * 250).astype(np.uint8)
-    else:
-        out = planes.astype(np.float32)
-    return Scene(out, labels)
+    return Scene(_as_dtype(planes, dtype), labels)
