@@ -29,6 +29,7 @@ from shapely.geometry.base import BaseGeometry
 from skimage.draw import polygon as draw_polygon
 from skimage.measure import find_contours
 
+
 class AnnotationProblem(ValueError):
     """Why an annotation cannot be refined (it is then kept unchanged). ``reason`` is for users."""
 
@@ -405,7 +406,7 @@ def finish_polygon(outline: np.ndarray, smoothing: float, padding: float, frame:
         polygon = polygon.buffer(padding)
     if not frame.contains(polygon):  # clip only what crosses the frame's edge
         polygon = polygon.intersection(frame)
-    polygon = largest_polygon(shapely.set_precision(polygon, 0.01))
+    polygon = largest_polygon(on_precision_grid(polygon))
     if polygon is None:
         reason = f"padding {padding:g} leaves no shape" if padding < 0 else "the refined shape has no area"
         raise AnnotationProblem(reason)
@@ -450,8 +451,45 @@ def simplify_keeping_area(polygon: Polygon, tolerance: float) -> Polygon:
     return polygon
 
 
+def douglas_peucker(polygon: Polygon, tolerance: float) -> Polygon:
+    """Douglas-Peucker simplification of a polygon without holes, its topology kept.
+
+    The exterior ring is simplified by plain Douglas-Peucker; only where that ring crosses
+    itself or collapses does GEOS's topology-preserving simplifier run, which keeps the
+    vertices that prevent it. The plain ring costs a tenth of the topology-preserving one (9 us
+    against 94 us per outline of 135 vertices here) and, on the speed benchmark's 1000 traced
+    outlines at tolerances 0.35, 0.7 and 3 px, gave the same shape in every case (its ring may
+    start at another vertex). A polygon with holes goes to the topology-preserving simplifier.
+    """
+    if not polygon.interiors:
+        ring = polygon.exterior.simplify(tolerance, preserve_topology=False)
+        if len(ring.coords) >= 4:
+            simplified = Polygon(ring)
+            if simplified.is_valid:
+                return simplified
+    return polygon.simplify(tolerance, preserve_topology=True)
+
+
+#: Coordinates are kept to this grid (pixels): annotations are uploaded with two decimals.
+PRECISION_GRID = 0.01
+
+
+def on_precision_grid(geometry: BaseGeometry) -> BaseGeometry:
+    """``geometry`` with its coordinates rounded to :data:`PRECISION_GRID`, valid.
+
+    Rounding each coordinate (and dropping the vertices it makes repeat) is what GEOS's
+    precision-aware overlay (``shapely.set_precision``) gives whenever the rounded geometry is
+    valid, at an eighth of its cost (5 us against 42 us per outline here); only a geometry that
+    rounding leaves invalid (an edge made to touch another) goes through the overlay.
+    """
+    rounded = shapely.set_precision(geometry, PRECISION_GRID, mode="pointwise")
+    if rounded.is_valid:
+        return shapely.remove_repeated_points(rounded)
+    return shapely.set_precision(geometry, PRECISION_GRID)
+
+
 def _simplify_once(polygon: Polygon, tolerance: float) -> Polygon:
-    simplified = polygon.simplify(tolerance, preserve_topology=True)
+    simplified = douglas_peucker(polygon, tolerance)
     if simplified.is_empty or simplified.length == 0:
         return simplified
     offset = (polygon.area - simplified.area) / simplified.length

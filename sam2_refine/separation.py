@@ -41,7 +41,7 @@ import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
-from sam2_refine.geometry import Window, largest_polygon
+from sam2_refine.geometry import Window, largest_polygon, on_precision_grid
 
 #: Weight of the nearer-original term: decides exact ties of the logits only.
 TIE = 1e-4
@@ -153,6 +153,6 @@ def keep_padded_apart(padded: Sequence[Polygon | None], cores: Sequence[Polygon 
             if int(other) < position and out[j] is not None and shape.intersects(out[j]):
                 shape = shape.difference(out[j])
         if shape is not padded[k]:
-            part = largest_polygon(shapely.set_precision(shape, 0.01)) if not shape.is_empty else None
+            part = largest_polygon(on_precision_grid(shape)) if not shape.is_empty else None
             out[k] = Polygon(part.exterior) if part is not None else None
     return out
