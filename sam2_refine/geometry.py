@@ -361,17 +361,22 @@ def outline_from_logits(logits: np.ndarray, component: np.ndarray) -> np.ndarray
     bottom, right = int(rows[-1]) + 2, int(cols[-1]) + 2
     filled = fill_holes(component[top:bottom, left:right])
     magnitude = np.maximum(np.abs(logits[top:bottom, left:right].astype(np.float32)), np.float32(1e-3))
-    field = np.where(filled, magnitude, -magnitude)
-    field = np.pad(field, 1, mode="constant", constant_values=-1.0)
+    field = np.full((filled.shape[0] + 2, filled.shape[1] + 2), -1.0, dtype=np.float32)  # a border of -1
+    field[1:-1, 1:-1] = np.where(filled, magnitude, -magnitude)
     contours = find_contours(field, 0.0, fully_connected="high")
     if not contours:
         return np.zeros((0, 2))
-    best = max(contours, key=lambda c: abs(_ring_area(c)))
+    best = contours[0] if len(contours) == 1 else max(contours, key=lambda c: abs(_ring_area(c)))
     # (row, col) of the padded crop -> (x, y) of the window
     xy = best[:, ::-1] - 1.0 + (left, top)
-    if len(xy) > 1 and np.allclose(xy[0], xy[-1]):
+    if len(xy) > 1 and _same_point(xy[0], xy[-1]):
         xy = xy[:-1]
     return xy
+
+
+def _same_point(a: np.ndarray, b: np.ndarray) -> bool:
+    """``np.allclose(a, b)`` for two finite (x, y) points, without its per-call cost."""
+    return all(abs(u - v) <= 1e-8 + 1e-5 * abs(v) for u, v in zip(a.tolist(), b.tolist(), strict=True))
 
 
 def _ring_area(points: np.ndarray) -> float:

@@ -542,3 +542,13 @@ def test_coarse_grid_still_gives_close_valid_polygons() -> None:
     for name, value in ious.items():
         assert value >= 0.85, f"{name}: {value:.4f}"
         assert_clean_polygon(refined(outcomes[name]), 256, 256)
+
+
+def test_same_point_is_allclose_for_outline_points():
+    from sam2_refine.geometry import _same_point
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        a = rng.uniform(-50, 5000, 2)
+        b = a + rng.choice([0.0, 1e-9, 1e-8, 1e-6, 1e-3, 0.5], 2) * rng.choice([-1, 1], 2)
+        assert _same_point(a, b) == np.allclose(a, b)
