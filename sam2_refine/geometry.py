@@ -462,9 +462,13 @@ def douglas_peucker(polygon: Polygon, tolerance: float) -> Polygon:
     The exterior ring is simplified by plain Douglas-Peucker; only where that ring crosses
     itself or collapses does GEOS's topology-preserving simplifier run, which keeps the
     vertices that prevent it. The plain ring costs a tenth of the topology-preserving one (9 us
-    against 94 us per outline of 135 vertices here) and, on the speed benchmark's 1000 traced
-    outlines at tolerances 0.35, 0.7 and 3 px, gave the same shape in every case (its ring may
-    start at another vertex). A polygon with holes goes to the topology-preserving simplifier.
+    against 94 us per outline of 135 vertices here). Measured against it: the same shape (the
+    ring may start at another vertex) for all 1000 outlines of the speed benchmark at 0.35, 0.7
+    and 3 px, and for 1500 irregular traced outlines at 0.35 and 0.7 px; at 1.5 and 3 px it
+    differed for 0.2 % and 1 % of those, where the topology-preserving simplifier keeps a vertex
+    because the shortcut passes near another part of the outline (both results valid; the
+    caller's shape check, :func:`simplify_keeping_area`, bounds what either may change). A
+    polygon with holes goes to the topology-preserving simplifier.
     """
     if not polygon.interiors:
         ring = polygon.exterior.simplify(tolerance, preserve_topology=False)
@@ -482,10 +486,12 @@ PRECISION_GRID = 0.01
 def on_precision_grid(geometry: BaseGeometry) -> BaseGeometry:
     """``geometry`` with its coordinates rounded to :data:`PRECISION_GRID`, valid.
 
-    Rounding each coordinate (and dropping the vertices it makes repeat) is what GEOS's
-    precision-aware overlay (``shapely.set_precision``) gives whenever the rounded geometry is
-    valid, at an eighth of its cost (5 us against 42 us per outline here); only a geometry that
-    rounding leaves invalid (an edge made to touch another) goes through the overlay.
+    Each coordinate is rounded and the vertices that then repeat are dropped, at an eighth of the
+    cost of GEOS's precision-aware overlay (``shapely.set_precision``: 5 us against 42 us per
+    outline here); only a geometry that rounding leaves invalid (an edge made to touch another)
+    goes through the overlay. Where the rounded geometry is valid the two give the same shape,
+    but that the overlay also drops a vertex lying within a grid step of an edge: on 2400
+    irregular outlines 1 % differed, by at most 4e-5 px^2 per pixel of outline.
     """
     rounded = shapely.set_precision(geometry, PRECISION_GRID, mode="pointwise")
     if rounded.is_valid:
