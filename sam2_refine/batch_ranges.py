@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sam2_refine.messages import describe_value
+
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 #: No axis of a dataset comes near this many positions; larger values are typing mistakes.
 MAX_POSITION = 1_000_000
@@ -32,6 +34,7 @@ class BatchRangeError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def parse_batch(field: str, value: object) -> AxisSelection:
     if value is None:
         return AxisSelection("current")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BatchRangeError(field, f"expected text, got {type(value).__name__}; use {ACCEPTED}")
+        raise BatchRangeError(field, f"expected text, got {describe_value(value)}; use {ACCEPTED}")
     text = str(value).strip()
     if not text:
         return AxisSelection("current", text=text)
@@ -101,7 +104,8 @@ def parse_batch(field: str, value: object) -> AxisSelection:
         match = _ITEM.match(item)
         piece = item.strip() if len(item.strip()) <= 30 else item.strip()[:27] + "..."
         if not match:
-            raise BatchRangeError(field, f'"{piece}" in "{shown}" is not a position or a range; use {ACCEPTED}')
+            where = f' (in "{shown}")' if item.strip() != text else ""
+            raise BatchRangeError(field, f'"{piece}"{where} is not a position or a range; use {ACCEPTED}')
         if any(len(g) > 7 for g in match.groups() if g is not None):
             raise BatchRangeError(field, f'"{piece}": positions go up to {MAX_POSITION:,}')
         start = int(match.group(1))
@@ -116,3 +120,18 @@ def parse_batch(field: str, value: object) -> AxisSelection:
         if len(positions) > MAX_POSITION:
             raise BatchRangeError(field, f'"{shown}" asks for more than {MAX_POSITION:,} positions')
     return AxisSelection("list", tuple(sorted(positions)), text)
+
+
+def describe_positions(positions: tuple[int, ...] | list[int]) -> str:
+    """0-based positions as the app numbers them, runs joined: ``(0, 1, 2, 4)`` -> ``"1-3, 5"``."""
+    ordered = sorted(set(positions))
+    runs: list[str] = []
+    start = previous = None
+    for position in [*ordered, None]:
+        if position is not None and previous is not None and position == previous + 1:
+            previous = position
+            continue
+        if start is not None:
+            runs.append(f"{start + 1}" if start == previous else f"{start + 1}-{previous + 1}")
+        start = previous = position
+    return ", ".join(runs)

@@ -272,25 +272,31 @@ def resolve_model(directory: Path, value: object, verify_sha256: bool = True) ->
     Args:
         directory: The checkpoint directory.
         value: The Model field's value: a file name of the directory, or an item of the field
-            (``"<label> (<file name>)"``, whatever the label).
+            (``"<label> (<file name>)"``, whatever the label). Empty (``""``, blank, ``None``, or
+            the key missing) means the default model, as the Model select offers it
+            (:attr:`ModelCatalogue.default`), as an empty select means its default elsewhere.
         verify_sha256: Check the file against its sidecar's ``"sha256"`` (reads the file).
 
     Raises:
-        CheckpointChoiceError: not text, empty, not a file of ``directory`` (paths, ``..``, a
-            name it does not hold), an unusable checkpoint (with the reason), or a digest that
-            does not match.
+        CheckpointChoiceError: not text, not a file of ``directory`` (paths, ``..``, a name it
+            does not hold), an unusable checkpoint (with the reason), a digest that does not
+            match, or empty while the directory holds no usable checkpoint.
     """
     names = list_candidates(directory)
     listing = ", ".join(names) if names else f"none found in {directory}"
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise CheckpointChoiceError(f"no model selected; choose one of: {listing}")
+        default = scan_models(directory).default
+        if default is None:
+            raise CheckpointChoiceError(f"no model was chosen, and the worker image holds no usable SAM2 "
+                                        f"checkpoint to use by default (files: {listing})")
+        value = default.name
     if not isinstance(value, str):
         raise CheckpointChoiceError(f"expected a checkpoint file name, got {type(value).__name__}")
     name = _named_file(value, names)
     if name is None:
         if "/" in value or "\\" in value or ".." in value or "\0" in value:
-            raise CheckpointChoiceError(f"{value!r} is not a plain file name; choose one of: {listing}")
-        raise CheckpointChoiceError(f"{value!r} is not in the checkpoint directory; available: {listing}")
+            raise CheckpointChoiceError(f'"{value}" is not a plain file name; choose one of: {listing}')
+        raise CheckpointChoiceError(f'"{value}" is not in the checkpoint directory; available: {listing}')
     try:
         entry = inspect_model(directory / name)
     except ModelUnusable as exc:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sam2_refine.checkpoints import ModelCatalogue, scan_models
-from sam2_refine.interface import build_interface, checkpoint_dir
+from sam2_refine.interface import FORM_FIELDS, build_interface, checkpoint_dir
+from sam2_refine.messages import sentences, server_failure, settings_failure
 from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
 from sam2_refine.report import Reporter
@@ -25,6 +26,9 @@ from sam2_refine.settings import SettingsErrors, parse_settings
 from sam2_refine.worker_info import DEFAULT_IMAGE_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: What to do about a command line the NimbusImage server built.
+_FROM_THE_SERVER = ("The NimbusImage server starts the worker with this command line: an administrator should "
+                    "check how the worker is run")
 #: Seconds to wait for each read of a server response (default 300).
 TIMEOUT_ENV = "SAM2_REFINE_HTTP_TIMEOUT"
 #: Retries of a transient failure (default 5).
@@ -86,7 +90,9 @@ def run_interface(api_url: str, token: str, params: dict, reporter: Reporter) ->
         try:
             client.post_interface(image, build_interface(models))
         except NimbusAPIError as exc:
-            reporter.error("Could not publish the worker interface.", str(exc))
+            line = server_failure(exc, "publishing the tool's form", api_url=api_url,
+                                  changed="The tool's form was not updated")
+            reporter.error(line.error, line.info)
             return EXIT_FAILED
     return EXIT_OK
 
@@ -108,7 +114,8 @@ def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, 
         settings = parse_settings(params, dataset_id, checkpoint_dir())
     except SettingsErrors as exc:
         for error in exc.errors:
-            reporter.error(f"Invalid setting: {error.field}", f"{error.message}. Nothing was changed.")
+            line = settings_failure(error.field, error.message, error.advice, error.field in FORM_FIELDS)
+            reporter.error(line.error, line.info)
         return EXIT_USAGE
     with _client(api_url, token) as client:
         return job.run_compute(settings, client, reporter, _load_sam2)
@@ -143,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _main(argv, reporter)
         except JobInterrupted as exc:  # before or outside a compute job (which reports its own)
-            reporter.error(f"The worker was stopped ({exc.signal_name}) before it changed anything.")
+            reporter.error(f"The worker was stopped ({exc.signal_name}) before it changed anything.",
+                           "Nothing was changed. Run the tool again when you are ready.")
             return EXIT_INTERRUPTED
 
 
@@ -152,19 +160,24 @@ def _main(argv: list[str], reporter: Reporter) -> int:
     try:
         args = build_parser().parse_args(argv)
     except ValueError as exc:
-        reporter.error("Invalid command line.", str(exc))
+        reporter.error("Invalid command line.",
+                       sentences(str(exc), "Nothing was changed", _FROM_THE_SERVER))
         return EXIT_USAGE
     reporter.secrets = tuple(dict.fromkeys((*reporter.secrets, args.token)))
     try:
         params = json.loads(args.parameters)
     except ValueError as exc:
-        reporter.error("Invalid --parameters: not JSON.", str(exc))
+        reporter.error("Invalid --parameters: not JSON.",
+                       sentences(f"The tool's settings could not be read ({exc})", "Nothing was changed",
+                                 _FROM_THE_SERVER))
         return EXIT_USAGE
     try:
         if args.request == "interface":
             return run_interface(args.apiUrl, args.token, params, reporter)
         return run_compute(args.apiUrl, args.token, params, args.datasetId, reporter)
     except Exception as exc:  # noqa: BLE001 - last resort: report, never a traceback with secrets
-        reporter.error("The worker failed unexpectedly.", f"{type(exc).__name__}: {exc}")
+        reporter.error("The worker failed unexpectedly.",
+                       sentences("If it happens again, report it with the technical detail",
+                                 f"Technical detail: {type(exc).__name__}: {exc}"))
         logging.getLogger(__name__).debug("unexpected failure", exc_info=True)
         return EXIT_FAILED

@@ -34,6 +34,13 @@ KEEP_TAGS = "Keep original tags"
 REFINE_POINTS = "Refine point annotations"
 REFINE_RECTANGLES = "Refine rectangle annotations"
 SEPARATE = "Keep touching objects apart"
+# Issue 23: a tag that makes the originals the job kept easy to find in the app.
+KEPT_TAG = "Tag kept annotations"
+
+#: The fields a user sets in the tool's form (the other parameters NimbusImage fills in).
+FORM_FIELDS = frozenset({BATCH_XY, BATCH_Z, BATCH_TIME, REFINE_TAGS, MODEL, DELETE_ORIGINALS, PADDING, SMOOTHING,
+                         RESOLUTION, PROMPT, MIN_OVERLAP, KEEP_TAGS, REFINE_POINTS, REFINE_RECTANGLES, SEPARATE,
+                         KEPT_TAG})
 
 #: Resolution field item -> engine mode (sam2_refine.regions).
 RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
@@ -56,9 +63,11 @@ SMOOTHING_RANGE = (0, 3)
 SMOOTHING_DEFAULT = 0.7
 
 DESCRIPTION = (
-    "This tool uses the SAM2 model to refine existing annotations. It takes existing "
-    "annotations, uses them as prompts (via bounding boxes), and generates refined "
-    "segmentation masks that better match the underlying image data."
+    "This tool uses the SAM2 model to refine existing annotations into outlines that follow the "
+    "objects in the image. Polygons prompt the model with their bounding box (optionally also "
+    "their shape); rectangles, when turned on below, with their box; points, when turned on below, "
+    "with the point itself. Each result is a new polygon annotation; an annotation whose result "
+    "fails the quality checks is left unchanged, and can be tagged so that you can find it."
 )
 
 
@@ -96,7 +105,7 @@ def _batch_field(axis_words: str, order: int) -> dict[str, Any]:
 
 
 MODEL_TOOLTIP = ("The SAM2 model to use for refinement. Larger models may give slightly better results, but "
-                 "are slower and use more memory.")
+                 "are slower and use more memory. Left empty, the default model is used.")
 
 
 def _model_field(models: Sequence[str] | ModelCatalogue, order: int) -> dict[str, Any]:
@@ -209,6 +218,20 @@ def build_interface(models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
             "displayOrder": 12,
         },
         **shape_fields(13),
+        KEPT_TAG: {
+            "type": "text",
+            "vueAttrs": {
+                "placeholder": "ex. sam2-kept (empty: no tag)",
+                "label": "Tag for annotations left unchanged",
+                "persistentPlaceholder": True,
+                "filled": True,
+            },
+            "tooltip": "If given, every original annotation the job leaves unchanged (its refined outline failed "
+                       "a quality check, or its image could not be read) gets this tag, so that the tag filter "
+                       "shows the outlines left for you to fix. Nothing else of them changes. Leave empty for "
+                       "no tag.",
+            "displayOrder": 16,
+        },
     }, models)
 
 

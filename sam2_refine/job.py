@@ -19,6 +19,7 @@ read or changed beyond the dataset's layout); 143 when stopped by SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,10 +32,20 @@ from typing import Any
 
 
 from sam2_refine import interface as ui
-from sam2_refine.batch_ranges import BatchRangeError
+from sam2_refine.batch_ranges import BatchRangeError, describe_positions
 from sam2_refine.converge import ConvergeReport, RefinementWatch, converge, read_view
 from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
+from sam2_refine.messages import (
+    Explained,
+    cause_text,
+    counted,
+    request_text,
+    sentences,
+    server_failure,
+    settings_failure,
+)
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
+from sam2_refine.kept import TagReport, kept_by_position, kept_text, update_tags
 from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, NimbusAPIError, NimbusClient
 from sam2_refine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.predictor import BoxPredictor
@@ -78,10 +89,27 @@ class Batch:
     xy: tuple[int, ...]
     z: tuple[int, ...]
     time: tuple[int, ...]
+    #: How many positions the dataset has on each axis (XY, Z, Time).
+    sizes: tuple[int, int, int] = (1, 1, 1)
 
     def holds(self, location: Location) -> bool:
         """Whether ``location`` is one of the batch's positions."""
         return location.xy in self.xy and location.z in self.z and location.time in self.time
+
+
+def _failed(line: Explained, exit_code: int = EXIT_FAILED) -> JobFailed:
+    return JobFailed(line.error, line.info, exit_code)
+
+
+def _dataset_failure(exc: NimbusAPIError, client: NimbusClient, settings: RefineSettings) -> Explained:
+    """Why the dataset could not be read, in words."""
+    if exc.status is None and exc.transport is None and "holds no large image" in exc.detail:
+        return Explained("The dataset holds no image.",
+                         sentences(f"Dataset {settings.dataset_id} has no large image item, so there is nothing to "
+                                   "look at", "Nothing was changed",
+                                   "Open the dataset in NimbusImage to check that its image was imported, then run "
+                                   "the tool again"))
+    return server_failure(exc, "reading the dataset", api_url=client.api_url, dataset_id=settings.dataset_id)
 
 
 def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
@@ -95,9 +123,11 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
             settings.batch_xy.resolve(ui.BATCH_XY, info.num_xy, settings.tile.xy),
             settings.batch_z.resolve(ui.BATCH_Z, info.num_z, settings.tile.z),
             settings.batch_time.resolve(ui.BATCH_TIME, info.num_time, settings.tile.time),
+            (info.num_xy, info.num_z, info.num_time),
         )
     except BatchRangeError as exc:
-        raise JobFailed(f"Invalid setting: {exc}", "Nothing was changed.", EXIT_BAD_SETTINGS) from None
+        line = settings_failure(exc.field, exc.message)
+        raise JobFailed(line.error, line.info, EXIT_BAD_SETTINGS) from None
 
 
 def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterator[dict[str, Any]]:
@@ -191,17 +221,20 @@ def run_compute(
         untouched = not ledger.deleted and not ledger.delete_unknown
         reporter.error(f"The job was stopped ({exc.signal_name})" +
                        ("; no original annotation was deleted." if untouched else "."),
-                       f"{ledger.created_here()} refined annotation(s) had been created; "
-                       f"{ledger.deletion_text()}. Running the job again refines only what is missing and does "
-                       "not duplicate what was made.")
+                       sentences(f"{ledger.created_here()} refined annotation(s) had been created; "
+                                 f"{ledger.deletion_text()}", "Running the job again refines only what is missing and "
+                                 "does not duplicate what was made"))
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - report what was done before any unexpected failure
         log.debug("unexpected failure", exc_info=True)
         untouched = not ledger.deleted and not ledger.delete_unknown
         reporter.error("The job failed unexpectedly; no original annotation was deleted."
                        if untouched else "The job failed unexpectedly.",
-                       f"{type(exc).__name__}: {exc}. {ledger.created_here()} refined "
-                       f"annotation(s) had been created; {ledger.deletion_text()} before the failure.")
+                       sentences(f"{ledger.created_here()} refined annotation(s) had been created; "
+                                 f"{ledger.deletion_text()} before the failure",
+                                 "Running the job again refines only what is missing; if the failure comes back, "
+                                 "report it with the technical detail",
+                                 f"Technical detail: {type(exc).__name__}: {exc}"))
         return EXIT_FAILED
     finally:
         _write_summary(ledger)
@@ -214,21 +247,24 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     try:
         info = client.get_dataset_info(settings.dataset_id)
     except NimbusAPIError as exc:
-        raise JobFailed("Could not read the dataset.", f"{exc}. Nothing was changed.") from None
+        raise _failed(_dataset_failure(exc, client, settings)) from None
     batch = resolve_batch(settings, info)
     try:
         layers = parse_layers(client.get_layers(settings.dataset_id), info.num_channels)
     except NimbusAPIError as exc:
-        raise JobFailed("Could not read the layer settings.", f"{exc}. Nothing was changed.") from None
+        raise _failed(server_failure(exc, "reading the dataset's layer settings", api_url=client.api_url)) from None
     except LayerError as exc:
-        raise JobFailed("The dataset's layer settings cannot be used.", f"{exc}. Nothing was changed.") from None
+        raise JobFailed("The dataset's layer settings cannot be used.",
+                        sentences(str(exc), "Nothing was changed",
+                                  "Correct the layers in the dataset's view (each visible layer needs one of the "
+                                  "dataset's channels, a colour and a contrast), then run the tool again")) from None
 
     reporter.progress(0.02, "Fetching annotations", _listed_text(settings))
     try:
         selection = select(fetch_annotations(client, settings), settings.refine_tags,
                            batch.xy, batch.z, batch.time)
     except NimbusAPIError as exc:
-        raise JobFailed("Could not fetch the annotations.", f"{exc}. Nothing was changed.") from None
+        raise _failed(server_failure(exc, "reading the annotations", api_url=client.api_url)) from None
     if selection.duplicates:
         reporter.warning(f"The server listed {len(selection.duplicates)} annotation(s) more than once; "
                          "each is refined once.", _ids_text(list(selection.duplicates)))
@@ -241,10 +277,13 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                          "per original. Do not run overlapping jobs on this dataset at once.",
                          title="Server pages by offset")
     shapes = original_shapes(selection)
+    if settings.kept_tag:
+        ledger.kept_tag_before = {o.id for originals in selection.by_location.values() for o in originals
+                                  if settings.kept_tag in o.tags}
     selection = _take_earlier_refinements(selection, ledger, reporter)
     if selection.count == 0:
         if not ledger.previous and not _needs_converge(selection, batch):
-            reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
+            _nothing_to_refine(settings, batch, selection, reporter)
             return EXIT_OK
         return _finish(settings, client, reporter, ledger, [], started, batch, shapes)
 
@@ -264,13 +303,16 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     if uploader.error is not None:
         unconfirmed = len(ledger.not_created)
         found = _reconcile(client, settings, ledger)
-        _warn_kept(reporter, ledger)
+        _warn_kept(reporter, ledger, batch.sizes, None)
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
-            f"{uploader.error}. Created {ledger.created_here()} of {len(ledger.refined)}"
-            + (f" ({found} of the {unconfirmed} unconfirmed ones were found on the server after all)" if found else "")
-            + f"; {len(ledger.not_created)} were not created. Every original annotation is still in place; "
-            "running the job again refines only what is missing.")
+            sentences(cause_text(uploader.error, client.api_url),
+                      f"Created {ledger.created_here()} of {len(ledger.refined)}"
+                      + (f" ({found} of the {unconfirmed} unconfirmed ones were found on the server after all)"
+                         if found else "")
+                      + f"; {len(ledger.not_created)} were not created",
+                      "Every original annotation is still in place; running the job again refines only what is "
+                      "missing", request_text(uploader.error)))
         return EXIT_FAILED
     return _finish(settings, client, reporter, ledger, failed_locations, started, batch, shapes)
 
@@ -282,6 +324,48 @@ def _needs_converge(selection: Selection, batch: Batch) -> bool:
     index = selection.index
     return (any(r.location is not None and batch.holds(r.location) for g in index.groups.values() for r in g)
             or any(u.location is not None and batch.holds(u.location) for u in index.unreadable))
+
+
+def _kinds_text(settings: RefineSettings, last: str) -> str:
+    """``polygon``, ``polygon or rectangle``, ``polygon, rectangle and point``: the shapes refined."""
+    kinds = ["polygon"] + (["rectangle"] if settings.refine_rectangles else []) + (
+        ["point"] if settings.refine_points else [])
+    return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + f" {last} " + kinds[-1]
+
+
+def _batch_text(batch: Batch) -> str:
+    return (f"XY {describe_positions(batch.xy)}, Z {describe_positions(batch.z)}, "
+            f"Time {describe_positions(batch.time)}")
+
+
+def _nothing_to_refine(settings: RefineSettings, batch: Batch, selection: Selection, reporter: Reporter) -> None:
+    """The job found nothing to refine: a warning saying why in the user's terms (the tags the
+    batch does hold, with how many annotations carry each; or that the batch holds none), then
+    the last progress line."""
+    where = _batch_text(batch)
+    kinds = _kinds_text(settings, "or")
+    if settings.refine_tags and (selection.batch_tags or selection.batch_untagged):
+        tags = settings.refine_tags
+        wanted = f'the tag "{tags[0]}"' if len(tags) == 1 else "any of the tags " + ", ".join(f'"{t}"' for t in tags)
+        present = (f"the {kinds} annotations there carry these tags (how many carry each): "
+                   f"{counted(selection.batch_tags.items())}" if selection.batch_tags
+                   else f"the {kinds} annotations there carry no tag at all")
+        untagged = (f"{selection.batch_untagged} have no tag" if selection.batch_tags and selection.batch_untagged
+                    else None)
+        reporter.warning(f"No annotation in the chosen batch carries {wanted}.",
+                         sentences(f"In the batch ({where}), {present}", untagged,
+                                   'Choose one of these in "Tag of objects to refine", or leave it empty to refine '
+                                   f"every {kinds} annotation of the batch", "Nothing was changed"),
+                         title="Nothing to refine")
+    else:
+        elsewhere = (f"{selection.outside_batch} annotation(s) of the dataset lie at other positions"
+                     if selection.outside_batch else f"the dataset holds no {kinds} annotations at all")
+        reporter.warning(f"The chosen batch holds no {kinds} annotations.",
+                         sentences(f"Batch: {where}; {elsewhere}",
+                                   'Choose the positions in "Batch XY", "Batch Z" and "Batch Time" ("all" for every '
+                                   "position; empty for the one the tool was started from)", "Nothing was changed"),
+                         title="Nothing to refine")
+    reporter.progress(1.0, "Complete", "Nothing to refine in the chosen batch")
 
 
 def _listed_text(settings: RefineSettings) -> str:
@@ -313,7 +397,7 @@ def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Re
     reporter.warning(f"{len(again)} annotation(s) had already been refined (by an earlier run or another "
                      "job); their refinements are kept and not made again.", _ids_text(sorted(again)),
                      title="Already refined")
-    return Selection(remaining, selection.duplicates, selection.without_id, selection.index)
+    return dataclasses.replace(selection, by_location=remaining)
 
 
 def _reconcile(client: NimbusClient, settings: RefineSettings, ledger: Ledger) -> int:
@@ -339,20 +423,29 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
     steps = iter((0.92, 0.94, 0.96, 0.97, 0.98))
     result = converge(client, settings.dataset_id, ledger, delete=deleting, shapes=shapes, in_batch=batch.holds,
                       on_step=lambda title, info: reporter.progress(next(steps, 0.98), title, info))
-    _warn_kept(reporter, ledger)
+    tagging = (_tag_kept(settings, client, reporter, ledger)
+               if settings.kept_tag and result.error is None and result.stable else None)
+    _warn_kept(reporter, ledger, batch.sizes, tagging)
     _warn_converge(reporter, ledger, result)
     if result.error is not None:
-        _report_converge_error(reporter, ledger, result)
+        _report_converge_error(reporter, ledger, result, client.api_url)
         return EXIT_FAILED
     if not result.stable:
         reporter.error("Other jobs kept refining the same annotations while this job checked them.",
-                       f"{ledger.deletion_text()}. Running the job again when they are done finishes the job.")
+                       sentences(ledger.deletion_text(), "Running the job again when they are done finishes the job"))
         return EXIT_FAILED
 
+    if tagging is not None and tagging.error is not None:
+        reporter.error(f'Could not tag the kept annotations with "{tagging.tag}".',
+                       sentences(cause_text(tagging.error, client.api_url),
+                                 f"{tagging.tagged} of the kept annotations carry the tag",
+                                 "The refined annotations are in place; running the job again adds the missing tags",
+                                 request_text(tagging.error)))
+        return EXIT_FAILED
     summary = ledger.summary()
     elapsed = time.monotonic() - started
     if summary["selected"] == 0:
-        reporter.progress(1.0, "Complete", "No annotations found to refine in the chosen batch and tags")
+        reporter.progress(1.0, "Complete", "Nothing left to refine in the chosen batch")
         return EXIT_OK
     text = (f"Refined {summary['refined']} of {summary['selected']}, kept {summary['kept']}, "
             f"deleted {summary['deleted']}"
@@ -361,32 +454,36 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
                if summary["refined_by_another_job"] else "")
             + f" ({elapsed:.1f} s)")
     if failed_locations:
+        more = f"; and {len(failed_locations) - 20} more" if len(failed_locations) > 20 else ""
         reporter.error(f"{len(failed_locations)} location(s) could not be processed; their annotations "
-                       "were kept.", "; ".join(failed_locations[:20]))
+                       "were kept.", sentences("; ".join(failed_locations[:20]) + more,
+                                               "Running the job again processes them; what was refined is not made "
+                                               "again"))
         reporter.progress(1.0, "Finished with errors", text)
         return EXIT_FAILED
     reporter.progress(1.0, "Complete", text)
     return EXIT_OK
 
 
-def _report_converge_error(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -> None:
+def _report_converge_error(reporter: Reporter, ledger: Ledger, result: ConvergeReport, api_url: str) -> None:
     untouched = not ledger.deleted and not ledger.delete_unknown
     nothing = "; no original annotation was deleted." if untouched else "."
-    again = "running the job again finishes the job without duplicating anything."
+    again = "Running the job again finishes the job without duplicating anything"
+    cause, request = cause_text(result.error, api_url), request_text(result.error)
     if result.stage == "delete":
         reporter.error("Deleting the replaced originals failed part way.",
-                       f"{result.error}. {ledger.deletion_text()}; {len(ledger.delete_failed)} remain next to "
-                       "their refined copies (running the job again deletes them).")
+                       sentences(cause, f"{ledger.deletion_text()}; {len(ledger.delete_failed)} remain next to "
+                                 "their refined copies", "Running the job again deletes them", request))
     elif result.stage == "links":
         reporter.error("Could not re-create the originals' connections" + nothing,
-                       f"{result.error}. {result.moved} connection(s) were re-created. The refined annotations "
-                       f"are in place; {again}")
+                       sentences(cause, f"{result.moved} connection(s) were re-created", "The refined annotations "
+                                 "are in place", again, request))
     elif result.stage == "duplicates":
         reporter.error("Could not remove the duplicate refinements that jobs running at the same time made"
-                       + nothing, f"{result.error}. {ledger.deletion_text()}; {again}")
+                       + nothing, sentences(cause, ledger.deletion_text(), again, request))
     else:
         reporter.error("Could not read the refinements back to check them" + nothing,
-                       f"{result.error}. {ledger.deletion_text()}; {again}")
+                       sentences(cause, ledger.deletion_text(), again, request))
 
 
 def _warn_converge(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -> None:
@@ -427,7 +524,9 @@ def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: Pr
     try:
         predictor, untrained = load_predictor(settings.checkpoint)
     except CheckpointError as exc:
-        raise JobFailed("The SAM2 model could not be loaded.", f"{exc}. Nothing was changed.") from None
+        raise JobFailed("The SAM2 model could not be loaded.",
+                        sentences(str(exc), "Nothing was changed",
+                                  "An administrator should check the checkpoint files of the worker image")) from None
     if untrained:
         reporter.warning("UNTRAINED MODEL: this checkpoint holds random weights made for tests or the "
                          "offline demo. Its masks are meaningless.", settings.model, title="Untrained model")
@@ -554,7 +653,8 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
             image = frames.take(location)  # taken even when unused, so that the next one is fetched
         except NimbusAPIError as exc:
             if originals:
-                failed.append(f"{location.describe()}: {exc}")
+                failed.append(f"{location.describe()}: its image could not be read: {cause_text(exc)} "
+                              f"(request {exc.method} {exc.endpoint})")
             for original in originals:
                 ledger.keep(original.id, location, "its image could not be read")
             done += len(originals)
@@ -562,8 +662,8 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
         if not originals:  # all refined by another job meanwhile
             del image
             continue
-        for original in originals:
-            ledger.tags[original.id] = original.tags
+        for original in originals:  # (the kept tag is a status of the original, not copied: see kept)
+            ledger.tags[original.id] = tuple(t for t in original.tags if t != settings.kept_tag)
         base = done
         outcomes = refine_location(predictor, image, originals, options,
                                    on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w), pool=pool)
@@ -575,9 +675,42 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
     return failed
 
 
-def _warn_kept(reporter: Reporter, ledger: Ledger) -> None:
-    for reason, ids in sorted(ledger.kept_by_reason().items()):
-        reporter.warning(f"{len(ids)} annotation(s) kept unchanged: {reason}", _ids_text(ids),
+def _tag_kept(settings: RefineSettings, client: NimbusClient, reporter: Reporter, ledger: Ledger) -> TagReport:
+    """The kept tag added to every kept original, taken from refined originals that are still on
+    the server (see :mod:`sam2_refine.kept`)."""
+    tag = settings.kept_tag
+    assert tag is not None
+    keep = sorted({i for ids in ledger.kept_by_reason().values() for i in ids})
+    gone = set(ledger.deleted) | set(ledger.delete_unknown) | ledger.already_deleted
+    untag = sorted(o for o in ledger.created if o in ledger.kept_tag_before and o not in gone)
+    span = ProgressSpan(reporter, 0.98, 0.99, "Tagging kept annotations")
+    span.update(0.0, f'Adding "{tag}" to {len(keep)} kept annotation(s)')
+    report = update_tags(client, tag, keep, untag,
+                         on_progress=lambda done, total: span.update(done / total, f"{done}/{total} annotation(s)"))
+    ledger.kept_tagging = report.as_json()
+    return report
+
+
+def _warn_kept(reporter: Reporter, ledger: Ledger, sizes: tuple[int, int, int], tagging: TagReport | None) -> None:
+    """One warning for every kept original: counted by position and reason (ids in the summary
+    file only), and how to find them in the app."""
+    groups = kept_by_position(ledger.kept_by_reason(), ledger.locations)
+    count = sum(len(ids) for reasons in groups.values() for ids in reasons.values())
+    if count:
+        where = f" at {len(groups)} position(s)" if len(groups) > 1 else ""
+        if tagging is None:
+            find = 'Set "Tag kept annotations" to tag them, so that the tag filter shows them'
+        elif tagging.tagged == count:
+            find = f'They carry the tag "{tagging.tag}": the tag filter shows them'
+        else:
+            find = f'{tagging.tagged} of them carry the tag "{tagging.tag}", which the tag filter shows'
+        reporter.warning(f"{count} annotation(s) were kept unchanged{where}; their refined outlines were not used.",
+                         sentences(kept_text(groups, sizes), find), title="Annotations kept")
+    if tagging is not None and tagging.refused:
+        refused = sum(len(ids) for ids in tagging.refused.values())
+        reporter.warning(f'{refused} kept annotation(s) could not be tagged "{tagging.tag}".',
+                         sentences("; ".join(f"{len(ids)}: {reason}" for reason, ids in tagging.refused.items()),
+                                   "They are kept unchanged; the summary file lists them"),
                          title="Annotations kept")
 
 

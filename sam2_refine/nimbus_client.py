@@ -70,13 +70,18 @@ class NimbusAPIError(Exception):
         endpoint: The path relative to the API root, without query string.
         status: HTTP status code, or None when no response arrived (connection, timeout).
         detail: The server's message or the network error, scrubbed of the token.
+        transport: The network failure (a ``requests`` connection error or timeout) when no
+            answer came, else None; for messages in the user's words
+            (:func:`sam2_refine.messages.server_failure`), never shown as text.
     """
 
-    def __init__(self, method: str, endpoint: str, status: int | None, detail: str) -> None:
+    def __init__(self, method: str, endpoint: str, status: int | None, detail: str,
+                 transport: BaseException | None = None) -> None:
         self.method = method
         self.endpoint = endpoint
         self.status = status
         self.detail = detail
+        self.transport = transport
         where = f"{method} {endpoint}"
         what = f"HTTP {status}" if status is not None else "no response"
         super().__init__(f"{where} failed: {what}: {detail}" if detail else f"{where} failed: {what}")
@@ -92,7 +97,7 @@ class PartialCreateError(NimbusAPIError):
     """
 
     def __init__(self, cause: NimbusAPIError, created: list[dict[str, Any]], not_created: int):
-        super().__init__(cause.method, cause.endpoint, cause.status, cause.detail)
+        super().__init__(cause.method, cause.endpoint, cause.status, cause.detail, cause.transport)
         self.created = created
         self.not_created = not_created
 
@@ -274,6 +279,11 @@ class NimbusClient:
     def close(self) -> None:
         self._stack.close()
 
+    @property
+    def api_url(self) -> str:
+        """The API root this client talks to (for messages: its host names the server)."""
+        return self._api_url
+
     def clone(self) -> NimbusClient:
         """A new client with the same server, token and policies, and its own HTTP session
         (a requests session is not meant to be shared between threads)."""
@@ -318,7 +328,9 @@ class NimbusClient:
             raise NimbusAPIError(method, endpoint, exc.status, detail) from None
         except requests.RequestException as exc:
             detail = self._scrub(f"{type(exc).__name__}: {exc}")
-            raise NimbusAPIError(method, endpoint, None, detail) from None
+            network = isinstance(exc, (requests.ConnectionError, requests.Timeout,
+                                       requests.exceptions.ChunkedEncodingError))
+            raise NimbusAPIError(method, endpoint, None, detail, exc if network else None) from None
         except ValueError as exc:  # a 2xx whose body is not JSON
             raise NimbusAPIError(method, endpoint, None, f"invalid JSON response: {exc}") from None
         return result
@@ -516,6 +528,30 @@ class NimbusClient:
             chunk = [str(i) for i in ids[start:start + chunk_size]]
             self._request("DELETE", "upenn_annotation/multiple", json_body=chunk)
         return len(ids)
+
+    def update_annotation_tags(self, tags_by_id: Sequence[tuple[str, Sequence[str]]],
+                               chunk_size: int = MAX_CHUNK) -> int:
+        """Set the whole tag list of existing annotations, ``(id, tags)`` each; nothing else of
+        them changes.
+
+        ``PUT upenn_annotation/multiple`` with ``[{"id": ..., "tags": [...]}, ...]``, as the app
+        sends a tag edit (``src/store/AnnotationsAPI.ts`` ``updateAnnotations``): the server
+        replaces each named field and keeps the rest of the stored document
+        (``server/api/annotation.py`` ``updateMultiple``). Each chunk is all or nothing: an id
+        the server does not hold fails it (403), and so does a stored document its schema
+        refuses (400). Setting a tag list is idempotent, so a PUT is retried like a GET.
+
+        Returns:
+            How many annotations were updated (all of them, or an exception is raised).
+
+        Raises:
+            NimbusAPIError: a chunk failed; the chunks before it were updated.
+        """
+        for start in range(0, len(tags_by_id), _checked_chunk(chunk_size)):
+            body = [{"id": str(ann_id), "tags": [str(t) for t in tags]}
+                    for ann_id, tags in tags_by_id[start:start + chunk_size]]
+            self._request("PUT", "upenn_annotation/multiple", json_body=body)
+        return len(tags_by_id)
 
     # -- connections --------------------------------------------------------------------------
 

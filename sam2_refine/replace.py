@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sam2_refine.geometry import polygon_coordinates
+from sam2_refine.kept import kept_by_position, summary_by_position
 from sam2_refine.markers import MARKER_KEY, marker
 from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
 from sam2_refine.refine import Kept, Outcome, Refined
@@ -52,6 +53,9 @@ class Ledger:
         concurrent: original ids that another job refined at the same time as this one.
         duplicates_removed: original id -> refinements of it this job removed as duplicates.
         not_trusted: annotations with a sam2Refine mark this worker does not trust (left alone).
+        kept_tag_before: originals that carried the job's kept tag when listed (see
+            :mod:`sam2_refine.kept`).
+        kept_tagging: what tagging the kept originals did (``TagReport.as_json``), or None.
     """
 
     locations: dict[str, Location] = field(default_factory=dict)
@@ -69,6 +73,8 @@ class Ledger:
     concurrent: list[str] = field(default_factory=list)
     duplicates_removed: dict[str, list[str]] = field(default_factory=dict)
     not_trusted: list[str] = field(default_factory=list)
+    kept_tag_before: set[str] = field(default_factory=set)
+    kept_tagging: dict[str, Any] | None = None
 
     def deletion_text(self) -> str:
         """What happened to the originals, for messages: deleted, perhaps deleted, remaining."""
@@ -142,6 +148,8 @@ class Ledger:
             "refined_at_the_same_time_ids": list(self.concurrent),
             "duplicates_removed_ids": {o: list(v) for o, v in self.duplicates_removed.items()},
             "not_trusted_ids": list(self.not_trusted),
+            "kept_by_position": summary_by_position(kept_by_position(kept, self.locations)),
+            "kept_tag": self.kept_tagging,
         }
 
 

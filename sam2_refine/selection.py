@@ -12,7 +12,7 @@ Which shapes a job lists at all is the job's choice (:func:`sam2_refine.job.fetc
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,12 +129,20 @@ class Selection:
         index: Every refinement on the server (made by an earlier or a concurrent job; see
             :mod:`sam2_refine.markers`) and every annotation with an unreadable mark. Neither
             is ever an original.
+        batch_tags: Tag -> how many listed annotations inside the batch carry it, whatever the
+            refine tags (refinements and marked annotations not counted): what a user can choose
+            from when the refine tags match nothing.
+        batch_untagged: Listed annotations inside the batch without any tag.
+        outside_batch: Listed annotations (of any tag) outside the batch.
     """
 
     by_location: dict[Location, list[Original]]
     duplicates: tuple[str, ...] = ()
     without_id: int = 0
     index: RefinementIndex = field(default_factory=RefinementIndex)
+    batch_tags: dict[str, int] = field(default_factory=dict)
+    batch_untagged: int = 0
+    outside_batch: int = 0
 
     @property
     def count(self) -> int:
@@ -166,6 +174,9 @@ def select(
     duplicates: list[str] = []
     index = RefinementIndex()
     without_id = 0
+    batch_tags: Counter[str] = Counter()
+    untagged = outside = 0
+    counted: set[str] = set()
     for doc in docs:
         if not isinstance(doc, dict):
             continue
@@ -177,6 +188,18 @@ def select(
                 else:
                     index.unreadable.append(Unreadable(doc["_id"], annotation_location(doc), str(unreadable)))
             continue
+        location = annotation_location(doc)
+        in_batch = location is None or (location.xy in xy_set and location.z in z_set and location.time in t_set)
+        key = doc.get("_id") if isinstance(doc.get("_id"), str) else None
+        if key is None or key not in counted:  # what the batch holds, for a filter that matches nothing
+            if key is not None:
+                counted.add(key)
+            if not in_batch:
+                outside += 1
+            elif annotation_tags(doc):
+                batch_tags.update(set(annotation_tags(doc)))
+            else:
+                untagged += 1
         if not has_any_tag(doc, refine_tags):
             continue
         ann_id = doc.get("_id")
@@ -187,10 +210,9 @@ def select(
             duplicates.append(ann_id)
             continue
         seen.add(ann_id)
-        location = annotation_location(doc)
-        if location is not None and not (location.xy in xy_set and location.z in z_set and location.time in t_set):
+        if not in_batch:
             continue
         original = to_original(doc)
         grouped[original.location].append(original)
     ordered = {loc: grouped[loc] for loc in sorted(grouped, key=lambda loc: (loc.xy, loc.z, loc.time))}
-    return Selection(ordered, tuple(duplicates), without_id, index)
+    return Selection(ordered, tuple(duplicates), without_id, index, dict(batch_tags), untagged, outside)

@@ -16,15 +16,18 @@ from typing import Any
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
 from sam2_refine.checkpoints import CheckpointChoiceError, ModelEntry, resolve_model
+from sam2_refine.messages import checkbox_problem, describe_value
 
 
 class SettingError(ValueError):
     """One bad input. ``field`` is the interface field (or parameter) it concerns."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, advice: str | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        #: What to do, when the usual advice (correct the field) does not fit.
+        self.advice = advice
 
 
 class SettingsErrors(ValueError):
@@ -75,6 +78,8 @@ class RefineSettings:
         refine_points: Also refine point annotations (prompted with the point).
         refine_rectangles: Also refine rectangle annotations (prompted with their box).
         separate: Keep the refined outlines of touching objects (same tags, same location) apart.
+        kept_tag: A tag added to every original the job keeps (so the app's tag filter finds
+            them), or None (off).
     """
 
     dataset_id: str
@@ -97,6 +102,7 @@ class RefineSettings:
     refine_points: bool = ui.REFINE_POINTS_DEFAULT
     refine_rectangles: bool = ui.REFINE_RECTANGLES_DEFAULT
     separate: bool = ui.SEPARATE_DEFAULT
+    kept_tag: str | None = None
 
     @property
     def shapes(self) -> tuple[str, ...]:
@@ -109,13 +115,13 @@ def _number(field: str, value: Any, low: float, high: float, default: float) -> 
     if value is None or (isinstance(value, str) and not value.strip()):
         return float(default)
     if isinstance(value, bool):
-        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {value!r}")
+        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {describe_value(value)}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {value!r}") from None
+        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {describe_value(value)}") from None
     if not math.isfinite(number) or not low <= number <= high:
-        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {value!r}")
+        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {describe_value(value)}")
     return number
 
 
@@ -125,7 +131,7 @@ def _tags(field: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,) if value.strip() else ()
     if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise SettingError(field, f"expected a list of tag strings, got {value!r}")
+        raise SettingError(field, f"expected a list of tag strings, got {describe_value(value)}")
     return tuple(dict.fromkeys(t for t in value if t.strip()))
 
 
@@ -133,7 +139,7 @@ def _bool(field: str, value: Any) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise SettingError(field, f"expected true or false, got {value!r}")
+        raise SettingError(field, *checkbox_problem(value))
     return value
 
 
@@ -143,7 +149,7 @@ def _checkbox(field: str, value: Any, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise SettingError(field, f"expected true or false, got {value!r}")
+        raise SettingError(field, *checkbox_problem(value))
     return value
 
 
@@ -157,11 +163,30 @@ def _shape_settings(values: dict[str, Any], attempt: Any) -> dict[str, Any]:
     }
 
 
+def _kept_tag(field: str, value: Any, refine_tags: tuple[str, ...] | None,
+              output_tags: tuple[str, ...] | None) -> str | None:
+    """The "Tag kept annotations" text: one tag, or None when empty (off). It must tell the
+    kept originals apart: not one of the tags to refine (every original carries one) nor one of
+    the tool's own tags (every refined annotation carries those)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise SettingError(field, f"expected one tag as text, got {describe_value(value)}")
+    tag = value.strip()
+    if tag in (refine_tags or ()):
+        raise SettingError(field, f'"{tag}" is also a tag of the objects to refine, which every annotation the '
+                                  "job looks at may carry; choose a tag of its own, such as \"sam2-kept\"")
+    if tag in (output_tags or ()):
+        raise SettingError(field, f'"{tag}" is also the tag the tool gives to refined annotations, so kept and '
+                                  "refined ones could not be told apart; choose another, such as \"sam2-kept\"")
+    return tag
+
+
 def _int(field: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-        raise SettingError(field, f"expected a whole number, got {value!r}")
+        raise SettingError(field, f"expected a whole number, got {describe_value(value)}")
     if value < minimum:
-        raise SettingError(field, f"expected a whole number >= {minimum}, got {value!r}")
+        raise SettingError(field, f"expected a whole number >= {minimum}, got {describe_value(value)}")
     return int(value)
 
 
@@ -171,13 +196,14 @@ def _select(field: str, value: Any, items: dict[str, str], default: str) -> str:
         return items[default]
     if not isinstance(value, str) or value not in items:
         choices = ", ".join(f'"{k}"' for k in items)
-        raise SettingError(field, f"expected one of {choices}, got {value!r}")
+        raise SettingError(field, f"expected one of {choices}, got {describe_value(value)}")
     return items[value]
 
 
 def _tile(value: Any) -> Location:
     if not isinstance(value, dict):
-        raise SettingError("tile", f"expected {{'XY': int, 'Z': int, 'Time': int}}, got {value!r}")
+        raise SettingError("tile", f"expected the position the tool was started from ({{XY, Z, Time}}), got "
+                                   f"{describe_value(value)}")
     return Location(*(_int(f"tile.{k}", value.get(k, 0)) for k in ("XY", "Z", "Time")))
 
 
@@ -269,7 +295,7 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         except SettingError as exc:
             errors.append(exc)
         except BatchRangeError as exc:
-            errors.append(SettingError(exc.field, str(exc).split(": ", 1)[1]))
+            errors.append(SettingError(exc.field, exc.message))
         except CheckpointChoiceError as exc:
             errors.append(SettingError(ui.MODEL, str(exc)))
         return None
@@ -295,6 +321,7 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
     min_overlap = attempt(_number, ui.MIN_OVERLAP, values.get(ui.MIN_OVERLAP), *ui.MIN_OVERLAP_RANGE,
                           ui.MIN_OVERLAP_DEFAULT)
     shape_settings = _shape_settings(values, attempt)
+    kept_tag = attempt(_kept_tag, ui.KEPT_TAG, values.get(ui.KEPT_TAG), refine_tags, output_tags)
     if errors:
         raise SettingsErrors(errors)
     return RefineSettings(
@@ -315,5 +342,6 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         resolution=resolution,
         prompt=prompt,
         min_overlap=min_overlap,
+        kept_tag=kept_tag,
         **shape_settings,
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 INTERFACE_NAME = "SAM2 Refiner"
 INTERFACE_CATEGORY = "SAM2"
 DESCRIPTION = (
-    "Refines existing polygon annotations with SAM2: each annotation's box prompts the model "
-    "and the mask becomes a clean polygon that follows the object's boundary"
+    "Refines existing annotations with SAM2: each polygon's or rectangle's box, or each point, "
+    "prompts the model, and the mask becomes a clean polygon that follows the object's boundary"
 )
 ANNOTATION_SHAPE = "polygon"
 DEFAULT_IMAGE_NAME = "annotations/sam2_refine_worker:latest"

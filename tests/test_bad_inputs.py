@@ -171,7 +171,9 @@ def test_catalogue_outside_the_frame(server, ckpt, tmp_path):
     code, reporter, summary = run(server, ds, ckpt, tmp_path)
     assert code == 0
     assert_kept(server, ds, summary, bad, f"it lies outside the {W}x{H} frame")
-    assert any(bad in w["info"] for w in messages(reporter, "warning") if w["title"] == "Annotations kept")
+    kept, = [w for w in messages(reporter, "warning") if w["title"] == "Annotations kept"]
+    assert f"1 it lies outside the {W}x{H} frame" in kept["info"] and bad not in kept["info"]
+    assert summary["kept_by_position"]["XY 1, Z 1, Time 1"] == {f"it lies outside the {W}x{H} frame": [bad]}
     assert_refined(server, ds, summary, ok)
 
 
@@ -314,7 +316,11 @@ def test_catalogue_empty_dataset(server, ckpt, tmp_path):
     code, reporter, summary = run(server, ds, ckpt, tmp_path)
     assert code == 0
     last = messages(reporter, "progress")[-1]
-    assert last["progress"] == 1.0 and "No annotations" in last["info"]
+    assert last["progress"] == 1.0 and "Nothing to refine" in last["info"]
+    warning, = messages(reporter, "warning")
+    assert warning["warning"] == "The chosen batch holds no polygon annotations."
+    assert warning["title"] == "Nothing to refine"
+    assert "the dataset holds no polygon annotations at all" in warning["info"]
     assert summary["selected"] == 0
     assert [r for r in server.requests if r.method != "GET"] == []
 
@@ -572,7 +578,8 @@ def test_catalogue_frame_that_is_not_a_tiff(server, ckpt, tmp_path, garbage_body
     assert_refined(server, ds, summary, first[0])  # the other location is done
     error = messages(reporter, "error")[-1]
     assert "1 location(s) could not be processed" in error["error"]
-    assert "XY 2" in error["info"] and f"GET item/{ds.item_id}/tiles/region failed" in error["info"]
+    assert "XY 2" in error["info"] and f"(request GET item/{ds.item_id}/tiles/region)" in error["info"]
+    assert "its image could not be read" in error["info"] and "Running the job again processes them" in error["info"]
     # A TIFF header over garbage decodes to an empty array, which is caught as not one 2-D plane.
     assert "not a readable TIFF" in error["info"] or "expected one 2-D plane" in error["info"]
 
@@ -641,7 +648,6 @@ def test_catalogue_layer_contrast_not_an_object(server, ckpt, tmp_path):
 # -- bad settings: through the command line, in-process ----------------------------------------------
 
 BAD_SETTINGS = {
-    "model_null": ({"Model": None}, "Model"),
     "model_unknown": ({"Model": "sam2.1_hiera_huge.pt"}, "Model"),
     "model_path": ({"Model": "../sam2.1_hiera_tiny.pt"}, "Model"),
     "model_not_text": ({"Model": 3}, "Model"),
@@ -749,8 +755,9 @@ def test_catalogue_unknown_dataset_id(server, ckpt, monkeypatch, capsys):
     monkeypatch.setenv("SAM2_CHECKPOINT_DIR", str(ckpt))
     code, lines = cli_compute(server, "0123456789abcdef01234567", base_request(), capsys)
     errors = [line for line in lines if "error" in line]
-    assert code == 1 and errors[0]["error"] == "Could not read the dataset."
-    assert "GET folder/0123456789abcdef01234567 failed: HTTP 400" in errors[0]["info"]
+    assert code == 1 and errors[0]["error"] == "The dataset was not found on the NimbusImage server."
+    assert "The server has no dataset with id 0123456789abcdef01234567" in errors[0]["info"]
+    assert "Request: GET folder/0123456789abcdef01234567 (HTTP 400)" in errors[0]["info"]
     assert [r for r in server.requests if r.method != "GET"] == []
 
 
@@ -760,7 +767,9 @@ def test_catalogue_current_tile_beyond_the_dataset(server, ckpt, monkeypatch, ca
     request = {**base_request(), "tile": {"XY": 3, "Z": 0, "Time": 0}}
     code, lines = cli_compute(server, ds.dataset_id, request, capsys)
     errors = [line for line in lines if "error" in line]
-    assert code == 2 and "Batch XY" in errors[0]["error"] and "1 position" in errors[0]["error"]
+    assert code == 2 and errors[0]["error"] == "Invalid setting: Batch XY"
+    assert "The current position asks for position 4, but the dataset has 1 position" in errors[0]["info"]
+    assert "Nothing was changed." in errors[0]["info"]
     assert server.requests_to("GET", "upenn_annotation") == []
     assert [r for r in server.requests if r.method != "GET"] == []
 

@@ -133,3 +133,21 @@ def test_field_name_passed_to_resolve_is_used() -> None:
         AxisSelection("list", (5,), "6").resolve("Batch Time", 2, current=0)
     assert info.value.field == "Batch Time"
     assert str(info.value).startswith("Batch Time: ")
+
+
+def test_a_single_bad_item_is_quoted_once() -> None:
+    """Issue 23: "first two" was reported as '"first two" in "first two" is not a position'."""
+    with pytest.raises(BatchRangeError) as info:
+        parse_batch("Batch XY", "first two")
+    message = str(info.value)
+    assert message.count('"first two"') == 1 and " in " not in message.split(";")[0]
+    assert 'is not a position or a range; use comma-separated' in message
+    with pytest.raises(BatchRangeError) as info:
+        parse_batch("Batch XY", "1-2, x")
+    assert '"x" (in "1-2, x") is not a position or a range' in str(info.value)
+
+
+def test_a_value_of_another_type_is_described_in_words() -> None:
+    with pytest.raises(BatchRangeError) as info:
+        parse_batch("Batch Z", [1, 2])
+    assert "expected text, got a list of 2 items" in str(info.value)

@@ -78,7 +78,7 @@ def test_interface_posts_the_fields(server, checkpoint_dir):
                             "Model", "Delete original annotations", "Padding", "Smoothing",
                             "Resolution", "Prompt", "Minimum overlap with original", "Keep original tags",
                             "Refine point annotations", "Refine rectangle annotations",
-                            "Keep touching objects apart"]
+                            "Keep touching objects apart", "Tag kept annotations"]
     item = "SAM2.1 tiny, UNTRAINED test weights (sam2.1_hiera_tiny.pt)"
     assert posted["Model"]["items"] == [item]
     assert posted["Model"]["default"] == item
@@ -135,8 +135,13 @@ def test_refines_a_2xy_2time_dataset_and_deletes_only_replaced(server, checkpoin
     for stage in ("Fetching annotations", "Loading model", "Refining", "Uploading", "Deleting originals", "Complete"):
         assert stage in titles
     assert "Refined 4 of 8, kept 4, deleted 4" in progress[-1]["info"]
-    kept_warnings = [w for w in run.warnings() if w["title"] == "Annotations kept"]
-    assert kept_warnings and all(i in " ".join(w["info"] for w in kept_warnings) for i in small)
+    kept_warning, = [w for w in run.warnings() if w["title"] == "Annotations kept"]
+    assert kept_warning["warning"].startswith("4 annotation(s) were kept unchanged at 4 position(s)")
+    for where in ("XY 1, Time 1: 1 kept: 1 ", "XY 1, Time 2: 1 kept", "XY 2, Time 1: 1 kept", "XY 2, Time 2: 1 kept"):
+        assert where in kept_warning["info"]  # Z left out: the dataset has one Z
+    assert not any(i in kept_warning["info"] for i in small)  # ids only in the summary file
+    by_position = summary["kept_by_position"]
+    assert sorted(i for reasons in by_position.values() for ids in reasons.values() for i in ids) == sorted(small)
     assert any("UNTRAINED" in w["warning"] for w in run.warnings())
     # Each location's frames were fetched once per channel, as TIFF.
     regions = server.requests_to("GET", r"item/\w+/tiles/region")
@@ -201,8 +206,6 @@ def test_upload_failure_deletes_nothing_and_fails(server, checkpoint_dir, tmp_pa
 
 
 BAD_SETTINGS = [
-    ({"Model": None}, "Model"),
-    ({"Model": ""}, "Model"),
     ({"Model": "../sam2.1_hiera_tiny.pt"}, "Model"),
     ({"Model": "sam2.1_hiera_large.pt"}, "Model"),
     ({"Padding": 25}, "Padding"),
@@ -237,8 +240,10 @@ def test_batch_beyond_the_dataset_states_its_size(server, checkpoint_dir):
     run = run_worker(server, "compute", params(**{"Batch XY": "1-3"}), dataset_id=ds.dataset_id,
                      checkpoint_dir=checkpoint_dir)
     assert run.returncode == 2
-    message = run.errors()[0]["error"]
-    assert "Batch XY" in message and "2 positions" in message
+    error = run.errors()[0]
+    assert error["error"] == "Invalid setting: Batch XY"
+    assert '"1-3" asks for position 3, but the dataset has 2 positions on this axis (1-2)' in error["info"]
+    assert error["info"].endswith("then run the tool again.") and "Nothing was changed." in error["info"]
     assert writes(server) == [] and server.requests_to("GET", "upenn_annotation") == []
     assert [a["_id"] for a in server.annotations()] == original
 
@@ -257,7 +262,7 @@ def test_per_annotation_failures_are_warned_and_kept(server, checkpoint_dir, tmp
     run = run_worker(server, "compute", params(**{"Delete original annotations": True}), dataset_id=ds.dataset_id,
                      checkpoint_dir=checkpoint_dir, summary=tmp_path / "s.json")
     assert run.returncode == 0, run.stdout + run.stderr
-    kept_text = json.dumps([w for w in run.warnings() if w["title"] == "Annotations kept"])
+    kept_text = json.dumps(json.loads((tmp_path / "s.json").read_text())["kept_by_position"])
     reasons = json.loads((tmp_path / "s.json").read_text())["kept_reasons"]
     expected = {"fewer than 3 points": ("fewer than 3 points",), "non-finite": ("not a number",),
                 "zero-area box": ("encloses no area",), "outside the frame": ("outside the 128x96 frame",),

@@ -28,7 +28,8 @@ EXPECTED_ORDER = [
 ]
 #: Fields added after the original ones (the originals keep their order and defaults).
 ADDED = ["Resolution", "Prompt", "Minimum overlap with original", "Keep original tags",
-         "Refine point annotations", "Refine rectangle annotations", "Keep touching objects apart"]
+         "Refine point annotations", "Refine rectangle annotations", "Keep touching objects apart",
+         "Tag kept annotations"]
 MODELS = ["sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt", "sam2.1_hiera_tiny.pt"]
 
 
@@ -79,6 +80,7 @@ def test_field_types() -> None:
         "Refine point annotations": "checkbox",
         "Refine rectangle annotations": "checkbox",
         "Keep touching objects apart": "checkbox",
+        "Tag kept annotations": "text",
     }
 
 
@@ -92,6 +94,23 @@ def test_notes_carry_the_description() -> None:
     assert isinstance(notes["value"], str)
     assert "SAM2" in notes["value"]
     assert len(notes["value"]) > 40
+
+
+def test_the_tool_describes_polygons_points_and_rectangles() -> None:
+    """Issue 23: the notes field and the Docker image's description (worker_info, which
+    tests/test_packaging.py checks against both Dockerfiles) say what is refined now."""
+    from sam2_refine import worker_info
+
+    for text in (build_interface(MODELS)["SAM2 Refiner"]["value"], worker_info.DESCRIPTION):
+        words = text.lower()
+        assert "polygon" in words and "rectangle" in words and "point" in words, text
+        assert "(via bounding boxes)" not in words
+
+
+def test_kept_tag_field_is_text_and_empty_by_default() -> None:
+    field = build_interface(MODELS)[ui.KEPT_TAG]
+    assert field["type"] == "text" and "default" not in field  # the app's text default is ""
+    assert field["displayOrder"] == 16 and field["tooltip"]
 
 
 def test_padding_and_smoothing_numbers() -> None:

@@ -129,9 +129,11 @@ def test_uploads_during_the_job_and_stops_at_the_first_failure(server, ckpt, mon
     assert "Created 4 of 8" in error["info"] and "no original annotation was deleted" in error["error"]
     # The third location was not refined (its frame may have been prefetched): originals kept.
     third = {a["_id"] for a in server.annotations(ds.dataset_id) if a["location"]["XY"] == 2}
-    kept = [line for line in reporter.lines if line.get("title") == "Annotations kept"
-            and "not processed: the upload failed" in line["warning"]]
-    assert len(third) == 4 and kept and all(i in kept[0]["info"] for i in third)
+    kept = [line for line in reporter.lines if line.get("title") == "Annotations kept"]
+    assert len(third) == 4 and len(kept) == 1
+    # counted by position (the app's numbering) and reason; ids only in the summary file
+    assert "XY 3: 4 kept: 4 not processed: the upload failed" in kept[0]["info"]
+    assert not any(i in kept[0]["info"] for i in third)
 
 
 def test_a_location_whose_image_fails_is_kept_and_the_job_fails(server, ckpt):
@@ -179,8 +181,8 @@ def test_empty_masks_keep_their_originals(server, ckpt):
     stored = {a["_id"] for a in server.annotations(ds.dataset_id)}
     for ann_id, left in lefts.items():
         assert (ann_id in stored) == (left > W / 2), ann_id
-    kept = [line for line in reporter.lines if line.get("title") == "Annotations kept"]
-    assert any(line["warning"].endswith("empty mask") for line in kept)
+    kept, = [line for line in reporter.lines if line.get("title") == "Annotations kept"]
+    assert kept["info"].startswith("2 kept: 2 empty mask.")  # one position: none named
 
 
 def test_no_visible_layer_fails_before_anything_changes(server, ckpt):

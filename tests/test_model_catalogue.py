@@ -128,7 +128,8 @@ BAD_SIDECARS = {
                                   "'Delete original annotations' is not a field a model can set"),
     "default_unknown_field": ({"defaults": {"Promt": "Box"}}, "'Promt' is not a field a model can set"),
     "default_bad_select": ({"defaults": {"Prompt": "Circle"}}, 'Prompt: expected one of "Box", '),
-    "default_out_of_range": ({"defaults": {"Padding": 99}}, "Padding: expected a number from -20 to 20, got 99"),
+    "default_out_of_range": ({"defaults": {"Padding": 99}},
+                             "Padding: expected a number from -20 to 20, got the number 99"),
     "default_bool_number": ({"defaults": {"Smoothing": True}}, "Smoothing: expected a number"),
     "default_null": ({"defaults": {"Resolution": None}}, "Resolution: no value given"),
 }

@@ -325,7 +325,7 @@ def test_a_frame_that_fails_keeps_only_its_location(server, ckpt, monkeypatch):
     refined = {a["location"]["XY"] for a in server.annotations(ds.dataset_id) if a["tags"] == ["refined"]}
     assert refined == {0, 1, 3, 4}
     kept = [line for line in reporter.lines if line.get("title") == "Annotations kept"]
-    assert any("its image could not be read" in line["warning"] for line in kept)
+    assert any("XY 3:" in line["info"] and "its image could not be read" in line["info"] for line in kept)
     error = [line for line in reporter.lines if "error" in line][-1]
     assert "1 location(s) could not be processed" in error["error"] and "XY 3" in error["info"]
     assert "tiles/region" in error["info"]

@@ -151,7 +151,7 @@ def test_refinements_are_never_originals_even_with_the_refine_tag(server, ckpt, 
     code, reporter, third = run_job(server, ds, ckpt, tmp_path / "3.json", output_tags=("nucleus",),
                                     refine_tags=("nucleus",), delete=True)
     assert code == 0 and third["selected"] == 0
-    assert "No annotations" in [line for line in reporter.lines if "progress" in line][-1]["info"]
+    assert "Nothing left to refine" in [line for line in reporter.lines if "progress" in line][-1]["info"]
     assert {d["_id"] for d in server.annotations(ds.dataset_id)} == refined_ids
 
 

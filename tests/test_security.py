@@ -96,7 +96,7 @@ def test_no_token_when_the_server_echoes_it_in_an_error(server, stub_ckpt, monke
     run = standin_cli(server, params(**{"Delete original annotations": True}), dataset_id, stub_ckpt)
     assert run.returncode == 1, run.stdout + run.stderr
     errors = run.errors()
-    assert errors and any(f"{method} {path.format(ds=dataset_id)} failed: HTTP {status}" in e["error"] + e["info"]
+    assert errors and any(f"Request: {method} {path.format(ds=dataset_id)} (HTTP {status})" in e["info"]
                           for e in errors), errors
     assert "***" in json.dumps(errors)  # the echoed token was there, and was scrubbed
     assert_no_token(run)

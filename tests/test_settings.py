@@ -146,11 +146,39 @@ def test_integer_batch_value_from_a_saved_tool(ckpt_dir: Path) -> None:
     assert settings.batch_xy.positions == (1,)
 
 
-def test_missing_worker_interface_uses_defaults_but_needs_a_model(ckpt_dir: Path) -> None:
+def test_missing_worker_interface_uses_defaults_and_the_default_model(ckpt_dir: Path) -> None:
     params = full_params()
     params["workerInterface"] = None
-    errors = errors_of(params, ckpt_dir)
-    assert set(errors) == {"Model"}
+    settings = parse_settings(params, "ds-1", ckpt_dir)
+    assert settings.model == SMALL and settings.checkpoint == ckpt_dir / SMALL
+
+
+@pytest.mark.parametrize("model", [None, "", "   ", "missing key"])
+def test_empty_model_means_the_default_model(ckpt_dir: Path, model: Any) -> None:
+    """An empty Model (a saved tool or another client may send "" or null, or no key at all)
+    is the default model, as an empty Resolution or Prompt is their default: the Model
+    select's own default (sam2.1_hiera_small.pt here), whatever file comes first."""
+    params = full_params(Model=model)
+    if model == "missing key":
+        del params["workerInterface"]["Model"]
+    settings = parse_settings(params, "ds-1", ckpt_dir)
+    assert settings.model == SMALL and settings.checkpoint == ckpt_dir / SMALL
+
+
+def test_empty_model_takes_the_first_usable_one_without_the_default_file(tmp_path: Path) -> None:
+    from sam2_refine.testing.checkpoints import write_layout_checkpoint
+
+    directory = tmp_path / "only-tiny"
+    write_layout_checkpoint(directory / TINY, TINY)
+    assert parse_settings(full_params(Model=""), "ds-1", directory).model == TINY
+
+
+def test_empty_model_without_any_usable_checkpoint_is_an_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a checkpoint")
+    message = errors_of(full_params(Model=None), empty)["Model"]
+    assert "no model was chosen" in message and "no usable SAM2 checkpoint" in message
 
 
 def test_other_channel_missing_defaults_to_zero(ckpt_dir: Path) -> None:
@@ -170,14 +198,14 @@ def test_tile_falls_back_to_assignment(ckpt_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "model",
-    [None, "", "   ", "../x.pt", f"sub/{TINY}", f"..\\{TINY}", "sam2.1_hiera_large.pt", "foo.pt", 5, ["x"]],
+    ["../x.pt", f"sub/{TINY}", f"..\\{TINY}", "sam2.1_hiera_large.pt", "foo.pt", 5, ["x"]],
 )
 def test_bad_model(ckpt_dir: Path, model: Any) -> None:
     errors = errors_of(full_params(Model=model), ckpt_dir)
     assert set(errors) == {"Model"}
 
 
-@pytest.mark.parametrize("model", [None, "", "sam2.1_hiera_large.pt", "../x.pt"])
+@pytest.mark.parametrize("model", ["sam2.1_hiera_large.pt", "../x.pt"])
 def test_model_error_lists_available_checkpoints(ckpt_dir: Path, model: Any) -> None:
     message = errors_of(full_params(Model=model), ckpt_dir)["Model"]
     assert TINY in message
@@ -340,7 +368,41 @@ def test_bad_shape_fields_are_each_named(ckpt_dir: Path) -> None:
     errors = errors_of(full_params(**{"Refine point annotations": "yes", "Refine rectangle annotations": 1,
                                       "Keep touching objects apart": "false"}), ckpt_dir)
     assert errors == {
-        "Refine point annotations": "expected true or false, got 'yes'",
-        "Refine rectangle annotations": "expected true or false, got 1",
-        "Keep touching objects apart": "expected true or false, got 'false'",
+        "Refine point annotations": 'it came as the text "yes" instead of a tick box value (true or false, '
+                                    "without quotes), as a tool saved by another program may hold it",
+        "Refine rectangle annotations": "expected a tick box value (true or false), got the number 1",
+        "Keep touching objects apart": 'it came as the text "false" instead of a tick box value (true or false, '
+                                       "without quotes), as a tool saved by another program may hold it",
     }
+
+
+# -- issue 23: the kept tag, and values described in words ------------------------------------------
+
+
+def test_kept_tag_is_off_when_empty_missing_or_null(ckpt_dir: Path) -> None:
+    assert parse_settings(full_params(), "ds-1", ckpt_dir).kept_tag is None
+    for value in ("", "   ", None):
+        assert parse_settings(full_params(**{"Tag kept annotations": value}), "ds-1", ckpt_dir).kept_tag is None
+    settings = parse_settings(full_params(**{"Tag kept annotations": "  sam2-kept "}), "ds-1", ckpt_dir)
+    assert settings.kept_tag == "sam2-kept"
+
+
+@pytest.mark.parametrize("value,words", [
+    (["a"], "expected one tag as text, got a list of 1 item"),
+    ("nucleus", '"nucleus" is also a tag of the objects to refine'),
+    ("refined", '"refined" is also the tag the tool gives to refined annotations'),
+])
+def test_kept_tag_must_be_one_tag_of_its_own(ckpt_dir: Path, value: Any, words: str) -> None:
+    message = errors_of(full_params(**{"Tag kept annotations": value}), ckpt_dir)["Tag kept annotations"]
+    assert words in message
+
+
+def test_wrong_types_are_described_in_words_not_python_reprs(ckpt_dir: Path) -> None:
+    errors = errors_of(full_params(Padding="wide", Smoothing=[1], **{"Tag of objects to refine": {"a": 1},
+                                                                     "Delete original annotations": "true"}), ckpt_dir)
+    assert errors["Padding"] == 'expected a number from -20 to 20, got the text "wide"'
+    assert errors["Smoothing"] == "expected a number from 0 to 3, got a list of 1 item"
+    assert errors["Tag of objects to refine"] == ("expected a list of tag strings, got a group of named values "
+                                                  "(a JSON object)")
+    assert errors["Delete original annotations"].startswith('it came as the text "true" instead of a tick box value')
+    assert not any("'" in message for message in errors.values())  # no Python repr

@@ -14,6 +14,8 @@ NimbusImage API (contract section 5) that this worker uses, with everything held
   tags, channel, location, shape, datasetId``; shape one of point/line/polygon/rectangle;
   all-or-nothing per request, 400 with a message); ``shape=blob`` lists nothing; deleting an
   annotation deletes its connections; non-finite numbers are served as ``null`` (as orjson does);
+- annotations updated in part (``PUT upenn_annotation/multiple``, what the app sends when a
+  user edits tags: only the fields given change, the merged documents validated all or nothing);
 - every request recorded (:attr:`NimbusTestServer.requests`), and faults on demand
   (:meth:`NimbusTestServer.fail`): a status on the k-th call to an endpoint or always, a dropped
   connection (before or after the server acted), or a delay.
@@ -51,6 +53,9 @@ import tifffile
 API_ROOT = "/api/v1/"
 REQUIRED_ANNOTATION_KEYS = ("coordinates", "tags", "channel", "location", "shape", "datasetId")
 ANNOTATION_SHAPES = ("point", "line", "polygon", "rectangle")
+#: The fields an update may change: the annotation schema's properties (upstream
+#: helpers/customModel.py ``getUpdatableFields``, models/annotation.py ``annotationSchema``).
+UPDATABLE_ANNOTATION_KEYS = ("name", "coordinates", "tags", "channel", "location", "shape", "datasetId", "color")
 AXES = ("XY", "T", "Z", "C")
 
 
@@ -495,6 +500,8 @@ class NimbusTestServer:
         if method == "DELETE" and path == "upenn_annotation/multiple":
             self._delete_annotations(body)
             return 200, None, json_ok, {}
+        if method == "PUT" and path == "upenn_annotation/multiple":
+            return 200, self._update_annotations(body), json_ok, {}
         if method == "GET" and path == "annotation_connection":
             return 200, self._find_connections(params), json_ok, {}
         if method == "POST" and path == "annotation_connection/multiple":
@@ -622,6 +629,53 @@ class NimbusTestServer:
                 self.state.annotations[doc["_id"]] = doc
                 created.append(doc)
         return created
+
+    def _update_annotations(self, body: Any) -> list[Any] | None:
+        """``PUT upenn_annotation/multiple``: partial updates of existing annotations.
+
+        Follows NimbusImage devops/girder/plugins/AnnotationPlugin/upenncontrast_annotation/
+        server/api/annotation.py (``updateMultiple``) and models/annotation.py
+        (``updateMultiple``), with helpers/customModel.py (``filterUpdateFields``,
+        ``saveMany``): the body is a JSON array of objects, each naming its annotation by
+        ``id`` or ``_id``; only the schema's fields (``name, coordinates, tags, channel,
+        location, shape, datasetId, color``) are taken, each replacing the stored field whole
+        (a ``tags`` list replaces the tags); every other field of the stored document stays.
+        An id the server does not hold fails the whole request with 403 before anything is
+        saved; the merged documents are validated by the creation schema, all or nothing (400);
+        the answer is ``null`` (``[]`` for an empty array). The same id twice: the later wins.
+        """
+        if not isinstance(body, list):
+            raise _BadRequest(400, "Request body must be a JSON array.")
+        if not body:
+            return []
+        updates: dict[str, dict[str, Any]] = {}
+        for update in body:
+            if not isinstance(update, dict):
+                raise _BadRequest(400, "Each annotation update must be a JSON object.")
+            ann_id = update.get("id") or update.get("_id")
+            if not ann_id:
+                raise _BadRequest(400, "Each annotation must have an 'id' or '_id' field.")
+            if not isinstance(ann_id, str) or not re.fullmatch(r"[0-9a-f]{24}", ann_id):
+                raise _BadRequest(400, f"Invalid annotation id: {ann_id}")
+            fields = {k: v for k, v in update.items() if k in UPDATABLE_ANNOTATION_KEYS}
+            if "datasetId" in fields and not (isinstance(fields["datasetId"], str)
+                                             and re.fullmatch(r"[0-9a-f]{24}", fields["datasetId"])):
+                raise _BadRequest(400, f"Invalid datasetId: {fields['datasetId']}")
+            updates[ann_id] = fields
+        with self._lock:
+            moved_to = {f["datasetId"] for f in updates.values() if "datasetId" in f}
+            missing_datasets = sorted(moved_to - set(self.state.folders))
+            if missing_datasets:
+                raise _BadRequest(403, f"Dataset(s) not found: {missing_datasets}")
+            if not set(updates) <= set(self.state.annotations):
+                raise _BadRequest(403, "Write access was denied for one or more annotations.")
+            merged = {ann_id: {**self.state.annotations[ann_id], **fields} for ann_id, fields in updates.items()}
+            for index, doc in enumerate(merged.values()):
+                problem = _annotation_problem(doc, self.state.folders)
+                if problem:
+                    raise _BadRequest(400, f"Validation Error: annotation {index}: {problem}")
+            self.state.annotations.update(merged)
+        return None
 
     def _delete_annotations(self, body: Any) -> None:
         if not isinstance(body, list) or not all(isinstance(i, str) for i in body):
