@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sam2_refine.checkpoints import ModelCatalogue, scan_models
@@ -121,10 +121,19 @@ def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, 
         return job.run_compute(settings, client, reporter, _load_sam2)
 
 
-def _load_sam2(checkpoint: Path):  # -> tuple[BoxPredictor, bool]
+def _load_sam2(checkpoint: Path, on_step: Callable[[str], None] | None = None):  # -> tuple[BoxPredictor, bool]
+    """The SAM2 model from ``checkpoint``, each step told to ``on_step`` as it starts (importing
+    torch alone takes seconds: the progress bar says so)."""
+    step = on_step or (lambda text: None)
+    step("importing PyTorch")
+    import torch  # noqa: F401 - imported here, as a step of its own
+
+    step("importing SAM2")
+    import sam2.build_sam  # noqa: F401 - Hydra and the model zoo
+
     from sam2_refine.sam2_model import Sam2BoxPredictor
 
-    return Sam2BoxPredictor.load(checkpoint)
+    return Sam2BoxPredictor.load(checkpoint, on_step=step)
 
 
 def token_candidates(argv: Sequence[str]) -> tuple[str, ...]:

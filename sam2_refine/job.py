@@ -20,9 +20,11 @@ read or changed beyond the dataset's layout); 143 when stopped by SIGTERM.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,9 +52,9 @@ from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, NimbusAPIError, Ni
 from sam2_refine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.predictor import BoxPredictor
 from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
-from sam2_refine.refine import GeometryOptions, Kept, refine_location
+from sam2_refine.refine import STEP_DECODE, STEP_EMBED, GeometryOptions, Kept, refine_location
 from sam2_refine.replace import Ledger, pending_upload, upload
-from sam2_refine.report import ProgressSpan, Reporter
+from sam2_refine.report import Heartbeat, ProgressSpan, Reporter
 from sam2_refine.selection import Original, Selection, select
 from sam2_refine.settings import Location, RefineSettings
 
@@ -69,8 +71,9 @@ UPLOAD_CHUNK = 1000
 #: started meanwhile on the same batch finds them and does not refine them again).
 UPLOAD_AFTER_S = 10.0
 
-#: Loads the model from a checkpoint path: (predictor, untrained?).
-PredictorLoader = Callable[[Path], "tuple[BoxPredictor, bool]"]
+#: Loads the model from a checkpoint path: (predictor, untrained?). It may also take a keyword
+#: ``on_step`` (a callable taking the step's text), told each step of the loading as it starts.
+PredictorLoader = Callable[..., "tuple[BoxPredictor, bool]"]
 
 
 class JobFailed(Exception):
@@ -213,7 +216,8 @@ def run_compute(
     model's device, started once the model is loaded and stopped with the job."""
     ledger = Ledger()
     try:
-        return _run(settings, client, reporter, load_predictor, ledger, outline_pool)
+        with Heartbeat(reporter):  # a progress line at least every 2 s, also in a long step
+            return _run(settings, client, reporter, load_predictor, ledger, outline_pool)
     except JobFailed as exc:
         reporter.error(str(exc), exc.info)
         return exc.exit_code
@@ -243,7 +247,7 @@ def run_compute(
 def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
          load_predictor: PredictorLoader, ledger: Ledger, outline_pool: OutlinePool | None) -> int:
     started = time.monotonic()
-    reporter.progress(0.0, "Reading dataset", "Frame layout and layer settings")
+    reporter.progress(0.0, "Reading dataset", "Frame layout and layer settings", until=0.02)
     try:
         info = client.get_dataset_info(settings.dataset_id)
     except NimbusAPIError as exc:
@@ -259,7 +263,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                                   "Correct the layers in the dataset's view (each visible layer needs one of the "
                                   "dataset's channels, a colour and a contrast), then run the tool again")) from None
 
-    reporter.progress(0.02, "Fetching annotations", _listed_text(settings))
+    reporter.progress(0.02, "Fetching annotations", _listed_text(settings), until=MODEL_STEPS[0])
     try:
         selection = select(fetch_annotations(client, settings), settings.refine_tags,
                            batch.xy, batch.z, batch.time)
@@ -298,7 +302,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
             failed_locations = _refine_all(settings, reporter, predictor, selection, ledger, uploader, frames,
                                            watch, pool)
 
-    reporter.progress(0.85, "Uploading", f"Creating {uploader.pending()} refined annotation(s)")
+    reporter.progress(0.85, "Uploading", f"Creating {uploader.pending()} refined annotation(s)", until=0.9)
     uploader.flush()
     if uploader.error is not None:
         unconfirmed = len(ledger.not_created)
@@ -418,11 +422,18 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
             failed_locations: list[str], started: float, batch: Batch, shapes: tuple[str, ...]) -> int:
     """Convergence with other jobs, confirmed deletions, warnings, the summary line."""
     deleting = settings.delete_originals
-    reporter.progress(0.9, "Checking refinements", "One refinement per original"
-                      + (", then deleting the replaced originals" if deleting else ""))
-    steps = iter((0.92, 0.94, 0.96, 0.97, 0.98))
+    steps = [0.9, 0.92, 0.94, 0.96, 0.97, 0.98]  # this line, then convergence's steps (the bar moves towards each)
+    reporter.progress(steps[0], "Checking refinements", "One refinement per original"
+                      + (", then deleting the replaced originals" if deleting else ""), until=steps[1])
+    told = [0]
+
+    def converge_step(title: str, info: str) -> None:
+        told[0] = min(told[0] + 1, len(steps) - 1)
+        following = steps[told[0] + 1] if told[0] + 1 < len(steps) else None
+        reporter.progress(steps[told[0]], title, info, until=following)
+
     result = converge(client, settings.dataset_id, ledger, delete=deleting, shapes=shapes, in_batch=batch.holds,
-                      on_step=lambda title, info: reporter.progress(next(steps, 0.98), title, info))
+                      on_step=converge_step)
     tagging = (_tag_kept(settings, client, reporter, ledger)
                if settings.kept_tag and result.error is None and result.stable else None)
     _warn_kept(reporter, ledger, batch.sizes, tagging)
@@ -515,15 +526,31 @@ def _warn_converge(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -
                                 | {i for _, _, ids in result.left_alone for i in ids})
 
 
+#: Where the progress bar stands while the model loads: from the first to the last, one step each;
+#: and once it is ready.
+MODEL_STEPS, READY = (0.08, 0.098), 0.1
+
+
 def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: PredictorLoader,
                 selection: Selection) -> BoxPredictor:
-    from sam2_refine.sam2_model import CheckpointError  # only now: imports torch
+    """The model, each step of its loading a progress line (importing torch alone takes seconds)."""
+    low, high = MODEL_STEPS
+    fractions = [low + (high - low) * k / 7 for k in range(8)]  # the real loader tells seven steps
+    reporter.progress(low, "Loading model", f"{settings.model} for {selection.count} annotation(s) "
+                                            f"at {len(selection.by_location)} location(s)", until=fractions[1])
+    told = [0]
 
-    reporter.progress(0.08, "Loading model", f"{settings.model} for {selection.count} annotation(s) "
-                                              f"at {len(selection.by_location)} location(s)")
+    def step(text: str) -> None:  # each step a little further; the heartbeat moves the bar towards the next
+        told[0] = min(told[0] + 1, len(fractions) - 1)
+        following = fractions[told[0] + 1] if told[0] + 1 < len(fractions) else READY
+        reporter.progress(fractions[told[0]], "Loading model", f"{settings.model}: {text}", until=following)
+
     try:
-        predictor, untrained = load_predictor(settings.checkpoint)
-    except CheckpointError as exc:
+        predictor, untrained = _call_loader(load_predictor, settings.checkpoint, step)
+    except Exception as exc:
+        model_module = sys.modules.get("sam2_refine.sam2_model")  # (imported by the loader, with torch)
+        if model_module is None or not isinstance(exc, model_module.CheckpointError):
+            raise
         raise JobFailed("The SAM2 model could not be loaded.",
                         sentences(str(exc), "Nothing was changed",
                                   "An administrator should check the checkpoint files of the worker image")) from None
@@ -531,6 +558,19 @@ def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: Pr
         reporter.warning("UNTRAINED MODEL: this checkpoint holds random weights made for tests or the "
                          "offline demo. Its masks are meaningless.", settings.model, title="Untrained model")
     return predictor
+
+
+def _call_loader(load_predictor: PredictorLoader, checkpoint: Path,
+                 on_step: Callable[[str], None]) -> tuple[BoxPredictor, bool]:
+    """``load_predictor(checkpoint)``, telling it ``on_step`` when it takes one (the real loader
+    does; stand-ins in tests need not)."""
+    try:
+        takes_steps = "on_step" in inspect.signature(load_predictor).parameters
+    except (TypeError, ValueError):
+        takes_steps = False
+    if takes_steps:
+        return load_predictor(checkpoint, on_step=on_step)  # type: ignore[call-arg]
+    return load_predictor(checkpoint)
 
 
 def predictor_device(predictor: BoxPredictor) -> str:
@@ -544,12 +584,12 @@ def _outline_work(predictor: BoxPredictor, given: OutlinePool | None, reporter: 
     """The job's outline pool: ``given`` (left open), else one for the model's device (its worker
     processes started now, while the first location is prepared; stopped after the last)."""
     if given is not None:
-        reporter.progress(0.1, "Model ready", _ready_text(predictor, given))
+        reporter.progress(READY, "Model ready", _ready_text(predictor, given))
         yield given
         return
     with OutlinePool(workers_from_env(predictor_device(predictor))) as pool:
         pool.start()
-        reporter.progress(0.1, "Model ready", _ready_text(predictor, pool))
+        reporter.progress(READY, "Model ready", _ready_text(predictor, pool))
         yield pool
 
 
@@ -664,9 +704,8 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
             continue
         for original in originals:  # (the kept tag is a status of the original, not copied: see kept)
             ledger.tags[original.id] = tuple(t for t in original.tags if t != settings.kept_tag)
-        base = done
-        outcomes = refine_location(predictor, image, originals, options,
-                                   on_progress=lambda n, b=base, w=where: span.update((b + n) / total, w), pool=pool)
+        outcomes = refine_location(predictor, image, originals, options, pool=pool,
+                                   on_step=_location_steps(span, done, len(originals), total, where))
         del image
         ledger.record(location, outcomes)
         done += len(originals)
@@ -689,6 +728,48 @@ def _tag_kept(settings: RefineSettings, client: NimbusClient, reporter: Reporter
                          on_progress=lambda done, total: span.update(done / total, f"{done}/{total} annotation(s)"))
     ledger.kept_tagging = report.as_json()
     return report
+
+
+#: The shares of a location's progress: embedding its image (or regions), decoding its objects'
+#: prompts, tracing their outlines (on a CPU the embedding takes most of a small location's time).
+EMBED_SHARE, DECODE_SHARE, TRACE_SHARE = 0.3, 0.45, 0.25
+
+
+def _location_steps(span: ProgressSpan, before: int, count: int, total: int, where: str,
+                    ) -> Callable[[str, int, int], None]:
+    """The engine's steps within one location (:func:`~sam2_refine.refine.refine_location`'s
+    ``on_step``) as progress lines: the location's share of the bar (``count`` of the job's
+    ``total`` originals, after ``before``) filled as its regions are embedded, its objects
+    decoded and their outlines traced (:data:`EMBED_SHARE`, :data:`DECODE_SHARE`,
+    :data:`TRACE_SHARE`); never backwards. While a region is embedded (one long step) the
+    heartbeat moves the bar towards the end of that region's share."""
+    regions = [0, 1]  # regions embedded (or being embedded), of how many
+    decoded = [0.0]
+    reached = [0.0]
+
+    def at(part: float) -> float:
+        return (before + count * min(1.0, part)) / total
+
+    def on_step(step: str, done: int, of: int) -> None:
+        until = None
+        if step == STEP_EMBED:
+            regions[:] = [done, max(of, 1)]
+            text, minor = "computing the image embedding" + (f" (region {done}/{of})" if of > 1 else ""), False
+            part = EMBED_SHARE * (done - 1) / regions[1] + DECODE_SHARE * decoded[0]
+            until = at(EMBED_SHARE * done / regions[1] + DECODE_SHARE * decoded[0])
+        elif step == STEP_DECODE:
+            decoded[0] = done / of if of else 1.0
+            text, minor = f"{done}/{of} objects decoded", True
+            part = EMBED_SHARE * regions[0] / regions[1] + DECODE_SHARE * decoded[0]
+        else:
+            text, minor = f"{done}/{of} outlines traced", True
+            part = EMBED_SHARE + DECODE_SHARE + TRACE_SHARE * (done / of if of else 1.0)
+            if done < of:
+                until = at(EMBED_SHARE + DECODE_SHARE + TRACE_SHARE * (done + 1) / of)
+        reached[0] = max(reached[0], part)
+        span.update(at(reached[0]), f"{where}: {text}", minor=minor, until=until)
+
+    return on_step
 
 
 def _warn_kept(reporter: Reporter, ledger: Ledger, sizes: tuple[int, int, int], tagging: TagReport | None) -> None:

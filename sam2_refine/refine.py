@@ -1001,7 +1001,8 @@ def _separate(prompts: Sequence[_Prompt], work: _Location) -> None:
         work.masks[prompt.original.id] = _cropped(claim.window, field, component, int(np.count_nonzero(component)))
 
 
-def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location, pool: OutlinePool) -> None:
+def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Location, pool: OutlinePool,
+               on_traced: Callable[[int, int], None] | None = None) -> None:
     """Stage 4: polygons (in the pool, :func:`trace_objects`) and the quality gate. With
     separation and a positive Padding, the outlines are traced unpadded first, then padded
     without growing into each other (:func:`sam2_refine.separation.keep_padded_apart`, here:
@@ -1019,8 +1020,12 @@ def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Loca
             results[k] = ahead[1]
     todo = [k for k, result in enumerate(results) if result is None]
     shapes = [traced[k].original.shape if gated and not apart and traced[k].point is None else None for k in todo]
+    early_done = len(traced) - len(todo)
+    if on_traced is not None:  # (issue 23: progress as outlines are traced)
+        on_traced(early_done, len(traced))
+    on_done = None if on_traced is None else (lambda n: on_traced(early_done + n, len(traced)))
     for k, result in zip(todo, _in_chunks(pool, trace_objects, [masks[k] for k in todo], shapes, options,
-                                          work.frame_hw, apart), strict=True):
+                                          work.frame_hw, apart, on_done=on_done), strict=True):
         results[k] = result
     del masks, early
     polygons: list[Polygon | None] = []
@@ -1057,14 +1062,20 @@ TRACE_CHUNK = (8, 64)
 
 
 def _in_chunks(pool: OutlinePool, fn: Callable[..., list[Any]], items: Sequence[Any], more: Sequence[Any],
-               *args: Any) -> list[Any]:
-    """``fn(items, more, *args)`` in chunks on the pool; the results in order."""
+               *args: Any, on_done: Callable[[int], None] | None = None) -> list[Any]:
+    """``fn(items, more, *args)`` in chunks on the pool; the results in order. ``on_done``: called
+    with the number of items done so far, as each chunk's results are taken."""
     if not items:
         return []
     size = len(items) if pool.inline else min(max(-(-len(items) // (4 * pool.workers)), TRACE_CHUNK[0]),
                                               TRACE_CHUNK[1])
     futures = [pool.submit(fn, items[i:i + size], more[i:i + size], *args) for i in range(0, len(items), size)]
-    return [result for future in futures for result in future.result()]
+    results: list[Any] = []
+    for future in futures:
+        results.extend(future.result())
+        if on_done is not None:
+            on_done(len(results))
+    return results
 
 
 def _padded(core: Polygon, padding: float, frame_hw: tuple[int, int]) -> Polygon:
@@ -1086,6 +1097,12 @@ def _planning(prompts: Sequence[_Prompt], height: int, width: int, resolution: s
     return choose_mode(sizes, height, width, resolution), boxes
 
 
+#: The steps of a location that :func:`refine_location` reports to ``on_step(step, done, total)``:
+#: a region embedded (``done`` of ``total`` regions, called before it), prompts decoded (originals
+#: done of the location's), outlines traced (of those that had a mask).
+STEP_EMBED, STEP_DECODE, STEP_TRACE = "embedding", "decoding", "tracing"
+
+
 def refine_location(
     predictor: BoxPredictor,
     image: np.ndarray | LocationImage | ArrayImage,
@@ -1093,6 +1110,7 @@ def refine_location(
     options: GeometryOptions,
     on_progress: Callable[[int], None] | None = None,
     pool: OutlinePool | None = None,
+    on_step: Callable[[str, int, int], None] | None = None,
 ) -> list[Outcome]:
     """Refine every original of one location (see the module docstring for the stages).
 
@@ -1109,6 +1127,9 @@ def refine_location(
         on_progress: Called with the number of originals decoded so far (after each batch).
         pool: Where the outline work runs (:mod:`sam2_refine.outline_pool`); default: on this
             thread. The outlines are the same either way.
+        on_step: Called as ``on_step(step, done, total)`` at each step (:data:`STEP_EMBED`,
+            :data:`STEP_DECODE`, :data:`STEP_TRACE`), for a progress bar that moves within a
+            location.
 
     Returns:
         One outcome per original, in the order given.
@@ -1123,7 +1144,10 @@ def refine_location(
     work.outcomes.update({k.original_id: k for k in kept})
     done = len(kept)
     mode, boxes = _planning(prompts, height, width, options.resolution)
-    for region in plan_regions(boxes, height, width, mode) if prompts else []:
+    tell = on_step or (lambda name, done, total: None)
+    regions = plan_regions(boxes, height, width, mode) if prompts else []
+    for number, region in enumerate(regions, start=1):
+        tell(STEP_EMBED, number, len(regions))
         win = region.window
         size = getattr(predictor, "input_size", None)
         if size and (win.height > 2 * size or win.width > 2 * size):
@@ -1144,11 +1168,12 @@ def refine_location(
                 done += len(chunk)
                 if on_progress is not None:
                     on_progress(done)
+                tell(STEP_DECODE, done, len(originals))
         stage.finish()  # before the next region replaces the embedding
     _choose_points(prompts, options, work)
     if options.separate:
         _separate(prompts, work)
-    _trace_all(prompts, options, work, pool)
+    _trace_all(prompts, options, work, pool, lambda done, total: tell(STEP_TRACE, done, total))
     return [work.outcomes[o.id] for o in originals]
 
 

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import pickle
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +133,8 @@ def load_state_dict(path: Path, entry: ModelEntry) -> dict[str, torch.Tensor]:
     return {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
 
 
-def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None = None) -> torch.nn.Module:
+def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None = None,
+                on_step: Callable[[str], None] | None = None) -> torch.nn.Module:
     """sam2's ``build_sam2`` for the architecture the checkpoint's weights show, its weights
     loaded strictly.
 
@@ -141,17 +142,22 @@ def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None
         checkpoint: The checkpoint file.
         choice: Device and precision.
         entry: What :func:`inspect_checkpoint` found (recognised again when not given).
+        on_step: Told each step as it starts, in words (a progress bar's text).
 
     Raises:
         CheckpointError: not a usable SAM2 checkpoint, or its weights do not fit the architecture.
     """
     from sam2.build_sam import build_sam2  # heavy: Hydra, the model zoo
 
+    step = on_step or (lambda text: None)
     entry = entry or inspect_checkpoint(checkpoint)
     config = entry.architecture.config
+    step("reading the weights")
     weights = load_state_dict(checkpoint, entry)
     try:
+        step("building the network")
         model = build_sam2(config, ckpt_path=None, device=choice.device, mode="eval", apply_postprocessing=True)
+        step("loading the weights into it")
         model.load_state_dict(weights, strict=True)
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(
@@ -296,8 +302,9 @@ class Sam2BoxPredictor:
 
     @classmethod
     def load(cls, checkpoint: Path, choice: DeviceChoice | None = None, max_batch: int = 64,
-             fast_decoder: bool = True, local_statistics: bool = False) -> tuple[Sam2BoxPredictor, bool]:
-        """Build from a checkpoint file.
+             fast_decoder: bool = True, local_statistics: bool = False,
+             on_step: Callable[[str], None] | None = None) -> tuple[Sam2BoxPredictor, bool]:
+        """Build from a checkpoint file (``on_step``: told each step as it starts, in words).
 
         Returns:
             (predictor, untrained): ``untrained`` is True for a checkpoint made by this
@@ -306,10 +313,14 @@ class Sam2BoxPredictor:
         Raises:
             CheckpointError: missing, corrupt or mismatched checkpoint.
         """
+        if on_step is not None:
+            on_step("choosing the device")
         choice = choice or choose_device()
         entry = inspect_checkpoint(checkpoint)
-        model = build_model(checkpoint, choice, entry)
+        model = build_model(checkpoint, choice, entry, on_step)
         name = f"{checkpoint.name}, {entry.architecture.label}"
+        if on_step is not None:
+            on_step("preparing the mask decoder")
         return cls(model, choice, name, max_batch, fast_decoder, local_statistics), entry.untrained
 
     def embed(self, image: np.ndarray, region_hw: tuple[int, int] | None = None) -> None:

@@ -209,8 +209,9 @@ def test_gate_lists_rejected_originals_in_one_warning(server, ckpt):
     code, reporter = run(server, ds, ckpt, KnownMaskPredictor(labels=scene.labels),
                          **{"Minimum overlap with original": 0.99, "Delete original annotations": True})
     assert code == 0
-    gate = [line for line in reporter.lines if "below the minimum (0.99)" in line.get("warning", "")]
-    assert len(gate) == 1 and all(i in gate[0]["info"] for i in ids)
+    gate = [line for line in reporter.lines if "below the minimum (0.99)" in line.get("info", "")]
+    assert len(gate) == 1 and gate[0]["title"] == "Annotations kept"
+    assert f"{len(ids)} kept: {len(ids)} its overlap with the original is below the minimum (0.99)" in gate[0]["info"]
     assert {a["_id"] for a in server.annotations(ds.dataset_id)} == set(ids)  # none replaced, none deleted
 
 

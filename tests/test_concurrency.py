@@ -326,6 +326,10 @@ def test_a_job_killed_while_another_runs_then_a_rerun(server, ckpt, tmp_path, ki
     if kill_step == "after its upload":  # the request after its upload's answer
         lane.kill_when("job1", lambda r: lane.answered("job1", "POST", CREATE) >= 1, kill)
         lane.hold("job1", "POST", CREATE, until=lambda: lane.count("job2", "GET", LIST) >= 1)
+        # job1 uploads first: else job2 (started later, but not held) could refine and upload
+        # everything before job1 got there, job1 would upload nothing and never be killed (seen
+        # under load, also before issue 23)
+        lane.hold("job2", "POST", CREATE, until=lambda: lane.answered("job1", "POST", CREATE) >= 1)
     elif kill_step == "after moving connections":  # the request after its first connection copies
         lane.kill_when("job1", lambda r: lane.answered("job1", "POST", LINKS) >= 1, kill)
         lane.hold("job1", "POST", LINKS, until=lambda: lane.count("job2", "GET", "annotation_connection") >= 1)
