@@ -99,8 +99,9 @@ def find_checkpoint(out: Path, allow_download: bool) -> tuple[Path, str, bool]:
     from sam2_refine.testing.checkpoints import make_untrained_checkpoint
 
     directory = out / "untrained-checkpoints"
-    make_untrained_checkpoint(directory / "sam2.1_hiera_tiny.pt")
-    return directory, "sam2.1_hiera_tiny.pt", True
+    name = "untrained_sam2.1_tiny.pt"  # not Meta's file name: these are random weights
+    make_untrained_checkpoint(directory / name, "sam2.1_hiera_tiny.pt")
+    return directory, name, True
 
 
 def load_example() -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -124,30 +125,91 @@ def _best_iou(mask: np.ndarray, truth: np.ndarray) -> float:
     return mask_iou(mask, truth == np.bincount(labels).argmax())
 
 
-def _draw(image: np.ndarray, docs: list[dict[str, Any]], colour: tuple[int, int, int]) -> None:
+#: Outline colours (BGR) for fluorescence images (blue and magenta objects on black): each line is
+#: drawn over a dark halo, so that it shows on bright objects and on the background alike.
+ORIGINAL, REFINED, HALO = (0, 230, 255), (60, 255, 60), (0, 0, 0)  # yellow, green
+#: Outline width and its halo's, in pixels of the 1:1 image.
+LINE, HALO_LINE = 2, 4
+
+
+def _points(doc: dict[str, Any]) -> np.ndarray:
+    """The outline as int32 (N, 1, 2) in quarter pixels (drawn with ``shift=2``)."""
+    pts = np.array([[p["x"], p["y"]] for p in doc["coordinates"]], dtype=np.float64)
+    return np.round(pts * 4).astype(np.int32).reshape(-1, 1, 2)
+
+
+def _draw(image: np.ndarray, docs: list[dict[str, Any]], colour: tuple[int, int, int], dashed: bool = False) -> None:
+    """Closed outlines, ``LINE`` px wide over a ``HALO_LINE`` px dark halo; ``dashed``: 6 px on, 5 off."""
     for doc in docs:
-        pts = np.array([[p["x"], p["y"]] for p in doc["coordinates"]], dtype=np.float64)
-        cv2.polylines(image, [np.round(pts * 4).astype(np.int32).reshape(-1, 1, 2)], True, colour, 1,
-                      cv2.LINE_AA, shift=2)
+        pts = _points(doc)
+        for width, paint in ((HALO_LINE, HALO), (LINE, colour)):
+            if not dashed:
+                cv2.polylines(image, [pts], True, paint, width, cv2.LINE_AA, shift=2)
+                continue
+            for a, b in _dashes(pts.reshape(-1, 2).astype(np.float64) / 4, on=6.0, off=5.0):
+                cv2.line(image, tuple(np.round(a * 4).astype(int)), tuple(np.round(b * 4).astype(int)), paint, width,
+                         cv2.LINE_AA, shift=2)
+
+
+def _dashes(ring: np.ndarray, on: float, off: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The dashes along a closed ring (x, y float, (N, 2)): ``on`` pixels drawn, ``off`` skipped."""
+    out = []
+    drawing, left = True, on
+    for a, b in zip(ring, np.roll(ring, -1, axis=0), strict=True):
+        length = float(np.hypot(*(b - a)))
+        at = 0.0
+        while length - at > 1e-9:
+            step = min(left, length - at)
+            start, end = a + (b - a) * (at / length), a + (b - a) * ((at + step) / length)
+            if drawing:
+                out.append((start, end))
+            at += step
+            left -= step
+            if left <= 1e-9:
+                drawing = not drawing
+                left = on if drawing else off
+    return out
+
+
+def _caption(width: int, lines: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """A dark strip with one line of text per entry (text, BGR colour)."""
+    strip = np.full((12 + 22 * len(lines), width, 3), 32, dtype=np.uint8)
+    for k, (text, colour) in enumerate(lines):
+        cv2.putText(strip, text, (8, 26 + 22 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+    return strip
 
 
 def write_overlay(path: Path, rgb: np.ndarray, before: list[dict], refined: list[dict], kept: list[dict],
-                  title: str, untrained: bool, stand_in: bool = False) -> None:
-    """Before | after panels over the merged image; a title bar that says what ran (red for an
-    untrained model, orange for the stand-in segmenter)."""
+                  title: str, untrained: bool, stand_in: bool = False, counts: dict[str, Any] | None = None) -> None:
+    """Before | after panels over the merged image at 1:1, each with its counts and mean IoU to the
+    ground truth; a title bar that says what ran (red for an untrained model, orange for the
+    stand-in segmenter). Originals yellow, refined outlines green, kept originals yellow and
+    dashed (left as they were), each over a dark halo."""
     base = cv2.cvtColor((np.clip(rgb, 0, 1) * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
     left, right = base.copy(), base.copy()
-    _draw(left, before, (0, 255, 255))
-    _draw(right, kept, (0, 0, 255))
-    _draw(right, refined, (255, 255, 0))
+    _draw(left, before, ORIGINAL)
+    _draw(right, kept, ORIGINAL, dashed=True)
+    _draw(right, refined, REFINED)
     height, width = base.shape[:2]
+    counts = counts or {}
+    iou_before, iou_after = counts.get("mean_iou_to_truth_before"), counts.get("mean_iou_to_truth_after")
+    left_caption = _caption(width, [
+        (f"BEFORE: {len(before)} rough outlines (yellow)", ORIGINAL),
+        (f"mean IoU to the ground truth {iou_before:.3f}" if iou_before is not None else "", (230, 230, 230))])
+    right_caption = _caption(width, [
+        (f"AFTER: {len(refined)} refined (green)", REFINED),
+        (f"{len(kept)} kept unchanged (yellow, dashed)", ORIGINAL),
+        (f"mean IoU to the ground truth {iou_after:.3f} (refined and kept)" if iou_after is not None else "",
+         (230, 230, 230))])
+    strip_height = max(left_caption.shape[0], right_caption.shape[0])
+    left_caption, right_caption = (np.vstack([c, np.full((strip_height - c.shape[0], width, 3), 32, np.uint8)])
+                                   for c in (left_caption, right_caption))
     colour = (0, 0, 160) if untrained else (0, 90, 200) if stand_in else (40, 40, 40)
-    bar = np.full((56, 2 * width + 8, 3), colour, dtype=np.uint8)
-    cv2.putText(bar, title, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
-    cv2.putText(bar, "left: rough originals (yellow)   right: refined (cyan), kept originals (red)", (8, 46),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (220, 220, 220), 1, cv2.LINE_AA)
-    gap = np.full((height, 8, 3), 255, dtype=np.uint8)
-    cv2.imwrite(str(path), np.vstack([bar, np.hstack([left, gap, right])]))
+    bar = np.full((34, 2 * width + 8, 3), colour, dtype=np.uint8)
+    cv2.putText(bar, title, (8, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (255, 255, 255), 1, cv2.LINE_AA)
+    gap = np.full((height + strip_height, 8, 3), 255, dtype=np.uint8)
+    panels = np.hstack([np.vstack([left_caption, left]), gap, np.vstack([right_caption, right])])
+    cv2.imwrite(str(path), np.vstack([bar, panels]))
 
 
 def _params(model: str) -> dict[str, Any]:
@@ -227,8 +289,8 @@ def _run_stand_in(server: NimbusTestServer, checkpoint_dir: Path, model: str, ex
     refined, kept, counts = _account(server.annotations(dataset_id), originals, account, truth)
     overlay = out / "overlay-stand-in.png"
     write_overlay(overlay, rgb, list(originals.values()), refined, kept,
-                  "STAND-IN SEGMENTER, NOT SAM2 - thresholds the image; the pipeline around it is the worker's",
-                  untrained=False, stand_in=True)
+                  "STAND-IN SEGMENTER, NOT SAM2 - it thresholds the image; the pipeline around it is the worker's",
+                  untrained=False, stand_in=True, counts=counts)
     _say(f"{STAND_IN.upper()}: exit code {code} after {elapsed:.1f} s: refined {counts['refined']}, "
          f"kept {counts['kept']}, deleted {counts['deleted']} (each original deleted only after its refinement "
          "was created and confirmed)")
@@ -236,6 +298,17 @@ def _run_stand_in(server: NimbusTestServer, checkpoint_dir: Path, model: str, ex
          f"{counts['mean_iou_to_truth_after']:.3f}")
     _say(f"overlay ({STAND_IN}): {overlay}")
     return {"segmenter": STAND_IN, "exit_code": code, "seconds": round(elapsed, 2), **counts, "overlay": str(overlay)}
+
+
+def overlay_title(checkpoint_dir: Path, model: str, untrained: bool) -> str:
+    """What ran, in words: the model's label (its architecture, from its weights), and for an
+    untrained one that it holds random weights (never the name of the file Meta published)."""
+    entry = next((m for m in scan_models(checkpoint_dir).models if m.name == model), None)
+    architecture = entry.architecture.label if entry is not None else "SAM2"
+    if untrained:
+        return (f"UNTRAINED {architecture} (random weights, made for offline runs) - a pipeline check: "
+                "its masks are meaningless")
+    return f"SAM2 Refine demo - {entry.label if entry is not None else model} ({model})"
 
 
 def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
@@ -265,10 +338,9 @@ def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
         after = server.annotations(dataset_id)
         account = json.loads(worker_summary.read_text()) if worker_summary.exists() else {}
         refined_docs, kept_docs, counts = _account(after, originals, account, truth)
-        title = (f"UNTRAINED MODEL (random weights) - pipeline check only, masks meaningless ({model})" if untrained
-                 else f"SAM2 Refine demo - {model}")
         overlay = out / "overlay.png"
-        write_overlay(overlay, rgb, list(originals.values()), refined_docs, kept_docs, title, untrained)
+        write_overlay(overlay, rgb, list(originals.values()), refined_docs, kept_docs,
+                      overlay_title(checkpoint_dir, model, untrained), untrained, counts=counts)
         summary = {"model": model, "untrained_model": untrained, "worker_exit_code": done.returncode,
                    "worker_seconds": round(elapsed, 2), **counts, "overlay": str(overlay)}
         _say(f"worker exit code {done.returncode} after {elapsed:.1f} s: refined {summary['refined']} of "
