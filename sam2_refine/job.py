@@ -307,7 +307,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     if uploader.error is not None:
         unconfirmed = len(ledger.not_created)
         found = _reconcile(client, settings, ledger)
-        _warn_kept(reporter, ledger, batch.sizes, None)
+        _warn_kept(reporter, ledger, batch.sizes, None, settings.kept_tag)
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
             sentences(cause_text(uploader.error, client.api_url),
@@ -436,7 +436,7 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
                       on_step=converge_step)
     tagging = (_tag_kept(settings, client, reporter, ledger)
                if settings.kept_tag and result.error is None and result.stable else None)
-    _warn_kept(reporter, ledger, batch.sizes, tagging)
+    _warn_kept(reporter, ledger, batch.sizes, tagging, settings.kept_tag)
     _warn_converge(reporter, ledger, result)
     if result.error is not None:
         _report_converge_error(reporter, ledger, result, client.api_url)
@@ -772,20 +772,24 @@ def _location_steps(span: ProgressSpan, before: int, count: int, total: int, whe
     return on_step
 
 
-def _warn_kept(reporter: Reporter, ledger: Ledger, sizes: tuple[int, int, int], tagging: TagReport | None) -> None:
+def _warn_kept(reporter: Reporter, ledger: Ledger, sizes: tuple[int, int, int], tagging: TagReport | None,
+               kept_tag: str | None) -> None:
     """One warning for every kept original: counted by position and reason (ids in the summary
-    file only), and how to find them in the app."""
+    file only), and how to find them in the app (``tagging``: what tagging them with
+    ``kept_tag`` did, None when it did not run)."""
     groups = kept_by_position(ledger.kept_by_reason(), ledger.locations)
     count = sum(len(ids) for reasons in groups.values() for ids in reasons.values())
     if count:
         where = f" at {len(groups)} position(s)" if len(groups) > 1 else ""
-        if tagging is None:
+        if tagging is None and kept_tag:
+            find = f'They were not tagged "{kept_tag}": the job stopped before; running it again tags them'
+        elif tagging is None:
             find = 'Set "Tag kept annotations" to tag them, so that the tag filter shows them'
         elif tagging.tagged == count:
             find = f'They carry the tag "{tagging.tag}": the tag filter shows them'
         else:
             find = f'{tagging.tagged} of them carry the tag "{tagging.tag}", which the tag filter shows'
-        reporter.warning(f"{count} annotation(s) were kept unchanged{where}; their refined outlines were not used.",
+        reporter.warning(f"{count} annotation(s) were kept unchanged{where}.",
                          sentences(kept_text(groups, sizes), find), title="Annotations kept")
     if tagging is not None and tagging.refused:
         refused = sum(len(ids) for ids in tagging.refused.values())

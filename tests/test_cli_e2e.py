@@ -316,7 +316,8 @@ def test_no_annotations_is_a_clean_success(server, checkpoint_dir):
     ds = server.add_dataset(pixels(1, 1), layers=LAYERS)
     run = run_worker(server, "compute", params(), dataset_id=ds.dataset_id, checkpoint_dir=checkpoint_dir)
     assert run.returncode == 0
-    assert run.progress()[-1]["progress"] == 1.0 and "No annotations" in run.progress()[-1]["info"]
+    assert run.progress()[-1]["progress"] == 1.0 and "Nothing to refine" in run.progress()[-1]["info"]
+    assert [w["warning"] for w in run.warnings()] == ["The chosen batch holds no polygon annotations."]
     assert writes(server) == []
 
 

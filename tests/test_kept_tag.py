@@ -220,8 +220,7 @@ def test_kept_warning_counts_by_position_and_reason_ids_only_in_the_summary(serv
     code, reporter, summary = run_job(server, ds, ckpt, tmp_path, "one", **{"Minimum overlap with original": 0.99})
     assert code == 0 and summary["kept"] == len(ids) == 16
     warning, = [w for w in reporter.lines if w.get("title") == "Annotations kept"]
-    assert warning["warning"] == ("16 annotation(s) were kept unchanged at 4 position(s); their refined outlines "
-                                  "were not used.")
+    assert warning["warning"] == "16 annotation(s) were kept unchanged at 4 position(s)."
     reason = "its overlap with the original is below the minimum (0.99)"
     for where in ("XY 1, Time 1", "XY 1, Time 2", "XY 2, Time 1", "XY 2, Time 2"):
         assert f"{where}: 4 kept: 4 {reason}" in warning["info"]
@@ -320,3 +319,15 @@ def test_a_document_the_server_refuses_is_reported_and_the_others_tagged(server,
     refused = [w for w in reporter.lines if w.get("warning", "").startswith("1 kept annotation(s) could not be tagged")]
     assert refused and "the server refuses its stored document" in refused[0]["info"]
     assert list(summary["kept_tag"]["refused_ids"].values()) == [[broken]]
+
+
+def test_a_job_that_stops_before_tagging_says_so(server, ckpt, tmp_path):
+    ds, scene = scene_dataset(server, n_xy=2, n_t=1)
+    originals(server, ds, scene, n_xy=2, n_t=1)
+    server.fail("POST", "upenn_annotation/multiple", status=500)
+    code, reporter, summary = run_job(server, ds, ckpt, tmp_path, "one", **{"Tag kept annotations": KEPT,
+                                                                            "Batch XY": "all"})
+    assert code == 1 and server.requests_to("PUT", ".*") == []
+    warning, = [w for w in reporter.lines if w.get("title") == "Annotations kept"]
+    assert "not processed: the upload failed" in warning["info"] or "was not uploaded" in warning["info"]
+    assert f'They were not tagged "{KEPT}": the job stopped before; running it again tags them.' in warning["info"]
