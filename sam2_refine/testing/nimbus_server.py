@@ -1,19 +1,26 @@
-"""A local NimbusImage server for tests, the demo and the benchmarks.
+"""A local NimbusImage server for tests, the demo and the benchmarks: a double of the real one.
 
 A real HTTP server on 127.0.0.1 (a free port) that speaks the endpoints and JSON shapes of the
-NimbusImage API (contract section 5) that this worker uses, with everything held in memory:
+NimbusImage API that this worker uses, with everything held in memory. Each behaviour it
+imitates follows the real server's code, named where it is implemented (NimbusImage's plugin
+``devops/girder/plugins/AnnotationPlugin/upenncontrast_annotation/server/``, large_image's
+``girder-5`` branch; tests/test_server_double.py has a test per behaviour):
 
 - datasets built from numpy arrays of shape (XY, T, Z, C, H, W) in uint8, uint16 or float32;
-  tile metadata and frames listed as large_image lists them (axes of size 1 absent from
-  ``IndexRange`` and from the frames; no ``frames`` key for a single-frame image);
-- region requests encoded as TIFF (``encoding=TIFF``) or pickle (``encoding=pickle:5``, what the
-  upstream annotation client asks for), cropped by ``left/top/right/bottom``;
+  tile metadata and regions as large_image gives them (:mod:`sam2_refine.testing.large_image_double`:
+  512 px tiles, ``Index`` unlike ``Frame``, ``encoding=TIFF`` squeezed to 8 bits, ``TILED``
+  exact for 8/16 bits and needing pyvips, ``pickle:N`` exact); no ``selectedLargeImageId`` on
+  the folder unless asked;
 - layer settings (``dataset_view`` -> ``upenn_collection``), annotations and connections;
 - the ``Girder-Token`` header checked on every request (401 otherwise);
 - created annotations validated as the real server validates them (required ``coordinates,
   tags, channel, location, shape, datasetId``; shape one of point/line/polygon/rectangle;
-  all-or-nothing per request, 400 with a message); ``shape=blob`` lists nothing; deleting an
-  annotation deletes its connections; non-finite numbers are served as ``null`` (as orjson does);
+  all-or-nothing per request, 400 with a message); ``shape=blob`` lists nothing; with
+  ``afterId``, ``Girder-Total-Count`` counts what lies after the cursor; non-finite numbers are
+  served as ``null`` (as orjson does);
+- connections as the plugin treats them: the bulk delete of annotations LEAVES their
+  connections, deleting one annotation removes its connections, creating connections answers
+  400 for the whole body when any end does not exist;
 - every request recorded (:attr:`NimbusTestServer.requests`), and faults on demand
   (:meth:`NimbusTestServer.fail`): a status on the k-th call to an endpoint or always, a dropped
   connection (before or after the server acted), or a delay.
@@ -28,11 +35,9 @@ Usage::
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
-import pickle
 import re
 import socket
 import threading
@@ -46,7 +51,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
-import tifffile
+
+from sam2_refine.testing.large_image_double import RegionError, encode_region, tile_metadata
 
 API_ROOT = "/api/v1/"
 REQUIRED_ANNOTATION_KEYS = ("coordinates", "tags", "channel", "location", "shape", "datasetId")
@@ -222,6 +228,10 @@ class NimbusTestServer:
         self.faults: list[Fault] = []
         #: Honour ``afterId`` on annotation lists (set False to act like an older server).
         self.cursor_paging = True
+        #: Regions in ``encoding=pickle:N`` (False: a girder_large_image from before pickle output).
+        self.serves_pickle = True
+        #: pyvips installed, which ``encoding=TILED`` needs (False: it answers 500).
+        self.has_pyvips = True
         self._calls: Counter[tuple[str, str]] = Counter()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -275,7 +285,7 @@ class NimbusTestServer:
         layers: list[dict[str, Any]] | None = None,
         channel_names: Sequence[str] | None = None,
         shuffle_frames: bool = False,
-        select_image: bool = True,
+        select_image: bool = False,
         extra_items: int = 1,
     ) -> TestDataset:
         """Add a dataset (folder + large-image item + optional view with layer settings).
@@ -285,7 +295,9 @@ class NimbusTestServer:
             layers: Layer settings for the dataset's view; None gives a dataset without a view.
             shuffle_frames: List frames in a scrambled order (frame numbers stay consistent),
                 so that clients must use ``Frame``, not list positions.
-            select_image: Set ``meta.selectedLargeImageId`` on the folder.
+            select_image: Set ``meta.selectedLargeImageId`` on the folder. Off by default: a
+                dataset folder the app makes has no such key (the app sends null, and Girder's
+                folder metadata update drops null values).
             extra_items: Plain (non-image) items listed before the image item.
         """
         pixels = np.asarray(pixels)
@@ -490,6 +502,9 @@ class NimbusTestServer:
         m = re.fullmatch(r"upenn_annotation/([0-9a-f]{24})", path)
         if method == "GET" and m:
             return 200, self._get(self.state.annotations, m.group(1), "upenn_annotation"), json_ok, {}
+        if method == "DELETE" and m:
+            self._delete_annotation(m.group(1))
+            return 200, None, json_ok, {}
         if method == "POST" and path == "upenn_annotation/multiple":
             return 200, self._create_annotations(body, client), json_ok, {}
         if method == "DELETE" and path == "upenn_annotation/multiple":
@@ -500,8 +515,7 @@ class NimbusTestServer:
         if method == "POST" and path == "annotation_connection/multiple":
             return 200, self._create_connections(body), json_ok, {}
         if method == "DELETE" and path == "annotation_connection/multiple":
-            self._delete_connections(body)
-            return 200, None, json_ok, {}
+            return 200, self._delete_connections(body), json_ok, {}
         if method == "POST" and path == "worker_interface":
             image = _required(params, "image")
             if not isinstance(body, dict):
@@ -528,24 +542,12 @@ class NimbusTestServer:
         ds = self._dataset_of_item(item_id)
         n_xy, n_t, n_z, n_c, height, width = ds.pixels.shape
         sizes = {"IndexXY": n_xy, "IndexT": n_t, "IndexZ": n_z, "IndexC": n_c}
-        meta: dict[str, Any] = {
-            "sizeX": width, "sizeY": height, "tileWidth": 256, "tileHeight": 256,
-            "levels": max(1, math.ceil(math.log2(max(width, height) / 256)) + 1),
-            "magnification": None, "mm_x": None, "mm_y": None,
-            "dtype": str(ds.pixels.dtype), "bandCount": 1,
-        }
-        if len(ds.frame_of) > 1:
-            frames = []
-            for (xy, t, z, c), number in ds.frame_list:
-                frame: dict[str, Any] = {"Frame": number, "Index": number}
-                for key, value in (("IndexXY", xy), ("IndexT", t), ("IndexZ", z), ("IndexC", c)):
-                    if sizes[key] > 1:
-                        frame[key] = value
-                frames.append(frame)
-            meta["frames"] = frames
-            meta["IndexRange"] = {k: v for k, v in sizes.items() if v > 1}
-            meta["channels"] = list(ds.channel_names)
-        return meta
+        frames = []
+        for (xy, t, z, c), number in ds.frame_list:
+            indices = {k: v for k, v in (("IndexXY", xy), ("IndexT", t), ("IndexZ", z), ("IndexC", c))
+                       if sizes[k] > 1}
+            frames.append((indices, number))
+        return tile_metadata(width, height, ds.pixels.dtype, frames, ds.channel_names)
 
     def _region(self, item_id: str, params: dict[str, str]) -> tuple[int, bytes, str, dict[str, str]]:
         ds = self._dataset_of_item(item_id)
@@ -565,15 +567,15 @@ class NimbusTestServer:
         if right <= left or bottom <= top:
             raise _BadRequest(400, "Empty region.")
         region = np.ascontiguousarray(plane[top:bottom, left:right])
-        encoding = params.get("encoding", "JPEG")
-        if encoding.upper() in ("TIFF", "TILED"):
-            buf = io.BytesIO()
-            tifffile.imwrite(buf, region)
-            return 200, buf.getvalue(), "image/tiff", {}
-        if encoding.startswith("pickle"):
-            protocol = int(encoding.split(":", 1)[1]) if ":" in encoding else 4
-            return 200, pickle.dumps(region, protocol=protocol), "application/octet-stream", {}
-        raise _BadRequest(400, f"Unsupported encoding {encoding!r} in this test server.")
+        encoding = params.get("encoding", "JPEG")  # rest/tiles.py getTilesRegion: default JPEG
+        if encoding.startswith("pickle") and not self.serves_pickle:
+            # girder_large_image before pickle output: mimeTypeFromEncoding rejects it.
+            raise _BadRequest(400, f'Value Error: Invalid encoding "{encoding}"')
+        try:
+            payload, mime = encode_region(region, encoding, params.get("tiffCompression"), self.has_pyvips)
+        except RegionError as exc:
+            raise _BadRequest(exc.status, exc.message) from None
+        return 200, payload, mime, {}
 
     def _find_annotations(self, params: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
         dataset_id = _required(params, "datasetId")
@@ -598,10 +600,12 @@ class NimbusTestServer:
         if tags:
             docs = [a for a in docs if all(t in (a.get("tags") or []) for t in tags)]
         docs.sort(key=lambda a: a["_id"], reverse=params.get("sortdir") == "-1")
-        total = len(docs)
         if after and self.cursor_paging:
+            # api/annotation.py find: afterId adds ``_id > afterId`` to the query and drops the
+            # offset, so Girder-Total-Count (the cursor's count) counts only what lies after it.
             docs = [a for a in docs if a["_id"] > after]
             offset = 0
+        total = len(docs)
         docs = docs[offset:]
         if limit > 0:
             docs = docs[:limit]
@@ -624,17 +628,31 @@ class NimbusTestServer:
         return created
 
     def _delete_annotations(self, body: Any) -> None:
+        """``DELETE upenn_annotation/multiple``. The annotations' connections STAY: the plugin's
+        handler for this event (server/models/connections.py, annotationsRemovedEvent) matches the
+        body's string ids against ObjectId fields and finds nothing (models/annotation.py
+        deleteMultiple triggers it with the string ids)."""
         if not isinstance(body, list) or not all(isinstance(i, str) for i in body):
             raise _BadRequest(400, "Request body must be a JSON array of id strings.")
-        doomed = set(body)
         with self._lock:
-            for ann_id in doomed:
+            for ann_id in set(body):
                 self.state.annotations.pop(ann_id, None)
+
+    def _delete_annotation(self, annotation_id: str) -> None:
+        """``DELETE upenn_annotation/{id}``: Girder's model remove event carries the document, whose
+        ObjectId matches, so the annotation's connections go with it (models/annotation.py
+        annotationRemovedEvent -> models/connections.py annotationsRemovedEvent)."""
+        with self._lock:
+            self._get(self.state.annotations, annotation_id, "upenn_annotation")  # loadmodel: 400 if missing
+            del self.state.annotations[annotation_id]
             for con_id in [c for c, con in self.state.connections.items()
-                           if con.get("parentId") in doomed or con.get("childId") in doomed]:
+                           if annotation_id in (con.get("parentId"), con.get("childId"))]:
                 del self.state.connections[con_id]
 
     def _find_connections(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        """``GET annotation_connection`` (server/api/connections.py find): filters, an ``afterId``
+        cursor that drops the offset, default limit 50; without ``sort`` it sorts by a field
+        connections lack (``lowerName``), i.e. in stored order: ask for ``sort=_id``."""
         dataset_id = _required(params, "datasetId")
         with self._lock:
             docs = [c for c in self.state.connections.values() if c.get("datasetId") == dataset_id]
@@ -644,13 +662,21 @@ class NimbusTestServer:
         if params.get("nodeAnnotationId"):
             node = params["nodeAnnotationId"]
             docs = [c for c in docs if node in (c.get("parentId"), c.get("childId"))]
-        docs.sort(key=lambda c: c["_id"])
+        if params.get("sort") == "_id":
+            docs.sort(key=lambda c: c["_id"], reverse=params.get("sortdir") == "-1")
         offset = int(params.get("offset", 0))
+        if params.get("afterId"):
+            docs = [c for c in docs if c["_id"] > params["afterId"]]
+            offset = 0
         limit = int(params.get("limit", 50))
         docs = docs[offset:]
         return docs[:limit] if limit > 0 else docs
 
     def _create_connections(self, body: Any) -> list[dict[str, Any]]:
+        """``POST annotation_connection/multiple``: validated all-or-nothing as
+        server/models/connections.py validateMultiple does (schema with required ``parentId,
+        childId, datasetId, tags``; a contrastDataset folder; then EVERY child, then every
+        parent must exist, else 400 for the whole body)."""
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         for index, con in enumerate(body):
@@ -659,21 +685,32 @@ class NimbusTestServer:
             for key in ("parentId", "childId", "datasetId"):
                 if not isinstance(con.get(key), str):
                     raise _BadRequest(400, f"Validation Error: connection {index}: '{key}' is a required property")
-        created = []
+            if not isinstance(con.get("tags"), list) or not all(isinstance(t, str) for t in con["tags"]):
+                raise _BadRequest(400, f"Validation Error: connection {index}: 'tags' must be an array of strings")
         with self._lock:
             for con in body:
-                doc = {"label": "", "tags": [], **{k: v for k, v in con.items() if k != "_id"}}
+                if con["datasetId"] not in self.state.folders:
+                    raise _BadRequest(400, "Connection dataset ID is invalid")
+            if any(con["childId"] not in self.state.annotations for con in body):
+                raise _BadRequest(400, "A child annotation does not exist")
+            if any(con["parentId"] not in self.state.annotations for con in body):
+                raise _BadRequest(400, "A parent annotation does not exist")
+            created = []
+            for con in body:
+                doc = {"label": "", **{k: v for k, v in con.items() if k != "_id"}}
                 doc["_id"] = self.new_id()
                 self.state.connections[doc["_id"]] = doc
                 created.append(doc)
         return created
 
-    def _delete_connections(self, body: Any) -> None:
+    def _delete_connections(self, body: Any) -> str:
+        """``DELETE annotation_connection/multiple``: answers the text of pymongo's DeleteResult
+        (server/api/connections.py deleteMultiple returns removeWithQuery's result)."""
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         with self._lock:
-            for con_id in body:
-                self.state.connections.pop(str(con_id), None)
+            removed = sum(self.state.connections.pop(str(con_id), None) is not None for con_id in body)
+        return f"DeleteResult({{'n': {removed}, 'ok': 1.0}}, acknowledged=True)"
 
 
 def _required(params: dict[str, str], key: str) -> str:
