@@ -51,6 +51,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from sam2_refine.report import scrub
+from sam2_refine.views import ViewLayers
 
 log = logging.getLogger(__name__)
 
@@ -405,17 +406,21 @@ class NimbusClient:
                                  f"frame {frame}: expected one 2-D plane, got shape {pixels.shape}")
         return pixels
 
-    def get_layers(self, dataset_id: str) -> list[dict[str, Any]] | None:
-        """The layer settings of the dataset's first view, or None if it has none."""
+    def get_layers(self, dataset_id: str) -> ViewLayers:
+        """The layer settings of the dataset's first view: its configuration's layers and the
+        view's own contrasts (``layerContrasts``); empty when the dataset has no view."""
         views = self._request("GET", "dataset_view", params={"datasetId": dataset_id})
         if not views:
-            return None
-        config_id = views[0].get("configurationId")
+            return ViewLayers()
+        view = views[0]
+        contrasts = view.get("layerContrasts")
+        contrasts = {} if contrasts is None else contrasts
+        config_id = view.get("configurationId")
         if not config_id:
-            return None
+            return ViewLayers(None, contrasts, view.get("_id"))
         collection = self._request("GET", f"upenn_collection/{config_id}")
         layers = (collection.get("meta") or {}).get("layers")
-        return list(layers) if layers else None
+        return ViewLayers(list(layers) if layers else None, contrasts, view.get("_id"))
 
     # -- annotations --------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ NimbusImage API (contract section 5) that this worker uses, with everything held
   ``IndexRange`` and from the frames; no ``frames`` key for a single-frame image);
 - region requests encoded as TIFF (``encoding=TIFF``) or pickle (``encoding=pickle:5``, what the
   upstream annotation client asks for), cropped by ``left/top/right/bottom``;
-- layer settings (``dataset_view`` -> ``upenn_collection``), annotations and connections;
+- layer settings (``dataset_view`` -> ``upenn_collection``; the view's ``layerContrasts``),
+  annotations and connections;
 - the ``Girder-Token`` header checked on every request (401 otherwise);
 - created annotations validated as the real server validates them (required ``coordinates,
   tags, channel, location, shape, datasetId``; shape one of point/line/polygon/rectangle;
@@ -273,6 +274,7 @@ class NimbusTestServer:
         *,
         name: str = "dataset",
         layers: list[dict[str, Any]] | None = None,
+        layer_contrasts: dict[str, Any] | None = None,
         channel_names: Sequence[str] | None = None,
         shuffle_frames: bool = False,
         select_image: bool = True,
@@ -283,6 +285,8 @@ class NimbusTestServer:
         Args:
             pixels: Shape (XY, T, Z, C, H, W); uint8, uint16 or float32.
             layers: Layer settings for the dataset's view; None gives a dataset without a view.
+            layer_contrasts: The view's per-layer contrast overrides (``layerContrasts``: layer id
+                -> ``{mode, blackPoint, whitePoint}``); None stores ``{}``. Needs ``layers``.
             shuffle_frames: List frames in a scrambled order (frame numbers stay consistent),
                 so that clients must use ``Frame``, not list positions.
             select_image: Set ``meta.selectedLargeImageId`` on the folder.
@@ -293,6 +297,8 @@ class NimbusTestServer:
             raise ValueError("pixels must have shape (XY, T, Z, C, H, W)")
         if pixels.dtype not in (np.uint8, np.uint16, np.float32):
             raise ValueError(f"unsupported dtype {pixels.dtype}")
+        if layer_contrasts is not None and layers is None:
+            raise ValueError("layer_contrasts belong to a dataset view: give layers too")
         n_xy, n_t, n_z, n_c = pixels.shape[:4]
         order = [(xy, t, z, c) for xy in range(n_xy) for t in range(n_t) for z in range(n_z) for c in range(n_c)]
         frame_of = {key: number for number, key in enumerate(order)}
@@ -320,8 +326,14 @@ class NimbusTestServer:
                 self.state.collections[ds.collection_id] = {
                     "_id": ds.collection_id, "name": f"{name} configuration",
                     "meta": {"layers": layers}}
+                # The view document as the plugin stores it: layerContrasts and lastLocation are
+                # required (follows NimbusImage devops/girder/plugins/AnnotationPlugin/
+                # upenncontrast_annotation/server/models/datasetView.py, DatasetViewSchema), and
+                # each contrast override is stored as sent, keyed by layer id.
                 self.state.views[ds.view_id] = {"_id": ds.view_id, "datasetId": folder_id,
-                                                "configurationId": ds.collection_id}
+                                                "configurationId": ds.collection_id,
+                                                "layerContrasts": dict(layer_contrasts or {}),
+                                                "lastLocation": {"xy": 0, "z": 0, "time": 0}}
             self.state.datasets[folder_id] = ds
         return ds
 
