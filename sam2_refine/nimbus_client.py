@@ -51,7 +51,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from sam2_refine.report import scrub
-from sam2_refine.views import ViewLayers
+from sam2_refine.views import ViewLayers, choose_view, rank_views
 
 log = logging.getLogger(__name__)
 
@@ -406,21 +406,21 @@ class NimbusClient:
                                  f"frame {frame}: expected one 2-D plane, got shape {pixels.shape}")
         return pixels
 
-    def get_layers(self, dataset_id: str) -> ViewLayers:
-        """The layer settings of the dataset's first view: its configuration's layers and the
-        view's own contrasts (``layerContrasts``); empty when the dataset has no view."""
-        views = self._request("GET", "dataset_view", params={"datasetId": dataset_id})
-        if not views:
-            return ViewLayers()
-        view = views[0]
-        contrasts = view.get("layerContrasts")
-        contrasts = {} if contrasts is None else contrasts
-        config_id = view.get("configurationId")
-        if not config_id:
-            return ViewLayers(None, contrasts, view.get("_id"))
-        collection = self._request("GET", f"upenn_collection/{config_id}")
-        layers = (collection.get("meta") or {}).get("layers")
-        return ViewLayers(list(layers) if layers else None, contrasts, view.get("_id"))
+    def get_layers(self, dataset_id: str, tool_id: str | None = None) -> ViewLayers:
+        """The layer settings of the dataset view the user most likely sees (the choice:
+        :mod:`sam2_refine.views`): its configuration's layers and the view's own contrasts
+        (``layerContrasts``); empty when the dataset has no view.
+
+        Args:
+            dataset_id: The dataset folder id.
+            tool_id: The tool that launched the job (compute parameter ``id``), or None.
+        """
+        # limit=0: every view (the server's default page is 50); the order is made by rank_views.
+        query = {"datasetId": dataset_id, "limit": 0, "sort": "lastViewed", "sortdir": -1}
+        own = self._request("GET", "dataset_view", params={**query, "currentUserOnly": "true"})
+        readable = self._request("GET", "dataset_view", params=query)
+        return choose_view(rank_views(own, readable),
+                           lambda config_id: self._request("GET", f"upenn_collection/{config_id}"), tool_id)
 
     # -- annotations --------------------------------------------------------------------------
 

@@ -16,12 +16,12 @@ import pytest
 from conftest import TOKEN
 from sam2_refine import job
 from sam2_refine.imaging import Layer, LayerError, LocationImage, merge_layers, parse_layers, view_contrast
-from sam2_refine.nimbus_client import NimbusClient
+from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient
 from sam2_refine.report import Reporter
 from sam2_refine.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
-from sam2_refine.views import ViewLayers
+from sam2_refine.views import ViewLayers, choose_view, holds_tool, rank_views
 
 H, W = 4, 101
 WHITE = (1.0, 1.0, 1.0)
@@ -217,3 +217,161 @@ def test_the_model_receives_the_image_with_the_views_contrast(server, ckpt) -> N
     without = LocationImage({0: channels[0]}, parse_layers(layers, 1)).window(0, 0, height, width)
     np.testing.assert_allclose(plain, without, atol=1e-6)
     assert np.abs(image - plain).mean() > 0.2  # the override changed what the model sees
+
+
+# -- which view: the user's own, most recently opened, holding the launching tool --------------
+
+def view(view_id: str, config: str = "c1", last_viewed: Any = None, **extra: Any) -> dict[str, Any]:
+    doc = {"_id": view_id, "datasetId": "d", "configurationId": config, "layerContrasts": {}, **extra}
+    if last_viewed is not None:
+        doc["lastViewed"] = last_viewed
+    return doc
+
+
+def test_rank_views_puts_own_views_first_then_latest_opened() -> None:
+    own = [view("o1", last_viewed=5), view("o2", last_viewed=9), view("o3")]
+    readable = [view("r1", last_viewed=100), *own, view("r2"), view("r3", last_viewed=50)]
+    assert [v["_id"] for v in rank_views(own, readable)] == ["o2", "o1", "o3", "r1", "r3", "r2"]
+
+
+def test_rank_views_keeps_the_server_order_among_views_never_opened_and_drops_junk() -> None:
+    readable = [view("a"), "junk", view("b"), view("c", last_viewed=True), None, view("d")]
+    assert [v["_id"] for v in rank_views({"not": "a list"}, readable)] == ["a", "b", "c", "d"]
+    assert rank_views(None, None) == []
+
+
+def test_holds_tool() -> None:
+    config = {"meta": {"tools": [{"id": "t1", "name": "SAM2 refine"}, "junk"]}}
+    assert holds_tool(config, "t1") and not holds_tool(config, "t2")
+    assert not holds_tool({"meta": {}}, "t1") and not holds_tool(None, "t1")
+    assert not holds_tool({"meta": {"tools": {"id": "t1"}}}, "t1")
+
+
+def _configurations(asked: list[str]) -> Any:
+    table = {"c1": {"meta": {"layers": [layer_doc("a")], "tools": [{"id": "t1"}]}},
+             "c2": {"meta": {"layers": [layer_doc("b")], "tools": [{"id": "t2"}]}}}
+
+    def configuration_of(config_id: str) -> Any:
+        asked.append(config_id)
+        return table[config_id]
+    return configuration_of
+
+
+def test_choose_view_takes_the_first_view_whose_configuration_holds_the_tool() -> None:
+    ranked = [view("v1", "c1", layerContrasts={"a": contrast("absolute", 1, 2)}), view("v2", "c1"),
+              view("v3", "c2", layerContrasts={"b": contrast("absolute", 3, 4)})]
+    asked: list[str] = []
+    assert choose_view(ranked, _configurations(asked), "t2") == ViewLayers(
+        [layer_doc("b")], {"b": contrast("absolute", 3, 4)}, "v3")
+    assert asked == ["c1", "c2"]  # each configuration read once, and no further than needed
+    asked.clear()
+    assert choose_view(ranked, _configurations(asked), "t1").view_id == "v1" and asked == ["c1"]
+
+
+def test_choose_view_falls_back_to_the_first_view() -> None:
+    ranked = [view("v1", "c2"), view("v2", "c1")]
+    for tool_id in (None, "", "a tool no configuration holds"):
+        asked: list[str] = []
+        chosen = choose_view(ranked, _configurations(asked), tool_id)
+        assert chosen == ViewLayers([layer_doc("b")], {}, "v1")
+        assert asked == (["c2"] if not tool_id else ["c2", "c1"])
+    assert choose_view([], _configurations([]), "t1") == ViewLayers()
+    no_config = view("v0", "c1")
+    del no_config["configurationId"]
+    assert choose_view([no_config], _configurations([]), "t1") == ViewLayers(None, {}, "v0")
+
+
+def test_settings_keep_the_launching_tools_id(ckpt) -> None:
+    params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt"}, "tile": {"XY": 0, "Z": 0, "Time": 0}}
+    assert parse_settings({**params, "id": " tool-7 "}, "d", ckpt).tool_id == "tool-7"
+    for odd in (None, "", 7, ["t"]):
+        assert parse_settings({**params, "id": odd}, "d", ckpt).tool_id is None
+    assert parse_settings(params, "d", ckpt).tool_id is None
+
+
+def test_server_lists_views_as_the_plugin_does(server, client) -> None:
+    server.add_token("tok-colleague", "colleague")
+    ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
+    other = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
+    mine_old = server.add_view(ds.dataset_id, [layer_doc("a")], last_viewed=10)
+    theirs = server.add_view(ds.dataset_id, [layer_doc("a")], owner="colleague", last_viewed=30)
+    never = server.add_view(ds.dataset_id, configuration_id=server.state.views[mine_old]["configurationId"])
+    mine_new = server.add_view(ds.dataset_id, [layer_doc("a")], last_viewed=20)
+    server.add_view(other.dataset_id, [layer_doc("a")])
+
+    def ids(**params: Any) -> list[str]:
+        return [v["_id"] for v in client._request("GET", "dataset_view", params={"datasetId": ds.dataset_id,
+                                                                                  **params})]
+    assert ids() == [mine_old, theirs, never, mine_new]  # sorted by lowerName: the stored order
+    assert ids(sort="lastViewed", sortdir=-1) == [theirs, mine_new, mine_old, never]  # missing last
+    assert ids(sort="lastViewed") == [never, mine_old, mine_new, theirs]  # missing first
+    assert ids(currentUserOnly="true", sort="lastViewed", sortdir=-1) == [mine_new, mine_old, never]
+    assert ids(currentUserOnly="false") == ids()
+    with NimbusClient(server.api_url, "tok-colleague") as colleague:
+        assert [v["_id"] for v in colleague._request("GET", "dataset_view", params={
+            "datasetId": ds.dataset_id, "currentUserOnly": "yes"})] == [theirs]
+    assert ids(limit=2, offset=1) == [theirs, never]
+    with pytest.raises(NimbusAPIError, match="sortdir"):
+        ids(sortdir=2)
+
+
+def test_server_lists_50_views_unless_asked_for_all(server, client) -> None:
+    ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8), layers=[layer_doc("a")])
+    for _ in range(55):
+        server.add_view(ds.dataset_id, configuration_id=ds.collection_id)
+    assert len(client._request("GET", "dataset_view", params={"datasetId": ds.dataset_id})) == 50
+    assert len(client._request("GET", "dataset_view", params={"datasetId": ds.dataset_id, "limit": 0})) == 56
+
+
+def test_client_reads_the_users_own_view_not_the_first_listed(server, client) -> None:
+    server.add_token("tok-colleague", "colleague")
+    ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
+    server.add_view(ds.dataset_id, [layer_doc("a")], owner="colleague", last_viewed=99,
+                    layer_contrasts={"a": contrast("absolute", 1, 2)})
+    mine = server.add_view(ds.dataset_id, [layer_doc("a")], last_viewed=1,
+                           layer_contrasts={"a": contrast("absolute", 3, 4)})
+    assert client.get_layers(ds.dataset_id) == ViewLayers([layer_doc("a")], {"a": contrast("absolute", 3, 4)}, mine)
+    own, readable = server.requests_to("GET", "dataset_view")
+    assert own.params["currentUserOnly"] == "true" and "currentUserOnly" not in readable.params
+    assert own.params["limit"] == readable.params["limit"] == "0"
+
+
+def test_client_reads_the_view_whose_configuration_holds_the_tool(server, client) -> None:
+    ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
+    server.add_view(ds.dataset_id, [layer_doc("a")], last_viewed=50, tools=[{"id": "other-tool"}])
+    holding = server.add_view(ds.dataset_id, [layer_doc("b")], last_viewed=10, tools=[{"id": "refine-tool"}],
+                              layer_contrasts={"b": contrast("absolute", 5, 6)})
+    assert client.get_layers(ds.dataset_id, "refine-tool") == ViewLayers(
+        [layer_doc("b")], {"b": contrast("absolute", 5, 6)}, holding)
+    assert client.get_layers(ds.dataset_id).layers == [layer_doc("a")]  # no tool: the latest opened
+
+
+def test_a_job_launched_by_a_tool_uses_its_users_view(server, ckpt) -> None:
+    """Two users' views of one dataset, and the launching user's second configuration: the job
+    sees the contrast of the view that holds its tool and belongs to its user, whichever the
+    server lists first."""
+    server.add_token("tok-colleague", "colleague")
+    scene = cell_scene(160, 224, 6, radius=(9.0, 14.0), seed=3)
+    ds = server.add_dataset(scene.channels[None, None, None])
+    nuclei = [{"id": "nuclei", "name": "nuclei", "channel": 0, "color": "#ffffff", "visible": True,
+               "contrast": contrast("percentile", 0.5, 99.5)}]
+    tool = {"id": "refine-tool", "name": "SAM2 refine"}
+    shared = server.add_view(ds.dataset_id, nuclei, owner="colleague", last_viewed=300, tools=[tool],
+                             layer_contrasts={"nuclei": contrast("absolute", 0, 60000)})
+    server.add_view(ds.dataset_id, nuclei, last_viewed=200, layer_contrasts={"nuclei": contrast("absolute", 0, 1)})
+    server.add_view(ds.dataset_id, configuration_id=server.state.views[shared]["configurationId"],
+                    last_viewed=100, layer_contrasts={"nuclei": contrast("absolute", 0, 2000)})
+    rng = np.random.default_rng(1)
+    server.add_annotations(ds.dataset_id, [annotation_doc(rough_polygon(scene.labels == k, "dilated", rng))
+                                           for k in range(1, scene.count + 1)])
+    predictor = _Looking(labels=scene.labels)
+    params = {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt"}, "id": "refine-tool",
+              "tile": {"XY": 0, "Z": 0, "Time": 0}, "channel": 0, "tags": ["refined"]}
+    with NimbusClient(server.api_url, TOKEN) as client:
+        code = job.run_compute(parse_settings(params, ds.dataset_id, ckpt), client,
+                               Reporter(stream=io.StringIO(), secrets=(TOKEN,)), lambda path: (predictor, False))
+    assert code == 0 and predictor.images
+    height, width = scene.channels.shape[1:]
+    expected = LocationImage({0: scene.channels[0]}, [Layer(0, WHITE, "absolute", 0.0, 2000.0, "nuclei")]
+                             ).window(0, 0, height, width)
+    np.testing.assert_allclose(predictor.images[0], expected, atol=1e-6)
