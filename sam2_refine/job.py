@@ -219,7 +219,8 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
         raise JobFailed("Could not read the dataset.", f"{exc}. Nothing was changed.") from None
     batch = resolve_batch(settings, info)
     try:
-        layers = parse_layers(client.get_layers(settings.dataset_id), info.num_channels)
+        view = client.get_layers(settings.dataset_id, settings.tool_id)
+        layers = parse_layers(view.layers, info.num_channels, view.layer_contrasts)
     except NimbusAPIError as exc:
         raise JobFailed("Could not read the layer settings.", f"{exc}. Nothing was changed.") from None
     except LayerError as exc:

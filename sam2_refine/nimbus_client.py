@@ -60,6 +60,7 @@ from sam2_refine.frame_decoding import (
     unpickle_array,
 )
 from sam2_refine.report import scrub
+from sam2_refine.views import ViewLayers, choose_view, rank_views
 
 log = logging.getLogger(__name__)
 
@@ -494,17 +495,21 @@ class NimbusClient:
         except FrameDecodeError as exc:
             raise UnreadableFrameError("GET", endpoint, response.status_code, str(exc)) from None
 
-    def get_layers(self, dataset_id: str) -> list[dict[str, Any]] | None:
-        """The layer settings of the dataset's first view, or None if it has none."""
-        views = self._request("GET", "dataset_view", params={"datasetId": dataset_id})
-        if not views:
-            return None
-        config_id = views[0].get("configurationId")
-        if not config_id:
-            return None
-        collection = self._request("GET", f"upenn_collection/{config_id}")
-        layers = (collection.get("meta") or {}).get("layers")
-        return list(layers) if layers else None
+    def get_layers(self, dataset_id: str, tool_id: str | None = None) -> ViewLayers:
+        """The layer settings of the dataset view the user most likely sees (the choice:
+        :mod:`sam2_refine.views`): its configuration's layers and the view's own contrasts
+        (``layerContrasts``); empty when the dataset has no view.
+
+        Args:
+            dataset_id: The dataset folder id.
+            tool_id: The tool that launched the job (compute parameter ``id``), or None.
+        """
+        # limit=0: every view (the server's default page is 50); the order is made by rank_views.
+        query = {"datasetId": dataset_id, "limit": 0, "sort": "lastViewed", "sortdir": -1}
+        own = self._request("GET", "dataset_view", params={**query, "currentUserOnly": "true"})
+        readable = self._request("GET", "dataset_view", params=query)
+        return choose_view(rank_views(own, readable),
+                           lambda config_id: self._request("GET", f"upenn_collection/{config_id}"), tool_id)
 
     # -- annotations --------------------------------------------------------------------------
 

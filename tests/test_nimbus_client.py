@@ -126,9 +126,9 @@ def test_layer_settings(server, client):
     layers = [{"id": "a", "channel": 1, "color": "#ff0000", "visible": True,
                "contrast": {"mode": "percentile", "blackPoint": 1, "whitePoint": 99}}]
     ds = server.add_dataset(np.zeros((1, 1, 1, 2, 4, 4), np.uint8), layers=layers)
-    assert client.get_layers(ds.dataset_id) == layers
+    assert client.get_layers(ds.dataset_id).layers == layers
     bare = server.add_dataset(np.zeros((1, 1, 1, 2, 4, 4), np.uint8))
-    assert client.get_layers(bare.dataset_id) is None
+    assert client.get_layers(bare.dataset_id).layers is None
 
 
 # -- annotations ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ imitates follows the real server's code, named where it is implemented (NimbusIm
   512 px tiles, ``Index`` unlike ``Frame``, ``encoding=TIFF`` squeezed to 8 bits, ``TILED``
   exact for 8/16 bits and needing pyvips, ``pickle:N`` exact); no ``selectedLargeImageId`` on
   the folder unless asked;
-- layer settings (``dataset_view`` -> ``upenn_collection``), annotations and connections;
+- layer settings (``dataset_view`` -> ``upenn_collection``; the view's ``layerContrasts``),
+  annotations and connections;
 - the ``Girder-Token`` header checked on every request (401 otherwise);
 - created annotations validated as the real server validates them (required ``coordinates,
   tags, channel, location, shape, datasetId``; shape one of point/line/polygon/rectangle;
@@ -190,6 +191,8 @@ class _State:
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
     folders: dict[str, dict[str, Any]] = field(default_factory=dict)
     views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: view id -> the client (token name; None = the main token) whose user owns the view.
+    view_owners: dict[str, str | None] = field(default_factory=dict)
     collections: dict[str, dict[str, Any]] = field(default_factory=dict)
     annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
     connections: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -283,6 +286,7 @@ class NimbusTestServer:
         *,
         name: str = "dataset",
         layers: list[dict[str, Any]] | None = None,
+        layer_contrasts: dict[str, Any] | None = None,
         channel_names: Sequence[str] | None = None,
         shuffle_frames: bool = False,
         select_image: bool = False,
@@ -293,6 +297,8 @@ class NimbusTestServer:
         Args:
             pixels: Shape (XY, T, Z, C, H, W); uint8, uint16 or float32.
             layers: Layer settings for the dataset's view; None gives a dataset without a view.
+            layer_contrasts: The view's per-layer contrast overrides (``layerContrasts``: layer id
+                -> ``{mode, blackPoint, whitePoint}``); None stores ``{}``. Needs ``layers``.
             shuffle_frames: List frames in a scrambled order (frame numbers stay consistent),
                 so that clients must use ``Frame``, not list positions.
             select_image: Set ``meta.selectedLargeImageId`` on the folder. Off by default: a
@@ -305,6 +311,8 @@ class NimbusTestServer:
             raise ValueError("pixels must have shape (XY, T, Z, C, H, W)")
         if pixels.dtype not in (np.uint8, np.uint16, np.float32):
             raise ValueError(f"unsupported dtype {pixels.dtype}")
+        if layer_contrasts is not None and layers is None:
+            raise ValueError("layer_contrasts belong to a dataset view: give layers too")
         n_xy, n_t, n_z, n_c = pixels.shape[:4]
         order = [(xy, t, z, c) for xy in range(n_xy) for t in range(n_t) for z in range(n_z) for c in range(n_c)]
         frame_of = {key: number for number, key in enumerate(order)}
@@ -327,15 +335,63 @@ class NimbusTestServer:
             ds = TestDataset(folder_id, item_id, pixels, frame_of, layers,
                              channel_names=tuple(channel_names or (f"Channel {c}" for c in range(n_c))),
                              frame_list=frame_list)
-            if layers is not None:
-                ds.collection_id, ds.view_id = self.new_id(), self.new_id()
-                self.state.collections[ds.collection_id] = {
-                    "_id": ds.collection_id, "name": f"{name} configuration",
-                    "meta": {"layers": layers}}
-                self.state.views[ds.view_id] = {"_id": ds.view_id, "datasetId": folder_id,
-                                                "configurationId": ds.collection_id}
             self.state.datasets[folder_id] = ds
+            if layers is not None:
+                ds.view_id = self.add_view(folder_id, layers, layer_contrasts=layer_contrasts,
+                                           configuration_name=f"{name} configuration")
+                ds.collection_id = self.state.views[ds.view_id]["configurationId"]
         return ds
+
+    def add_view(
+        self,
+        dataset_id: str,
+        layers: list[dict[str, Any]] | None = None,
+        *,
+        configuration_id: str | None = None,
+        layer_contrasts: dict[str, Any] | None = None,
+        owner: str | None = None,
+        last_viewed: float | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        configuration_name: str = "configuration",
+    ) -> str:
+        """Add a dataset view (one user's view of the dataset in one configuration); its id.
+
+        Args:
+            dataset_id: The dataset.
+            layers: Layers of a new configuration made for this view (with ``tools``).
+            configuration_id: Or an existing configuration (another user's view of it).
+            layer_contrasts: The view's ``layerContrasts``; None stores ``{}``.
+            owner: The client (:meth:`add_token` name; None = the main token) whose user owns
+                the view. Every view is readable by every token (as if shared).
+            last_viewed: ``lastViewed`` (epoch ms, set by the app when the view is opened);
+                None leaves the key out (a view never opened since it was made).
+            tools: The new configuration's ``meta.tools`` (each ``{"id": ..., ...}``).
+        """
+        if (layers is None) == (configuration_id is None):
+            raise ValueError("give either layers (a new configuration) or configuration_id")
+        with self._lock:
+            if dataset_id not in self.state.folders:
+                raise ValueError(f"no dataset {dataset_id}")
+            if configuration_id is None:
+                configuration_id = self.new_id()
+                self.state.collections[configuration_id] = {
+                    "_id": configuration_id, "name": configuration_name,
+                    "meta": {"layers": layers, "tools": list(tools or [])}}
+            elif configuration_id not in self.state.collections:
+                raise ValueError(f"no configuration {configuration_id}")
+            view_id = self.new_id()
+            # The view document as the plugin stores it: layerContrasts and lastLocation are
+            # required (follows NimbusImage devops/girder/plugins/AnnotationPlugin/
+            # upenncontrast_annotation/server/models/datasetView.py, DatasetViewSchema), and
+            # each contrast override is stored as sent, keyed by layer id.
+            view = {"_id": view_id, "datasetId": dataset_id, "configurationId": configuration_id,
+                    "layerContrasts": dict(layer_contrasts or {}),
+                    "lastLocation": {"xy": 0, "z": 0, "time": 0}}
+            if last_viewed is not None:
+                view["lastViewed"] = last_viewed
+            self.state.views[view_id] = view
+            self.state.view_owners[view_id] = owner
+        return view_id
 
     def add_annotations(self, dataset_id: str, annotations: Iterable[dict[str, Any]]) -> list[str]:
         """Store annotations as given (no validation: tests may seed odd documents).
@@ -489,10 +545,7 @@ class NimbusTestServer:
         if method == "GET" and m:
             return self._region(m.group(1), params)
         if method == "GET" and path == "dataset_view":
-            dataset_id = _required(params, "datasetId")
-            with self._lock:
-                views = [v for v in self.state.views.values() if v["datasetId"] == dataset_id]
-            return 200, views, json_ok, {}
+            return 200, self._find_views(params, client), json_ok, {}
         m = re.fullmatch(r"upenn_collection/(\w+)", path)
         if method == "GET" and m:
             return 200, self._get(self.state.collections, m.group(1), "collection"), json_ok, {}
@@ -524,6 +577,38 @@ class NimbusTestServer:
                 self.state.interfaces[image] = body
             return 200, body, json_ok, {}
         raise _BadRequest(404, f"No matching route for \"{method} {path}\"")
+
+    def _find_views(self, params: dict[str, str], client: str | None) -> list[dict[str, Any]]:
+        """``GET dataset_view``: follows NimbusImage devops/girder/plugins/AnnotationPlugin/
+        upenncontrast_annotation/server/api/datasetView.py, ``find``: optional ``datasetId`` and
+        ``configurationId`` filters; ``currentUserOnly`` (helpers/params.py getBooleanParam:
+        true/1/yes/on) keeps the views the user owns; Girder's paging (girder/api/rest.py
+        getPagingParameters): ``limit`` 50 unless given (0 = all), ``offset``, ``sort`` by
+        ``lowerName`` unless given (no view has that field, so the stored order) and ``sortdir``,
+        with MongoDB's order (a missing field before numbers, before strings; ties kept)."""
+        try:
+            limit, offset = int(params.get("limit", 50)), int(params.get("offset", 0))
+            sortdir = int(params.get("sortdir", 1))
+        except ValueError:
+            raise _BadRequest(400, "Invalid value for offset, limit, or sortdir parameter.") from None
+        if sortdir not in (1, -1):
+            raise _BadRequest(400, "Invalid value for sortdir parameter.")
+        sort = params.get("sort", "lowerName")
+        mine = str(params.get("currentUserOnly", "")).lower() in ("true", "1", "yes", "on")
+        with self._lock:
+            views = [dict(v) for v in self.state.views.values()
+                     if all(v.get(key) == params[key] for key in ("datasetId", "configurationId") if key in params)
+                     and (not mine or self.state.view_owners.get(v["_id"]) == client)]
+
+        def bson_order(view: dict[str, Any]) -> tuple[int, Any]:
+            value = view.get(sort)
+            if value is None:
+                return (0, 0)
+            return (1, value) if isinstance(value, (int, float)) else (2, str(value))
+
+        views.sort(key=bson_order, reverse=sortdir == -1)
+        views = views[offset:]
+        return views[:limit] if limit else views
 
     def _get(self, table: dict[str, dict[str, Any]], key: str, kind: str) -> dict[str, Any]:
         with self._lock:
