@@ -142,7 +142,12 @@ def versions(venv_python: Path) -> dict[str, str]:
 def git_commit(path: Path) -> str:
     """The checkout's commit, or a plain statement that it is not a git checkout."""
     done = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else "not a git checkout (commit unknown)"
+    if done.returncode != 0:
+        return "not a git checkout (commit unknown)"
+    status = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True)
+    changed = len(status.stdout.splitlines())
+    return done.stdout.strip() + (f" with {changed} changed file(s) not committed" if changed else "")
 
 
 def default_python() -> str:
