@@ -45,8 +45,11 @@ def write(entry):
 def get_frame(self, *args, **kwargs):
     bound = signature.bind(self, *args, **kwargs)
     bound.apply_defaults()
-    frame, window = bound.arguments.get("frame"), bound.arguments.get("window")
-    entry = {"frame": int(frame), "window": [int(v) for v in window] if window is not None else None}
+    values = list(bound.arguments.values())  # (self, item id, frame, window...) by position if renamed
+    frame = bound.arguments.get("frame", values[2] if len(values) > 2 else None)
+    window = bound.arguments.get("window", values[3] if len(values) > 3 else None)
+    entry = {"frame": int(frame) if isinstance(frame, int) else -1,
+             "window": [int(v) for v in window] if isinstance(window, (tuple, list)) else None}
     try:
         pixels = original(self, *args, **kwargs)
     except BaseException as exc:
