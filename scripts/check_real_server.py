@@ -155,6 +155,7 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
         out.say(f"segmenter: {STAND_IN.upper()} (no trained SAM2 checkpoint given): it thresholds the DAPI band; "
                 "every worker job below uses it")
     worker = Worker(worker_tree, worker_python, checkpoint_dir, mode, workdir)
+    segmenter = STAND_IN if mode == "stand-in" else f"SAM2 {model}"
 
     with GirderServer(python, workdir, mongo_uri) as server:
         out.say(f"Girder {versions.get('girder')} at {server.api_url} (log: {server.log_path}); "
@@ -186,14 +187,14 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
             parameters = tool_parameters(batch_xy, delete, model)
             return name, compute_argv(server.api_url, token, dataset.folder_id, parameters)
 
-        out.say(f"job A: position 1 only, originals kept ({mode})")
+        out.say(f"job A: position 1 only, originals kept ({segmenter})")
         (first,) = worker.run_many([job("job A", "1", False)])
         _report_run(out, first)
         out.check("job A exit 0", first.returncode == 0, f"exit {first.returncode}")
         _frames_check(out, "job A", first.frames, source, dataset.tiles)
         _state_checks(out, "after job A", rest, dataset.folder_id, dataset.originals, dataset.connections)
 
-        out.say(f"jobs B and C at once: all positions, 'Delete original annotations' on ({mode})")
+        out.say(f"jobs B and C at once: all positions, 'Delete original annotations' on ({segmenter})")
         both = worker.run_many([job("job B", "all", True), job("job C", "all", True)])
         for run in both:
             _report_run(out, run)
@@ -203,7 +204,7 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
         annotations = _state_checks(out, "after jobs B and C", rest, dataset.folder_id, dataset.originals,
                                     dataset.connections)
 
-        out.say(f"job D: the same job again, a re-run ({mode})")
+        out.say(f"job D: the same job again, a re-run ({segmenter})")
         before_ids = {a["_id"] for a in annotations}
         (again,) = worker.run_many([job("job D", "all", True)])
         _report_run(out, again)

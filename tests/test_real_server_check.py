@@ -100,6 +100,8 @@ def test_frames_exact_against_an_eight_bit_squeeze():
     assert not verdict.passed and "got uint8" in verdict.detail and "expected uint16" in verdict.detail
     assert not checks.frames_exact([], expected).passed
     assert not checks.frames_exact([{"frame": 0, "window": None, "error": "NimbusAPIError: x"}], expected).passed
+    unreadable = checks.frames_exact([{**_record(source), "frame": -1}], expected)  # the recorder lost the number
+    assert not unreadable.passed and "could not read" in unreadable.detail
 
 
 def test_digest_is_the_same_for_either_byte_order():
