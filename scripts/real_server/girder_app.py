@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -130,10 +133,13 @@ def main() -> int:
     from girder.asgi import app
 
     _provision(args.assetstore)
-    _mount(args.mount)
-
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning",
                                            server_header=False, date_header=False))
+    # libfuse takes SIGTERM for itself where nobody handles it; handled here, it stays with Python.
+    # uvicorn installs its own handler while it serves and raises the signal again when it has shut
+    # down: both only ask the server to stop, so that the mount is always taken down below.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    mount_thread = _mount(args.mount)
 
     def announce() -> None:
         while not server.started:
@@ -142,7 +148,29 @@ def main() -> int:
 
     threading.Thread(target=announce, daemon=True).start()
     server.run()
-    return 0
+    _unmount(args.mount, mount_thread)
+    os._exit(0)  # nothing of the mount may be touched by the interpreter's own finalisation
+
+
+def _unmount(path: Path, thread: threading.Thread) -> None:
+    """Close what large_image holds open (files read through the mount), then unmount while the
+    FUSE thread still serves: a process that exits with a file open on its own mount waits on it
+    for ever."""
+    try:
+        from large_image.cache_util import cachesClear
+
+        cachesClear()
+    except Exception as exc:  # noqa: BLE001 - shutting down: say it and go on
+        print(f"could not clear large_image's caches: {exc}", flush=True)
+    import gc
+
+    gc.collect()
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    for flags in (["-u"], ["-u", "-z"]):
+        command = [tool, *flags, str(path)] if tool else ["umount", *(["-l"] if "-z" in flags else []), str(path)]
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            break
+    thread.join(timeout=10)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ class GirderServer:
         self.assetstore = workdir / "assetstore"
         self.log_path = workdir / "girder.log"
         self.process: subprocess.Popen | None = None
+        #: The kernel's number for the FUSE connection of the mount (its device minor number).
+        self.fuse_connection: int | None = None
 
     @property
     def api_url(self) -> str:
@@ -52,6 +54,7 @@ class GirderServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready.exists():
+                self.fuse_connection = os.minor(os.stat(self.mount).st_dev)
                 return
             if self.process.poll() is not None:
                 code = self.process.returncode
@@ -66,23 +69,42 @@ class GirderServer:
             return "(no log)"
 
     def stop(self) -> None:
-        """Detach the FUSE mount first (a process serving its own mount can hang in it while it
-        exits; libfuse also takes SIGTERM for itself), then stop the process. Never raises."""
-        if os.path.ismount(self.mount):
-            tool = shutil.which("fusermount3") or shutil.which("fusermount")
-            subprocess.run([tool, "-u", "-z", str(self.mount)] if tool else ["umount", "-l", str(self.mount)],
-                           check=False, capture_output=True)
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        """SIGTERM: Girder shuts down, closes what it read through its FUSE mount and unmounts it
+        (``girder_app._unmount``). Only if that does not end it in time: a lazy unmount, SIGKILL,
+        and as a last resort the FUSE connection aborted (``/sys/fs/fuse/connections``), so that no
+        process is left waiting on a dead mount. Never raises."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                pass
+                self._detach()
+                self.process.kill()
+                try:
+                    self.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._abort_connection()
+                    try:
+                        self.process.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
+        if os.path.ismount(self.mount):
+            self._detach()
+            self._abort_connection()
+
+    def _detach(self) -> None:
+        tool = shutil.which("fusermount3") or shutil.which("fusermount")
+        subprocess.run([tool, "-u", "-z", str(self.mount)] if tool else ["umount", "-l", str(self.mount)],
+                       check=False, capture_output=True)
+
+    def _abort_connection(self) -> None:
+        if self.fuse_connection is None:
+            return
+        abort = Path("/sys/fs/fuse/connections") / str(self.fuse_connection) / "abort"
+        try:
+            abort.write_text("1")
+        except OSError:
+            pass
 
     def __enter__(self) -> GirderServer:
         self.start()
