@@ -91,7 +91,7 @@ def test_pickle_region_is_the_exact_array_with_a_band_axis(server, encoding, pro
     (rows, columns, bands) array of its own dtype; 'pickle' and 'pickle:0' mean protocol 4."""
     ds = dataset(server, np.float32)
     response = get(server, f"item/{ds.item_id}/tiles/region", frame=1, encoding=encoding, left=3, right=13)
-    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Content-Type"] == "image/jpeg"  # as the real server labels it
     assert response.content[1] == protocol
     array = pickle.loads(response.content)  # local, trusted test data
     assert array.shape == (20, 10, 1) and array.dtype == np.float32
@@ -117,6 +117,8 @@ def test_tiles_are_512_px_and_index_is_not_the_frame_number(server):
     assert meta["IndexRange"] == {"IndexXY": 2, "IndexT": 3, "IndexC": 2}
     assert meta["IndexStride"] == {"IndexXY": 6, "IndexT": 2, "IndexC": 1}
     assert meta["channels"] == ["Channel 0", "Channel 1"]
+    assert meta["channelmap"] == {"Channel 0": 0, "Channel 1": 1}
+    assert [f["Channel"] for f in frames[:2]] == ["Channel 0", "Channel 1"]
 
 
 def test_a_dataset_folder_has_no_selected_image_key(server):
@@ -190,3 +192,18 @@ def test_connection_listing_order_cursor_and_delete_answer(server):
     assert [c["_id"] for c in by_id] == sorted(ids)[1:3]
     answer = send(server, "DELETE", "annotation_connection/multiple", ids[:2])
     assert json.loads(answer.content) == "DeleteResult({'n': 2, 'ok': 1.0}, acknowledged=True)"
+
+
+def test_errors_as_girder_gives_them(server):
+    """Seen on the real server (docs/real-server-check.md): a schema error and a malformed id are
+    type "validation", a missing collection names its model."""
+    ds = dataset(server)
+    doc = {k: v for k, v in polygon(ds).items() if k != "tags"}
+    answer = send(server, "POST", "upenn_annotation/multiple", [doc])
+    assert answer.status_code == 400
+    assert answer.json() == {"message": "data must contain ['tags'] properties", "type": "validation"}
+    answer = get(server, "upenn_annotation/not-an-id")
+    assert answer.status_code == 400
+    assert answer.json() == {"message": "Invalid ObjectId: not-an-id", "type": "validation", "field": "id"}
+    answer = get(server, "upenn_collection/" + "0" * 24)
+    assert answer.json()["message"] == f"Invalid upenn_collection id ({'0' * 24})."

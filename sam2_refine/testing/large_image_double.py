@@ -74,7 +74,12 @@ def tile_metadata(width: int, height: int, dtype: np.dtype, frames: Sequence[tup
     meta["frames"] = listed
     meta["IndexRange"] = {k: v for k, v in sizes.items() if v > 1}
     meta["IndexStride"] = {k: next(i for i, f in enumerate(listed) if f.get(k) == 1) for k in meta["IndexRange"]}
-    meta["channels"] = list(channel_names)
+    if len(channel_names) >= sizes.get("IndexC", 1):  # names for every channel: channels, channelmap, Channel
+        names = list(channel_names)[:sizes.get("IndexC", 1)]
+        meta["channels"] = names
+        meta["channelmap"] = {name: c for c, name in enumerate(names)}
+        for frame in listed:
+            frame["Channel"] = names[frame.get("IndexC", 0)]
     return meta
 
 
@@ -143,9 +148,11 @@ def encode_region(region: np.ndarray, encoding: str, tiff_compression: str | Non
     """
     if encoding.startswith("pickle"):
         # _pickleParams asks for numpy output: _imageToNumpy always gives (rows, columns, bands).
+        # getTilesRegion sets the Content-Type from the default encoding (JPEG) before pickling,
+        # so the pickle arrives labelled image/jpeg (seen on the real server).
         array = np.ascontiguousarray(region[..., np.newaxis])
         return pickle.dumps(array, protocol=min(_pickle_protocol(encoding), pickle.HIGHEST_PROTOCOL)), \
-            "application/octet-stream"
+            "image/jpeg"
     if encoding == "TIFF":
         buf = io.BytesIO()
         tifffile.imwrite(buf, to_8_bits(region), photometric="minisblack")

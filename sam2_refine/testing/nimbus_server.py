@@ -174,10 +174,15 @@ def _finite(obj: Any) -> Any:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An error answer. ``kind`` is Girder's ``type``: ``"validation"`` for schema and id
+    problems (girder.exceptions.ValidationException), ``"rest"`` otherwise."""
+
+    def __init__(self, status: int, message: str, kind: str = "rest", field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.kind = kind
+        self.field = field
 
 
 class DroppedRequest(Exception):
@@ -514,7 +519,10 @@ class NimbusTestServer:
             status, payload, ctype, headers = self._route(method, path, params, body, record.client)
         except _BadRequest as exc:
             record.status = exc.status
-            return _json_response(exc.status, {"message": exc.message, "type": "rest"})
+            answer = {"message": exc.message, "type": exc.kind}
+            if exc.field is not None:
+                answer["field"] = exc.field
+            return _json_response(exc.status, answer)
         if fault is not None and fault.action == "drop_after":
             record.status = -1
             raise DroppedRequest()
@@ -548,10 +556,15 @@ class NimbusTestServer:
             return 200, self._find_views(params, client), json_ok, {}
         m = re.fullmatch(r"upenn_collection/(\w+)", path)
         if method == "GET" and m:
-            return 200, self._get(self.state.collections, m.group(1), "collection"), json_ok, {}
+            return 200, self._get(self.state.collections, m.group(1), "upenn_collection"), json_ok, {}
         if method == "GET" and path == "upenn_annotation":
             docs, total = self._find_annotations(params)
             return 200, docs, json_ok, {"Girder-Total-Count": str(total)}
+        odd = re.fullmatch(r"upenn_annotation/([^/]+)", path)
+        if odd and method in ("GET", "DELETE") and not re.fullmatch(r"[0-9a-f]{24}", odd.group(1)) \
+                and odd.group(1) not in ("multiple", "count", "list", "hydrate"):
+            # Girder's loadmodel parses the id first: a malformed one is a validation error.
+            raise _BadRequest(400, f"Invalid ObjectId: {odd.group(1)}", "validation", "id")
         m = re.fullmatch(r"upenn_annotation/([0-9a-f]{24})", path)
         if method == "GET" and m:
             return 200, self._get(self.state.annotations, m.group(1), "upenn_annotation"), json_ok, {}
@@ -699,10 +712,11 @@ class NimbusTestServer:
     def _create_annotations(self, body: Any, client: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
-        for index, ann in enumerate(body):
+        for ann in body:
             problem = _annotation_problem(ann, self.state.folders)
             if problem:
-                raise _BadRequest(400, f"Validation Error: annotation {index}: {problem}")
+                # fastjsonschema's message, raised as Girder's ValidationException (models/annotation.py)
+                raise _BadRequest(400, problem, "validation")
         created = []
         with self._lock:
             for ann in body:
@@ -817,9 +831,9 @@ def _annotation_problem(ann: Any, folders: dict[str, Any]) -> str | None:
     """What the real server's schema would reject in ``ann``, or None."""
     if not isinstance(ann, dict):
         return "data must be object"
-    for key in REQUIRED_ANNOTATION_KEYS:
-        if key not in ann:
-            return f"data must contain {list(REQUIRED_ANNOTATION_KEYS)} properties ('{key}' missing)"
+    missing = [key for key in REQUIRED_ANNOTATION_KEYS if key not in ann]
+    if missing:  # fastjsonschema names the missing required properties
+        return f"data must contain {missing} properties"
     coords = ann["coordinates"]
     if not isinstance(coords, list) or not coords:
         return "data.coordinates must be a non-empty array"
