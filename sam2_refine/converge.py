@@ -20,6 +20,9 @@ request (a killed job leaves nothing that a later run does not finish):
    (the original keeps its connections; the next round moves them to S); if it re-listed
    before, then its copies on R were made before S existed, so the remover's listing holds
    them and moves them to S. Either way no connection is lost.
+   The connections of every original and duplicate deleted are removed by the worker itself,
+   just before the deletion (they were copied) and just after it (any made meanwhile):
+   NimbusImage's bulk delete leaves them on the server.
 4. **Repeat** until a listing shows nothing left to do (one refinement per original, no
    replaced original left), a bounded number of rounds.
 
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sam2_refine.markers import read_mark
-from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient
+from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
 from sam2_refine.refinements import Refinement, RefinementIndex, Unreadable
 from sam2_refine.replace import Ledger
 from sam2_refine.selection import annotation_location
@@ -143,12 +146,46 @@ class RefinementWatch:
 
 
 # -- connections --------------------------------------------------------------------------------
+#
+# How NimbusImage's plugin treats connections (server/models/connections.py): deleting annotations
+# in bulk (DELETE upenn_annotation/multiple) leaves their connections behind, and creating
+# connections (POST annotation_connection/multiple) answers 400 for the whole body when any
+# parent or child does not exist. So the worker never sends a copy whose end it knows is gone,
+# reads again and sends the rest when a batch is refused that way (another job removed an end
+# meanwhile), and removes the connections of every annotation it deletes itself.
 
 
 def _key(con: dict[str, Any]) -> tuple[Any, ...]:
     tags = con.get("tags") or []
     return (con.get("parentId"), con.get("childId"), con.get("label", "") or "",
             tuple(sorted(str(t) for t in tags)) if isinstance(tags, list) else ())
+
+
+def _ends(con: dict[str, Any]) -> set[str]:
+    return {str(con.get("parentId")), str(con.get("childId"))}
+
+
+class Ends:
+    """Which annotations exist, from the latest reading, with lookups for the others.
+
+    Args:
+        present: Ids the latest reading listed.
+        listed: Shapes that reading listed in full (an id of those shapes not in ``present`` is gone).
+    """
+
+    def __init__(self, client: NimbusClient, dataset_id: str, present: Iterable[str] = (),
+                 listed: tuple[str, ...] = ()) -> None:
+        self.client, self.dataset_id = client, dataset_id
+        self.present, self.listed = set(present), listed
+
+    def missing(self, ids: set[str], fresh: bool = False) -> set[str]:
+        """Which of ``ids`` do not exist; ``fresh``: looked up now, whatever the reading said."""
+        unknown = set(ids) if fresh else set(ids) - self.present
+        if not unknown:
+            return set()
+        found = _existing(self.client, self.dataset_id, unknown, listed=() if fresh else self.listed)
+        self.present |= found
+        return unknown - found
 
 
 @dataclass
@@ -158,22 +195,27 @@ class MoveReport:
     Attributes:
         created: The connections it created: connection id -> its two ends (parent, child ids).
         deduplicated: How many identical connections it deleted.
+        skipped: Copies not made because an end no longer exists.
+        listing: The dataset's connections as last listed (after the copies).
     """
 
     created: dict[str, set[str]] = field(default_factory=dict)
     deduplicated: int = 0
+    skipped: int = 0
+    listing: list[dict[str, Any]] = field(default_factory=list)
 
 
-def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, str]) -> MoveReport:
+def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, str],
+                     ends: Ends | None = None) -> MoveReport:
     """Re-create on ``mapping[x]`` every connection that has ``x`` as parent or child.
 
     Both ends are substituted when both are in ``mapping``. A copy that already exists (same
-    parent, child, label and tags) is not made again. The listing is repeated until it shows
-    nothing missing (another job may be adding connections to the same sources meanwhile); a
-    copy made here and gone from a later listing is not made again (its target was deleted by
-    another job: the caller's next reading shows that). Identical connections touching a target
-    are then reduced to the one with the smallest id. The sources keep their connections (the
-    server deletes them with the source).
+    parent, child, label and tags) is not made again, nor one with an end that no longer exists
+    (``ends``). The listing is repeated until it shows nothing missing (another job may be adding
+    connections to the same sources meanwhile); a copy made here and gone from a later listing is
+    not made again (its target was deleted by another job: the caller's next reading shows that).
+    Identical connections touching a target are then reduced to the one with the smallest id.
+    The sources keep their connections (the caller removes them with the sources).
 
     Raises:
         NimbusAPIError: listing, creating or deleting connections failed (nothing may be
@@ -182,6 +224,7 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
     report = MoveReport()
     if not mapping:
         return report
+    ends = ends or Ends(client, dataset_id)
     connections = client.list_connections(dataset_id)
     made: set[tuple[Any, ...]] = set()
     for _ in range(MAX_COPY_PASSES):
@@ -200,12 +243,69 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
             wanted.append(new)
         if not wanted:
             break
-        for doc in client.create_connections(wanted):
+        for doc in _send_copies(client, wanted, ends, report):
             made.add(_key(doc))
-            report.created[str(doc["_id"])] = {str(doc.get(end)) for end in ("parentId", "childId")}
+            report.created[str(doc["_id"])] = _ends(doc)
         connections = client.list_connections(dataset_id)
+    report.listing = connections
     report.deduplicated = remove_identical_connections(client, dataset_id, set(mapping.values()), connections)
     return report
+
+
+def _send_copies(client: NimbusClient, copies: list[dict[str, Any]], ends: Ends,
+                 report: MoveReport) -> list[dict[str, Any]]:
+    """Create those of ``copies`` whose ends all exist; returns the created connections.
+
+    A batch refused because an end does not exist (HTTP 400: another job removed it since the
+    reading) is followed by a fresh look-up of the ends and the copies that can still be made.
+    A refusal with every end present is raised (it is not about ends).
+    """
+    created: list[dict[str, Any]] = []
+    pending = copies
+    gone = ends.missing(_all_ends(pending))
+    for _ in range(MAX_COPY_PASSES):
+        sendable = [c for c in pending if not _ends(c) & gone]
+        report.skipped += len(pending) - len(sendable)
+        if not sendable:
+            return created
+        try:
+            created.extend(client.create_connections(sendable))
+            return created
+        except PartialCreateError as exc:
+            created.extend(exc.created)
+            pending = sendable[len(exc.created):]
+            gone = ends.missing(_all_ends(pending), fresh=True) if exc.status == 400 else set()
+            if not gone:
+                raise
+            log.info("%d connection copies refused: %d of their ends no longer exist; sending the rest",
+                     len(pending), len(gone))
+    raise NimbusAPIError("POST", "annotation_connection/multiple", None,
+                         "connection copies kept being refused while other jobs deleted their ends")
+
+
+def _all_ends(connections: list[dict[str, Any]]) -> set[str]:
+    return {end for con in connections for end in _ends(con)}
+
+
+def remove_connections_of(client: NimbusClient, dataset_id: str, ids: set[str],
+                          connections: list[dict[str, Any]] | None = None) -> int:
+    """Delete every connection with an end in ``ids`` (annotations deleted, or about to be, after
+    their connections were copied). Harmless where the server already removed them.
+
+    Args:
+        connections: The dataset's connections, if just listed (else they are listed here).
+
+    Returns:
+        How many were deleted.
+    """
+    if not ids:
+        return 0
+    if connections is None:
+        connections = client.list_connections(dataset_id)
+    doomed = [c["_id"] for c in connections if isinstance(c.get("_id"), str) and _ends(c) & ids]
+    if doomed:
+        client.delete_connections(doomed)
+    return len(doomed)
 
 
 def remove_identical_connections(client: NimbusClient, dataset_id: str, targets: set[str],
@@ -247,6 +347,8 @@ class ConvergeReport:
         moved: Connections re-created on survivors (from duplicates and from originals).
         withdrawn: Connections this job had made whose target another job removed meanwhile
             (deleted again: they would point to nothing).
+        unlinked: Connections removed because an annotation at one end was deleted (by this
+            job, after copying them; or, found in a later run, by a job that was stopped).
         left_alone: Groups of refinements whose original refers to nothing or to another
             dataset: (original id, reason, refinement ids). Never touched.
         unreadable: Annotations of the batch with an unreadable mark.
@@ -262,6 +364,7 @@ class ConvergeReport:
     removed: dict[str, list[str]] = field(default_factory=dict)
     moved: int = 0
     withdrawn: int = 0
+    unlinked: int = 0
     left_alone: list[tuple[str, str, list[str]]] = field(default_factory=list)
     unreadable: list[Unreadable] = field(default_factory=list)
     misplaced: list[Refinement] = field(default_factory=list)
@@ -329,7 +432,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         on (deleting an end later deletes it with the end) and is not checked again."""
         if not made:
             return
-        present = set(view.others) | {r.id for group in view.index.groups.values() for r in group}
+        present = _present(view)
         unknown = {end for ends in made.values() for end in ends} - present
         if unknown:  # an end of a shape this job does not list (a point, a line): look it up
             present |= _existing(client, dataset_id, unknown, listed=("polygon", *shapes))
@@ -344,17 +447,50 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         if on_step is not None:
             on_step(title, info)
 
-    def move(mapping: dict[str, str]) -> None:
+    def move(mapping: dict[str, str], ends: Ends) -> list[dict[str, Any]]:
+        """Copy the connections of ``mapping``'s keys onto its values; the listing after it."""
         report.stage = "links"
-        moved = move_connections(client, dataset_id, mapping)
+        moved = move_connections(client, dataset_id, mapping, ends)
         made.update(moved.created)
         report.moved += len(moved.created)
+        return moved.listing
+
+    def delete_with_links(ids: list[str], listing: list[dict[str, Any]],
+                          delete: Callable[[list[str], list[str]], NimbusAPIError | None]) -> NimbusAPIError | None:
+        """Remove the connections of ``ids`` (copied already), delete them, then remove any
+        connection made meanwhile to those that were (or may have been) deleted: the server's
+        bulk delete leaves connections behind. ``delete(ids, deleted)`` appends to ``deleted``."""
+        report.stage = "links"
+        report.unlinked += remove_connections_of(client, dataset_id, set(ids), listing)
+        deleted: list[str] = []
+        try:
+            error = delete(ids, deleted)
+        finally:
+            if deleted:
+                report.stage = "links"
+                report.unlinked += remove_connections_of(client, dataset_id, set(deleted))
+        return error
+
+    def delete_duplicates(ids: list[str], deleted: list[str]) -> None:
+        report.stage = "duplicates"
+        for start in range(0, len(ids), MAX_CHUNK):
+            chunk = ids[start:start + MAX_CHUNK]
+            deleted.extend(chunk)  # possibly deleted from here on, even if no answer comes
+            client.delete_annotations(chunk)
+
+    def delete_confirmed(ids: list[str], deleted: list[str]) -> NimbusAPIError | None:
+        report.stage = "delete"
+        error = delete_originals(client, ledger, ids)
+        gone = set(ledger.deleted) | set(ledger.delete_unknown)
+        deleted.extend(o for o in ids if o in gone)
+        return error
 
     try:
         for _ in range(MAX_ROUNDS):
             report.stage = "read"
             view = read_view(client, dataset_id, shapes)
             withdraw(view)
+            ends = Ends(client, dataset_id, _present(view), listed=("polygon", *shapes))
             groups = _groups_in_scope(view, ledger, orphans, in_batch, report)
             for original_id, group in groups.items():
                 if original_id in mine:
@@ -368,22 +504,22 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                 # A job stopped between copying connections and checking its copies may have left
                 # identical ones (another job copied the same at once): one each stays.
                 report.stage = "links"
-                remove_identical_connections(client, dataset_id, {
-                    r.id for group in view.index.groups.values() for r in group
-                    if r.location is not None and in_batch(r.location)})
+                listing = client.list_connections(dataset_id)
+                in_scope = {r.id for group in view.index.groups.values() for r in group
+                            if r.location is not None and in_batch(r.location)}
+                remove_identical_connections(client, dataset_id, in_scope, listing)
+                report.unlinked += _remove_left_links(client, dataset_id, view, in_batch, ends, listing)
                 report.stable = True
                 break
             if duplicates:
                 step("Removing duplicates", f"{len(duplicates)} refinement(s) made twice by jobs running at once")
-                move(duplicates)
-                report.stage = "duplicates"
-                _delete_chunked(client, list(duplicates))
+                delete_with_links(list(duplicates), move(duplicates, ends), delete_duplicates)
                 for group in groups.values():
                     if len(group) > 1:
                         report.removed.setdefault(group[0].original_id, []).extend(r.id for r in group[1:])
             if doomed:
                 step("Keeping links", "Re-creating the originals' connections on their refinements")
-                move(doomed)
+                listing = move(doomed, ends)
                 report.stage = "read"
                 check = read_view(client, dataset_id, shapes)
                 withdraw(check)
@@ -392,15 +528,34 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                 gone = [o for o in doomed if o not in check.others]
                 ledger.already_deleted.update(gone)
                 step("Deleting originals", f"Deleting {len(confirmed)} replaced original(s)")
-                report.stage = "delete"
-                error = delete_originals(client, ledger, confirmed)
+                error = delete_with_links(confirmed, listing, delete_confirmed)
                 if error is not None:
+                    report.stage = "delete"
                     report.error = error
                     return report
         report.stage = ""
     except NimbusAPIError as exc:
         report.error = exc
     return report
+
+
+def _present(view: ServerView) -> set[str]:
+    """Every annotation id a reading listed: originals and other annotations, and refinements."""
+    return set(view.others) | {r.id for group in view.index.groups.values() for r in group}
+
+
+def _remove_left_links(client: NimbusClient, dataset_id: str, view: ServerView, in_batch: InBatch, ends: Ends,
+                       listing: list[dict[str, Any]]) -> int:
+    """Remove connections to originals that were replaced in the batch and no longer exist: left
+    by a job stopped between deleting them and removing their connections, or by a worker
+    that trusted the server's bulk delete to remove them."""
+    replaced = {original_id for original_id, group in view.index.groups.items()
+                if original_id not in view.others
+                and any(r.location is not None and in_batch(r.location) for r in group)}
+    touching = _all_ends(listing) & replaced
+    if not touching:
+        return 0
+    return remove_connections_of(client, dataset_id, ends.missing(touching, fresh=True), listing)
 
 
 def _existing(client: NimbusClient, dataset_id: str, ids: set[str], listed: tuple[str, ...]) -> set[str]:
@@ -451,11 +606,6 @@ def _groups_in_scope(view: ServerView, ledger: Ledger, orphans: _Orphans, in_bat
                 left_alone.append((original_id, reason, [r.id for r in members]))
     report.left_alone = left_alone
     return groups
-
-
-def _delete_chunked(client: NimbusClient, ids: list[str]) -> None:
-    for start in range(0, len(ids), MAX_CHUNK):
-        client.delete_annotations(ids[start:start + MAX_CHUNK])
 
 
 def delete_originals(client: NimbusClient, ledger: Ledger, originals: list[str],

@@ -5,6 +5,9 @@ layer colour, and the layers combine by pixel-wise maximum. Layers are matched t
 ``layer.channel`` (two layers may show one channel). A dataset without layer settings gets
 :func:`default_layers`. The layers' own Z/Time settings are not applied: every layer shows the
 annotation's own location, as in the original worker.
+
+A dataset view may override a layer's contrast (``layerContrasts``, keyed by layer id); the user
+sees the override, so the model gets it too (:func:`view_contrast`, the rule the app applies).
 """
 
 from __future__ import annotations
@@ -68,17 +71,50 @@ def parse_colour(text: Any) -> tuple[float, float, float]:
     return ((value >> 16) / 255.0, ((value >> 8) & 255) / 255.0, (value & 255) / 255.0)
 
 
-def parse_layers(raw: Sequence[Mapping[str, Any]] | None, num_channels: int) -> list[Layer]:
+def view_contrast(spec: Mapping[str, Any], layer_contrasts: Mapping[str, Any] | None) -> Any:
+    """The contrast a dataset view shows for one layer: the view's override, or the layer's own.
+
+    The app's rule (NimbusImage ``src/store/index.ts``, getter ``layers``): the view's
+    ``layerContrasts[layer.id]``, when present, replaces the layer's ``contrast`` as a whole (it
+    is not merged field by field); a layer without an entry keeps its own contrast; entries for
+    ids that no layer has are ignored. A ``null`` entry counts as absent, as in the app.
+
+    Args:
+        spec: One layer of the configuration's ``meta.layers``.
+        layer_contrasts: The view's ``layerContrasts`` (layer id -> contrast), or None.
+
+    Returns:
+        The contrast to use, unchecked (:func:`parse_layers` checks it).
+    """
+    override = _view_override(spec, layer_contrasts)
+    return spec.get("contrast") if override is None else override
+
+
+def _view_override(spec: Mapping[str, Any], layer_contrasts: Mapping[str, Any] | None) -> Any:
+    """The view's entry for this layer's id, or None."""
+    layer_id = spec.get("id")
+    if not layer_contrasts or not isinstance(layer_id, str):
+        return None
+    return layer_contrasts.get(layer_id)
+
+
+def parse_layers(raw: Sequence[Mapping[str, Any]] | None, num_channels: int,
+                 layer_contrasts: Mapping[str, Any] | None = None) -> list[Layer]:
     """The visible layers of a dataset view, checked; defaults when there are none.
 
     Args:
         raw: ``meta.layers`` of the dataset's configuration, or None.
         num_channels: The dataset's channel count.
+        layer_contrasts: The view's per-layer contrast overrides (``layerContrasts``: layer id ->
+            ``{mode, blackPoint, whitePoint}``), applied by :func:`view_contrast`; None = none.
 
     Raises:
         LayerError: a visible layer is malformed, shows a channel the dataset lacks, or no layer
-            is visible.
+            is visible. A bad contrast saved in the view says so.
     """
+    if layer_contrasts is not None and not isinstance(layer_contrasts, Mapping):
+        raise LayerError("(all)", f"the dataset view's contrast settings {layer_contrasts!r} are not an object "
+                                  "of layer id -> contrast")
     if not raw:
         return default_layers(num_channels)
     layers = []
@@ -95,17 +131,19 @@ def parse_layers(raw: Sequence[Mapping[str, Any]] | None, num_channels: int) -> 
             colour = parse_colour(spec.get("color", "#ffffff"))
         except ValueError as exc:
             raise LayerError(name, str(exc)) from None
-        contrast = spec.get("contrast") or {}
+        from_view = _view_override(spec, layer_contrasts) is not None
+        where = "the dataset view's contrast" if from_view else "contrast"
+        contrast = view_contrast(spec, layer_contrasts) or {}
         if not isinstance(contrast, Mapping):
-            raise LayerError(name, f"contrast {contrast!r} is not an object with mode, blackPoint and whitePoint")
+            raise LayerError(name, f"{where} {contrast!r} is not an object with mode, blackPoint and whitePoint")
         mode = contrast.get("mode", "percentile")
         if mode not in ("percentile", "absolute"):
-            raise LayerError(name, f"contrast mode {mode!r} is not percentile or absolute")
+            raise LayerError(name, f"{where} mode {mode!r} is not percentile or absolute")
         default_black, default_white = (0.0, 100.0) if mode == "percentile" else (None, None)
         black = contrast.get("blackPoint", default_black)
         white = contrast.get("whitePoint", default_white)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (black, white)):
-            raise LayerError(name, "contrast needs numeric blackPoint and whitePoint")
+            raise LayerError(name, f"{where} needs numeric blackPoint and whitePoint")
         layers.append(Layer(channel, colour, mode, float(black), float(white), name))
     if not layers:
         raise LayerError("(all)", "no layer is visible, so there is no image to segment")

@@ -48,7 +48,7 @@ from sam2_refine.messages import (
 )
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.kept import TagReport, kept_by_position, kept_text, update_tags
-from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, NimbusAPIError, NimbusClient
+from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, DegradedFrameError, NimbusAPIError, NimbusClient
 from sam2_refine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.predictor import BoxPredictor
 from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
@@ -182,18 +182,20 @@ def original_shapes(selection: Selection) -> tuple[str, ...]:
 
 def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[Layer],
                         location: Location) -> LocationImage:
-    """Fetch each needed channel's frame once; merged lazily, window by window."""
+    """Fetch each needed channel's frame once, exactly (checked against the tile metadata);
+    merged lazily, window by window.
+
+    Raises:
+        DegradedFrameError: a frame arrived unlike the metadata (its dtype or size).
+        NimbusAPIError: a frame could not be fetched.
+    """
     planes = {}
     for channel in sorted({layer.channel for layer in layers}):
         try:
             frame = info.frame_number(channel, location.xy, location.z, location.time)
         except KeyError as exc:
             raise NimbusAPIError("GET", f"item/{info.item_id}/tiles", None, str(exc)) from None
-        planes[channel] = client.get_frame(info.item_id, frame)
-        if planes[channel].shape != (info.height, info.width):
-            raise NimbusAPIError("GET", f"item/{info.item_id}/tiles/region", None,
-                                 f"frame {frame} is {planes[channel].shape[::-1]}, expected "
-                                 f"{info.width}x{info.height}")
+        planes[channel] = client.get_frame(info.item_id, frame, expected=info.frame_spec())
     return LocationImage(planes, layers)
 
 
@@ -254,7 +256,8 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
         raise _failed(_dataset_failure(exc, client, settings)) from None
     batch = resolve_batch(settings, info)
     try:
-        layers = parse_layers(client.get_layers(settings.dataset_id), info.num_channels)
+        view = client.get_layers(settings.dataset_id, settings.tool_id)
+        layers = parse_layers(view.layers, info.num_channels, view.layer_contrasts)
     except NimbusAPIError as exc:
         raise _failed(server_failure(exc, "reading the dataset's layer settings", api_url=client.api_url)) from None
     except LayerError as exc:
@@ -692,11 +695,19 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
         try:
             image = frames.take(location)  # taken even when unused, so that the next one is fetched
         except NimbusAPIError as exc:
+            degraded = isinstance(exc, DegradedFrameError)
             if originals:
                 failed.append(f"{location.describe()}: its image could not be read: {cause_text(exc)} "
                               f"(request {exc.method} {exc.endpoint})")
+                if degraded:
+                    reporter.error(f"The image at {location.describe()} arrived degraded; its annotations were kept.",
+                                   sentences(exc.detail, "The server could not send this frame's exact pixels, and a "
+                                             "degraded image is never refined", "Ask the server's operator to install "
+                                             "pyvips or a newer large_image (the worker asks for encodings pickle:5, "
+                                             "then TILED)"))
             for original in originals:
-                ledger.keep(original.id, location, "its image could not be read")
+                ledger.keep(original.id, location, "its image arrived degraded (not the dataset's pixel type or size)"
+                            if degraded else "its image could not be read")
             done += len(originals)
             continue
         if not originals:  # all refined by another job meanwhile

@@ -29,13 +29,15 @@ Paging
     response. Creation and deletion are chunked (at most :data:`MAX_CHUNK` per request).
 
 Pixels
-    Frames are fetched with ``encoding=TIFF`` and decoded with tifffile, keeping the frame's own
-    dtype. Data that came over the network is never unpickled.
+    Frames are fetched exactly, in the frame's own dtype: ``encoding=pickle:5`` read by an
+    allow-listed unpickler (numpy's array-rebuilding globals only), else ``TILED`` (a tiled TIFF,
+    exact for 8 and 16 bits), else ``TIFF`` (exact for 8 bits only). Each frame is checked
+    against the tile metadata (dtype, size); one that arrives degraded is refused
+    (:class:`DegradedFrameError`), never refined. See :mod:`sam2_refine.frame_decoding`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -46,11 +48,19 @@ from typing import Any
 import girder_client
 import numpy as np
 import requests
-import tifffile
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from sam2_refine.frame_decoding import (
+    FrameDecodeError,
+    FrameSpec,
+    as_plane,
+    frame_mismatch,
+    read_tiff_plane,
+    unpickle_array,
+)
 from sam2_refine.report import scrub
+from sam2_refine.views import ViewLayers, choose_view, rank_views
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,15 @@ log = logging.getLogger(__name__)
 MAX_CHUNK = 5000
 #: Annotations read per page.
 DEFAULT_PAGE_SIZE = 5000
+
+#: How frames are asked for, most exact first (see :mod:`sam2_refine.frame_decoding`).
+FRAME_ENCODINGS = ("pickle:5", "TILED", "TIFF")
+_ENCODING_PARAMS: dict[str, dict[str, str]] = {
+    "pickle:5": {"encoding": "pickle:5"},
+    # Uncompressed tiles: LZW (the server's default for TILED) needs a codec tifffile lacks.
+    "TILED": {"encoding": "TILED", "tiffCompression": "none"},
+    "TIFF": {"encoding": "TIFF"},
+}
 
 IDEMPOTENT_METHODS = frozenset({"GET", "DELETE", "PUT", "HEAD", "OPTIONS"})
 
@@ -100,6 +119,27 @@ class PartialCreateError(NimbusAPIError):
         super().__init__(cause.method, cause.endpoint, cause.status, cause.detail, cause.transport)
         self.created = created
         self.not_created = not_created
+
+
+class UnreadableFrameError(NimbusAPIError):
+    """A frame's body arrived but could not be decoded in the encoding asked for."""
+
+
+class DegradedFrameError(NimbusAPIError):
+    """Every encoding the server served gave a frame unlike the tile metadata (an 8-bit copy of
+    a 16-bit frame, another size).
+
+    Attributes:
+        frame: The frame number.
+        arrivals: ``"<encoding>: arrived as ...; the dataset's metadata says ..."`` per encoding.
+    """
+
+    def __init__(self, method: str, endpoint: str, frame: int, arrivals: list[str]) -> None:
+        super().__init__(method, endpoint, None,
+                         f"frame {frame} could not be read exactly: " + "; ".join(arrivals))
+        Exception.__init__(self, f"{method} {endpoint}: {self.detail}")  # an answer came: not "no response"
+        self.frame = frame
+        self.arrivals = arrivals
 
 
 class _BoundedRetry(Retry):
@@ -187,6 +227,13 @@ class DatasetInfo:
     def num_xy(self) -> int:
         return int(self.frames.shape[3])
 
+    def frame_spec(self, window: tuple[int, int, int, int] | None = None) -> FrameSpec:
+        """What a frame (or the window (left, top, right, bottom) of one) must arrive as."""
+        if window is None:
+            return FrameSpec(self.dtype, self.width, self.height)
+        left, top, right, bottom = window
+        return FrameSpec(self.dtype, min(right, self.width) - max(left, 0), min(bottom, self.height) - max(top, 0))
+
     def frame_number(self, channel: int, xy: int, z: int, time: int) -> int:
         """The frame holding ``channel`` at location (XY, Z, Time); 0-based indices.
 
@@ -272,6 +319,8 @@ class NimbusClient:
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self._stack.enter_context(self._gc.session(session))
+        #: Frame encodings to try, in order (narrowed once a later one is the first that works).
+        self._frame_encodings: tuple[str, ...] = FRAME_ENCODINGS
         #: Set once a listing found that the server ignores the ``afterId`` cursor and paged by
         #: offset instead (then another client's deletions during a listing can hide annotations).
         self.pages_by_offset = False
@@ -287,7 +336,9 @@ class NimbusClient:
     def clone(self) -> NimbusClient:
         """A new client with the same server, token and policies, and its own HTTP session
         (a requests session is not meant to be shared between threads)."""
-        return NimbusClient(self._api_url, self._token, retry=self.retry, timeouts=self.timeouts)
+        twin = NimbusClient(self._api_url, self._token, retry=self.retry, timeouts=self.timeouts)
+        twin._frame_encodings = self._frame_encodings
+        return twin
 
     def __enter__(self) -> NimbusClient:
         return self
@@ -385,49 +436,92 @@ class NimbusClient:
         item_id: str,
         frame: int,
         window: tuple[int, int, int, int] | None = None,
+        *,
+        expected: FrameSpec | None = None,
     ) -> np.ndarray:
-        """One frame's pixels, in the frame's own dtype.
+        """One frame's exact pixels, in the frame's own dtype, checked against ``expected``.
+
+        The encodings of :data:`FRAME_ENCODINGS` are tried in order (see
+        :mod:`sam2_refine.frame_decoding` for what each keeps): one the server cannot serve
+        (HTTP 400 or 500, a body that does not decode) or that arrives unlike ``expected``
+        (an 8-bit TIFF of a 16-bit frame) is followed by the next. Once an encoding other than
+        the first has worked, this client (and its clones made afterwards) start from it.
 
         Args:
             item_id: The large-image item.
             frame: Frame number (see :meth:`DatasetInfo.frame_number`).
             window: Optional (left, top, right, bottom) in pixels; right/bottom exclusive.
+            expected: What the tile metadata promises (dtype, width, height of the frame or
+                window); None checks nothing.
 
         Returns:
             2-D array of shape (rows, columns) = (height, width) of the frame or window.
+
+        Raises:
+            DegradedFrameError: an encoding arrived unlike ``expected`` and none arrived as expected.
+            NimbusAPIError: no encoding could be fetched and read (each one's failure is listed).
         """
         endpoint = f"item/{item_id}/tiles/region"
-        params: dict[str, Any] = {"frame": int(frame), "encoding": "TIFF"}
+        params: dict[str, Any] = {"frame": int(frame)}
         if window is not None:
             left, top, right, bottom = (int(v) for v in window)
             params.update(left=left, top=top, right=right, bottom=bottom)
+        failures: list[str] = []
+        degraded = False
+        first_error: NimbusAPIError | None = None
+        encodings = self._frame_encodings
+        for position, encoding in enumerate(encodings):
+            try:
+                pixels = self._fetch_plane(endpoint, frame, {**params, **_ENCODING_PARAMS[encoding]})
+            except NimbusAPIError as exc:
+                if not isinstance(exc, UnreadableFrameError) and exc.status not in (400, 500):
+                    raise  # not a matter of encoding: refused, missing, unreachable
+                first_error = first_error or exc
+                failures.append(f"{encoding}: " + (exc.detail if isinstance(exc, UnreadableFrameError)
+                                                   else f"HTTP {exc.status} {exc.detail}"))
+                log.info("frame %s: encoding %s failed (%s); trying the next", frame, encoding, exc.detail)
+                continue
+            problem = frame_mismatch(pixels, expected) if expected is not None else None
+            if problem is not None:
+                degraded = True
+                failures.append(f"{encoding}: {problem}")
+                continue
+            if position:
+                self._frame_encodings = encodings[position:]
+                log.info("frames are fetched with encoding %s from now on", encoding)
+            return pixels
+        if degraded:
+            raise DegradedFrameError("GET", endpoint, frame, failures)
+        assert first_error is not None
+        raise NimbusAPIError("GET", endpoint, first_error.status,
+                             f"frame {frame} could not be read in any encoding: " + "; ".join(failures))
+
+    def _fetch_plane(self, endpoint: str, frame: int, params: dict[str, Any]) -> np.ndarray:
         response = self._request("GET", endpoint, params=params, raw=True)
         try:
-            pixels = tifffile.imread(io.BytesIO(response.content))
-        except Exception as exc:  # tifffile raises several types for a malformed body
-            raise NimbusAPIError("GET", endpoint, response.status_code,
-                                 f"frame {frame}: not a readable TIFF ({type(exc).__name__})") from None
-        pixels = np.asarray(pixels)
-        if pixels.ndim == 3 and pixels.shape[-1] == 1:
-            pixels = pixels[..., 0]
-        elif pixels.ndim == 3 and pixels.shape[0] == 1:
-            pixels = pixels[0]
-        if pixels.ndim != 2:
-            raise NimbusAPIError("GET", endpoint, response.status_code,
-                                 f"frame {frame}: expected one 2-D plane, got shape {pixels.shape}")
-        return pixels
+            if params["encoding"].startswith("pickle"):
+                pixels = unpickle_array(response.content)
+            else:
+                pixels = read_tiff_plane(response.content)
+            return as_plane(pixels)
+        except FrameDecodeError as exc:
+            raise UnreadableFrameError("GET", endpoint, response.status_code, str(exc)) from None
 
-    def get_layers(self, dataset_id: str) -> list[dict[str, Any]] | None:
-        """The layer settings of the dataset's first view, or None if it has none."""
-        views = self._request("GET", "dataset_view", params={"datasetId": dataset_id})
-        if not views:
-            return None
-        config_id = views[0].get("configurationId")
-        if not config_id:
-            return None
-        collection = self._request("GET", f"upenn_collection/{config_id}")
-        layers = (collection.get("meta") or {}).get("layers")
-        return list(layers) if layers else None
+    def get_layers(self, dataset_id: str, tool_id: str | None = None) -> ViewLayers:
+        """The layer settings of the dataset view the user most likely sees (the choice:
+        :mod:`sam2_refine.views`): its configuration's layers and the view's own contrasts
+        (``layerContrasts``); empty when the dataset has no view.
+
+        Args:
+            dataset_id: The dataset folder id.
+            tool_id: The tool that launched the job (compute parameter ``id``), or None.
+        """
+        # limit=0: every view (the server's default page is 50); the order is made by rank_views.
+        query = {"datasetId": dataset_id, "limit": 0, "sort": "lastViewed", "sortdir": -1}
+        own = self._request("GET", "dataset_view", params={**query, "currentUserOnly": "true"})
+        readable = self._request("GET", "dataset_view", params=query)
+        return choose_view(rank_views(own, readable),
+                           lambda config_id: self._request("GET", f"upenn_collection/{config_id}"), tool_id)
 
     # -- annotations --------------------------------------------------------------------------
 
@@ -519,7 +613,8 @@ class NimbusClient:
         return self._create_many("upenn_annotation/multiple", annotations, chunk_size)
 
     def delete_annotations(self, ids: Sequence[str], chunk_size: int = MAX_CHUNK) -> int:
-        """Delete annotations by id (the server also deletes their connections).
+        """Delete annotations by id. NimbusImage's bulk delete LEAVES their connections on the
+        server (see :mod:`sam2_refine.converge`, which removes them itself).
 
         Returns:
             How many ids were sent for deletion (all of them, or an exception is raised).
@@ -561,21 +656,34 @@ class NimbusClient:
         parent_id: str | None = None,
         child_id: str | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
+        *,
+        node_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Connections of a dataset, optionally only those of one parent and/or child."""
+        """Connections of a dataset, optionally only those of one parent and/or child, or those
+        with ``node_id`` at either end; paged with the ``afterId`` cursor in ``_id`` order (the
+        server's default order is not ``_id``, so it is asked for)."""
         params: dict[str, Any] = {"datasetId": dataset_id, "limit": page_size, "sort": "_id", "sortdir": 1}
-        if parent_id:
-            params["parentId"] = parent_id
-        if child_id:
-            params["childId"] = child_id
+        for key, value in (("parentId", parent_id), ("childId", child_id), ("nodeAnnotationId", node_id)):
+            if value:
+                params[key] = value
         out: list[dict[str, Any]] = []
-        offset = 0
+        after: str | None = None
+        cursor_ok = True
         while True:
-            page = self._request("GET", "annotation_connection", params={**params, "offset": offset})
+            page_params = dict(params)
+            if after is not None:
+                page_params.update({"afterId": after} if cursor_ok else {"offset": len(out)})
+            page = self._request("GET", "annotation_connection", params=page_params)
+            if not isinstance(page, list):
+                raise NimbusAPIError("GET", "annotation_connection", None, "expected a JSON list")
+            if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
+                cursor_ok = False  # an older server ignores afterId and starts again: page by offset
+                self.pages_by_offset = True
+                continue
             out.extend(page)
-            offset += len(page)
             if len(page) < page_size:
                 return out
+            after = str(page[-1].get("_id", ""))
 
     def create_connections(
         self, connections: Sequence[dict[str, Any]], chunk_size: int = MAX_CHUNK,

@@ -78,6 +78,8 @@ class RefineSettings:
         refine_points: Also refine point annotations (prompted with the point).
         refine_rectangles: Also refine rectangle annotations (prompted with their box).
         separate: Keep the refined outlines of touching objects (same tags, same location) apart.
+        tool_id: The id of the tool that launched the job (compute parameter ``id``), or None;
+            it tells which dataset view's layers to use (sam2_refine.views).
         kept_tag: A tag added to every original the job keeps (so the app's tag filter finds
             them), or None (off).
     """
@@ -102,6 +104,7 @@ class RefineSettings:
     refine_points: bool = ui.REFINE_POINTS_DEFAULT
     refine_rectangles: bool = ui.REFINE_RECTANGLES_DEFAULT
     separate: bool = ui.SEPARATE_DEFAULT
+    tool_id: str | None = None
     kept_tag: str | None = None
 
     @property
@@ -269,6 +272,12 @@ def with_tuned_defaults(values: Mapping[str, Any], model: ModelEntry | None) -> 
     return merged
 
 
+def _tool_id(value: Any) -> str | None:
+    """The launching tool's id, or None where the parameters carry none (it only guides the
+    choice of dataset view, so an odd value is not an error)."""
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
 def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) -> RefineSettings:
     """Check every compute input and build the settings.
 
@@ -344,4 +353,5 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         min_overlap=min_overlap,
         kept_tag=kept_tag,
         **shape_settings,
+        tool_id=_tool_id(params.get("id")),
     )

@@ -143,10 +143,10 @@ def test_refines_a_2xy_2time_dataset_and_deletes_only_replaced(server, checkpoin
     by_position = summary["kept_by_position"]
     assert sorted(i for reasons in by_position.values() for ids in reasons.values() for i in ids) == sorted(small)
     assert any("UNTRAINED" in w["warning"] for w in run.warnings())
-    # Each location's frames were fetched once per channel, as TIFF.
+    # Each location's frames were fetched once per channel, exactly (pickle:5).
     regions = server.requests_to("GET", r"item/\w+/tiles/region")
     assert len(regions) == 4 * 2 and len({r.params["frame"] for r in regions}) == 8
-    assert all(r.params["encoding"] == "TIFF" for r in regions)
+    assert all(r.params["encoding"] == "pickle:5" for r in regions)
 
 
 def test_delete_off_keeps_every_original(server, checkpoint_dir, tmp_path):

@@ -99,7 +99,8 @@ def assert_converged(server: NimbusTestServer, data: Data, *, delete: bool, comp
     every connection must be there exactly once. Without ``complete`` (a job was killed and not
     re-run yet) nothing may be lost: every seeded connection is there (on the original, or on
     its refinement where the original is gone), and every connection is a seeded one with its
-    ends possibly replaced by their refinements (a killed job may have left copies)."""
+    ends possibly replaced by their refinements (a killed job may have left copies). In both,
+    no connection points at an annotation that no longer exists."""
     docs = {d["_id"]: d for d in server.annotations(data.dataset_id)}
     made = refinements(server, data.dataset_id)
     twice = {o: ids for o, ids in made.items() if len(ids) > 1}
@@ -123,6 +124,9 @@ def assert_converged(server: NimbusTestServer, data: Data, *, delete: bool, comp
     expected = Counter((rep(p), rep(c), label) for p, c, label in data.links)
     actual = Counter((c["parentId"], c["childId"], c.get("label", "")) for c in server.connections()
                      if c.get("datasetId") == data.dataset_id)
+    # NimbusImage's bulk delete leaves connections behind: the worker removes them itself.
+    dangling = [k for k in actual if k[0] not in docs or k[1] not in docs]
+    assert not dangling, f"connections pointing at deleted annotations: {dangling}"
     if complete:
         assert actual == expected, f"connections differ: missing {expected - actual}, extra {actual - expected}"
         return
@@ -311,7 +315,8 @@ def test_a_job_started_while_another_is_mid_upload(server, ckpt, tmp_path, lands
             second.result()["refined_at_the_same_time_ids"]) == set(data.originals)
 
 
-@pytest.mark.parametrize("kill_step", ["after its upload", "after moving connections", "before deleting"])
+@pytest.mark.parametrize("kill_step", ["after its upload", "after moving connections", "before deleting",
+                                       "after deleting"])
 def test_a_job_killed_while_another_runs_then_a_rerun(server, ckpt, tmp_path, kill_step):
     """job1 is SIGKILLed at a step of its convergence while job2 runs; a re-run after both
     leaves the dataset consistent (and nothing is lost in between)."""
@@ -323,19 +328,31 @@ def test_a_job_killed_while_another_runs_then_a_rerun(server, ckpt, tmp_path, ki
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
 
+    def dead() -> bool:
+        return first.proc.poll() is not None
+
+    # job2 must not finish job1's step for it first (under load job2 can overtake job1, and then
+    # job1 has nothing to upload, copy or delete and is never killed): its own step waits.
     if kill_step == "after its upload":  # the request after its upload's answer
         lane.kill_when("job1", lambda r: lane.answered("job1", "POST", CREATE) >= 1, kill)
         lane.hold("job1", "POST", CREATE, until=lambda: lane.count("job2", "GET", LIST) >= 1)
-        # job1 uploads first: else job2 (started later, but not held) could refine and upload
-        # everything before job1 got there, job1 would upload nothing and never be killed (seen
-        # under load, also before issue 23)
-        lane.hold("job2", "POST", CREATE, until=lambda: lane.answered("job1", "POST", CREATE) >= 1)
+        lane.hold("job2", "POST", CREATE, until=lambda: lane.answered("job1", "POST", CREATE) >= 1 or dead())
     elif kill_step == "after moving connections":  # the request after its first connection copies
         lane.kill_when("job1", lambda r: lane.answered("job1", "POST", LINKS) >= 1, kill)
         lane.hold("job1", "POST", LINKS, until=lambda: lane.count("job2", "GET", "annotation_connection") >= 1)
-    else:
+        lane.hold("job2", "POST", CREATE, until=lambda: lane.answered("job1", "POST", CREATE) >= 1 or dead())
+        # job2 neither copies the originals' connections before job1 does, nor deletes anything
+        job1_copied = lambda: lane.answered("job1", "POST", LINKS) >= 1 or dead()  # noqa: E731
+        lane.hold("job2", "POST", LINKS, nth=None, until=job1_copied)
+        lane.hold("job2", "DELETE", ".*", nth=None, until=job1_copied)
+    elif kill_step == "before deleting":
         lane.kill_when("job1", lambda r: r.method == "DELETE" and r.path == CREATE, kill)
         lane.hold("job1", "POST", CREATE, until=lambda: lane.count("job2", "POST", CREATE) >= 1)
+        lane.hold("job2", "DELETE", CREATE, nth=None, until=lambda: lane.count("job1", "DELETE", CREATE) >= 1 or dead())
+    else:  # after its first deletion was answered, before it removes connections made meanwhile
+        lane.kill_when("job1", lambda r: lane.answered("job1", "DELETE", CREATE) >= 1, kill)
+        lane.hold("job1", "POST", CREATE, until=lambda: lane.count("job2", "POST", CREATE) >= 1)
+        lane.hold("job2", "DELETE", CREATE, nth=None, until=lambda: lane.count("job1", "DELETE", CREATE) >= 1 or dead())
     second = start_job(server, data, "job2", ckpt, tmp_path, delete=True)
     lane.random_delays(["job2"], seed=3, max_delay=0.02)
     run2 = second.finish()
@@ -433,6 +450,10 @@ def test_a_survivor_that_loses_while_its_originals_are_being_replaced(ckpt, tmp_
         assert (run1.returncode, run2.returncode) == (0, 0), (run1.errors(), run2.errors())
         assert_converged(server, data, delete=True)
         assert all(ids[0].startswith("0") for ids in refinements(server, data.dataset_id).values())
+        if copies_land == "after the duplicates went":
+            # NimbusImage refuses the whole batch (its targets are gone: 400); job1 read again and
+            # had nothing left to send, and did not fail.
+            assert [r.status for r in server.requests_to("POST", LINKS, "job1")][0] == 400
 
 
 def test_a_connection_whose_other_end_another_job_replaces_meanwhile(server, ckpt, tmp_path):
@@ -448,6 +469,12 @@ def test_a_connection_whose_other_end_another_job_replaces_meanwhile(server, ckp
     assert not lane.timed_out
     assert all(r.returncode == 0 for r in runs.values()), {n: r.errors() for n, r in runs.items()}
     assert_converged(server, data, delete=True)
+    # The batch holding the track's copy was refused whole (its child was gone: 400); job a read
+    # the ends again and sent the other copies without it.
+    posts = server.requests_to("POST", LINKS, "a")
+    assert [r.status for r in posts[:2]] == [400, 200]
+    assert len(posts[1].body) == len(posts[0].body) - 1
+    assert not any(data.by_xy[1][0] in (c["parentId"], c["childId"]) for c in posts[1].body)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -586,3 +613,29 @@ def test_a_server_paging_by_offset_is_reported(server, ckpt, monkeypatch):
     warned = [m for m in outcome["solo"]["lines"] if m.get("title") == "Server pages by offset"]
     assert warned and "afterId" in warned[0]["warning"]
     assert_converged(server, data, delete=True)
+
+
+# -- connections as NimbusImage treats them --------------------------------------------------------
+
+
+def test_a_rerun_removes_connections_a_worker_left_on_deleted_originals(server, ckpt, tmp_path, monkeypatch):
+    """A worker that trusted the server's bulk delete to remove the originals' connections (this
+    one before, or one stopped between deleting and removing them) left them pointing at deleted
+    originals; the next run over the batch removes them, and only them."""
+    from sam2_refine import converge
+
+    data = make_data(server)
+    with monkeypatch.context() as patch:
+        patch.setattr(converge, "remove_connections_of", lambda *a, **k: 0)
+        outcome: dict[str, Any] = {}
+        run_in_thread(server, data, "old", ckpt, delete=True, outcome=outcome).join(120)
+    assert outcome["old"]["code"] == 0, outcome["old"]["lines"]
+    present = {d["_id"] for d in server.annotations(data.dataset_id)}
+    left = [c for c in server.connections() if c["parentId"] not in present or c["childId"] not in present]
+    assert len(left) == len(data.links)  # every seeded connection still names a deleted original
+    outcome = {}
+    run_in_thread(server, data, "again", ckpt, delete=True, outcome=outcome).join(120)
+    assert outcome["again"]["code"] == 0, outcome["again"]["lines"]
+    assert_converged(server, data, delete=True)
+    assert server.requests_to("POST", CREATE, "again") == []  # nothing refined twice
+

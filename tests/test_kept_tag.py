@@ -71,10 +71,12 @@ def test_server_put_is_all_or_nothing(server):
     before = server.annotations(ds.dataset_id)
     # a stored document the schema refuses: 400 for the whole request, nothing saved
     status, answer = put(server, [{"id": good, "tags": ["x"]}, {"id": broken, "tags": ["x"]}])
-    assert status == 400 and "Validation Error" in answer["message"]
+    assert (status, answer) == (400, {"message": "data.coordinates[] must be objects with numeric x and y",
+                                      "type": "validation"})
     # an id the server does not hold: 403 for the whole request, before anything is saved
     status, answer = put(server, [{"id": good, "tags": ["x"]}, {"id": "0" * 24, "tags": ["x"]}])
-    assert (status, answer["message"]) == (403, "Write access was denied for one or more annotations.")
+    assert (status, answer) == (403, {"message": "Write access was denied for one or more annotations.",
+                                      "type": "access"})
     assert server.annotations(ds.dataset_id) == before
 
 
@@ -160,8 +162,8 @@ def test_update_tags_rereads_each_original_and_sends_the_rest_when_one_is_refuse
     assert report.error is None
     assert (report.added, report.already, report.gone) == ([ok], [tagged], ["0" * 24])
     assert report.refused == {"its tags are not a list of text": [odd],
-                              "the server refuses its stored document (Validation Error: annotation 0: "
-                              "data.coordinates[] must be objects with numeric x and y)": [broken]}
+                              "the server refuses its stored document (data.coordinates[] must be objects with "
+                              "numeric x and y)": [broken]}
     stored = {d["_id"]: d for d in server.annotations(ds.dataset_id)}
     assert stored[ok]["tags"] == ["cell", "added meanwhile", KEPT]
     assert stored[broken]["tags"] == ["cell"] and stored[odd]["tags"] == "cell"

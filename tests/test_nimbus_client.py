@@ -63,7 +63,7 @@ def test_frame_window_is_exact(server, client):
     window = client.get_frame(info.item_id, frame, window=(5, 7, 31, 30))  # left, top, right, bottom
     np.testing.assert_array_equal(window, pixels[1, 0, 1, 2, 7:30, 5:31])
     request = server.requests_to("GET", r"item/\w+/tiles/region")[-1]
-    assert request.params["encoding"] == "TIFF"
+    assert request.params["encoding"] == "pickle:5"
     assert (request.params["left"], request.params["top"]) == ("5", "7")
 
 
@@ -111,33 +111,24 @@ def test_image_item_selection(server, client):
     assert client.get_internal_metadata(ds2.item_id)["dtype"] == "uint8"
 
 
-def test_pickle_encoding_served_for_upstream_clients(server):
-    """The server also answers pickle:5 (the upstream client's default); our client never asks for it."""
-    pixels = multi_dimensional_pixels()
-    ds = server.add_dataset(pixels)
-    url = f"{server.api_url}/item/{ds.item_id}/tiles/region"
-    response = requests.get(url, params={"frame": 3, "encoding": "pickle:5"}, headers={"Girder-Token": TOKEN},
-                            timeout=10)
-    assert response.status_code == 200
-    array = pickle.loads(response.content)  # local, trusted test data
-    assert array.shape == (37, 53)
-
-
-def test_client_never_unpickles_network_data(server, client, monkeypatch):
+def test_network_pickles_go_only_through_the_restricted_unpickler(server, client, monkeypatch):
+    """Frames arrive as pickles (pickle:5), read by frame_decoding's allow-listed unpickler:
+    pickle.loads / pickle.load (which would run any global) are never called."""
     ds = server.add_dataset(multi_dimensional_pixels())
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("pickle.loads called"))
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
-    client.get_frame(ds.item_id, 0)
-    assert all(r.params.get("encoding") == "TIFF" for r in server.requests_to("GET", r"item/\w+/tiles/region"))
+    frame = client.get_frame(ds.item_id, 0)
+    assert frame.shape == (37, 53)
+    assert all(r.params.get("encoding") == "pickle:5" for r in server.requests_to("GET", r"item/\w+/tiles/region"))
 
 
 def test_layer_settings(server, client):
     layers = [{"id": "a", "channel": 1, "color": "#ff0000", "visible": True,
                "contrast": {"mode": "percentile", "blackPoint": 1, "whitePoint": 99}}]
     ds = server.add_dataset(np.zeros((1, 1, 1, 2, 4, 4), np.uint8), layers=layers)
-    assert client.get_layers(ds.dataset_id) == layers
+    assert client.get_layers(ds.dataset_id).layers == layers
     bare = server.add_dataset(np.zeros((1, 1, 1, 2, 4, 4), np.uint8))
-    assert client.get_layers(bare.dataset_id) is None
+    assert client.get_layers(bare.dataset_id).layers is None
 
 
 # -- annotations ------------------------------------------------------------------------------
@@ -229,10 +220,21 @@ def test_connections(server, client):
     assert len(client.list_connections(ds.dataset_id)) == 2
     assert [m["childId"] for m in client.list_connections(ds.dataset_id, parent_id=a)] == [b]
     assert [m["parentId"] for m in client.list_connections(ds.dataset_id, child_id=a)] == [c]
-    assert len(client.list_connections(ds.dataset_id, page_size=1)) == 2  # paged
-    client.delete_annotations([a])  # the server drops the annotation's connections too
-    assert client.list_connections(ds.dataset_id) == []
-    d = client.create_connections([{"parentId": b, "childId": c, "datasetId": ds.dataset_id}])[0]
+    before = len(server.requests_to("GET", "annotation_connection"))
+    paged = client.list_connections(ds.dataset_id, page_size=1)
+    assert [m["_id"] for m in paged] == sorted(m["_id"] for m in made)  # paged with a cursor, in _id order
+    pages = server.requests_to("GET", "annotation_connection")[before:]
+    assert [r.params.get("afterId") for r in pages] == [None, paged[0]["_id"], paged[1]["_id"]]
+    assert all(r.params["sort"] == "_id" for r in pages)
+    assert [m["parentId"] for m in client.list_connections(ds.dataset_id, node_id=b)] == [a]
+    client.delete_annotations([a])  # NimbusImage's bulk delete leaves the connections behind
+    assert len(client.list_connections(ds.dataset_id)) == 2
+    client.delete_connections([m["_id"] for m in client.list_connections(ds.dataset_id)])
+    with pytest.raises(PartialCreateError) as caught:  # an end that does not exist: 400 for the whole body
+        client.create_connections([{"parentId": b, "childId": c, "datasetId": ds.dataset_id, "tags": []},
+                                   {"parentId": b, "childId": a, "datasetId": ds.dataset_id, "tags": []}])
+    assert caught.value.status == 400 and "child annotation does not exist" in caught.value.detail
+    d = client.create_connections([{"parentId": b, "childId": c, "datasetId": ds.dataset_id, "tags": []}])[0]
     client.delete_connections([d["_id"]])
     assert client.list_connections(ds.dataset_id) == []
 

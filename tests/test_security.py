@@ -1,4 +1,4 @@
-"""Security (issue 7): the token never leaks, nothing is unpickled from the network, the Model
+"""Security (issue 7): the token never leaks, nothing but numpy arrays is unpickled from the network, the Model
 value cannot reach outside the checkpoint directory, and checkpoints load with weights_only.
 
 The token used everywhere is conftest's TOKEN, easy to find in any output it leaks into.
@@ -174,16 +174,27 @@ def test_no_token_in_log_records_or_exceptions(server, stub_ckpt, caplog, tmp_pa
     assert "***" in str(info.value)
 
 
-# -- no pickle from the network -------------------------------------------------------------------
+# -- pickles from the network: numpy arrays only -----------------------------------------------------
 
-def test_no_pickle_is_loaded_from_the_network(server, stub_ckpt, monkeypatch, tmp_path):
+class _RunsCode:
+    """A pickle that would call ``marker.touch`` (a harmless stand-in for ``os.system``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_network_pickles_are_read_only_as_arrays(server, stub_ckpt, monkeypatch, tmp_path):
+    """A whole job reads its frames as pickles (pickle:5) without pickle.load/loads or np.load,
+    which would run any global the server names."""
     def refuse(*args, **kwargs):
-        raise AssertionError("pickle used to load data")
+        raise AssertionError("an unrestricted unpickler was used")
 
     monkeypatch.setenv(job.SUMMARY_ENV, str(tmp_path / "s.json"))
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
     monkeypatch.setattr(np, "load", refuse)
     ds = server.add_dataset(pixels(2, 2), layers=LAYERS)
     server.add_annotations(ds.dataset_id, [ann(BIG, xy, t) for xy in range(2) for t in range(2)])
@@ -194,7 +205,33 @@ def test_no_pickle_is_loaded_from_the_network(server, stub_ckpt, monkeypatch, tm
     assert code == 0, reporter.lines
     regions = server.requests_to("GET", r"item/\w+/tiles/region")
     assert len(regions) == 8  # 4 locations x 2 channels
-    assert {r.params.get("encoding") for r in regions} == {"TIFF"}
+    assert {r.params.get("encoding") for r in regions} == {"pickle:5"}
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_the_job_keeps_everything(server, stub_ckpt, monkeypatch,
+                                                                              tmp_path):
+    """A server (or a man in the middle) answering a region with a pickle that calls a function:
+    never run; that encoding counts as unreadable, the next ones (TILED, TIFF) are asked for."""
+    from sam2_refine.testing import nimbus_server
+
+    marker = tmp_path / "ran"
+    evil = pickle.dumps(_RunsCode(marker), protocol=5)
+    honest = nimbus_server.encode_region
+
+    def encode(region, encoding, *args):
+        return (evil, "application/octet-stream") if encoding.startswith("pickle") else honest(region, encoding, *args)
+
+    monkeypatch.setattr(nimbus_server, "encode_region", encode)
+    monkeypatch.setenv(job.SUMMARY_ENV, str(tmp_path / "s.json"))
+    dataset_id, ids = one_location(server)
+    settings = parse_settings(params(), dataset_id, stub_ckpt)
+    reporter = Reporter(stream=io.StringIO(), secrets=(TOKEN,))
+    with NimbusClient(server.api_url, TOKEN, retry=RetryPolicy(total=1, backoff_factor=0.01)) as client:
+        code = job.run_compute(settings, client, reporter, lambda path: (KnownMaskPredictor(), False))
+    assert not marker.exists()
+    assert code == 0, reporter.lines  # uint8 pixels: TILED is exact for them
+    encodings = [r.params.get("encoding") for r in server.requests_to("GET", r"item/\w+/tiles/region")]
+    assert encodings[:2] == ["pickle:5", "TILED"] and set(encodings[2:]) == {"TILED"}
 
 
 # -- the Model value and the checkpoint directory ---------------------------------------------------

@@ -1,19 +1,27 @@
-"""A local NimbusImage server for tests, the demo and the benchmarks.
+"""A local NimbusImage server for tests, the demo and the benchmarks: a double of the real one.
 
 A real HTTP server on 127.0.0.1 (a free port) that speaks the endpoints and JSON shapes of the
-NimbusImage API (contract section 5) that this worker uses, with everything held in memory:
+NimbusImage API that this worker uses, with everything held in memory. Each behaviour it
+imitates follows the real server's code, named where it is implemented (NimbusImage's plugin
+``devops/girder/plugins/AnnotationPlugin/upenncontrast_annotation/server/``, large_image's
+``girder-5`` branch; tests/test_server_double.py has a test per behaviour):
 
 - datasets built from numpy arrays of shape (XY, T, Z, C, H, W) in uint8, uint16 or float32;
-  tile metadata and frames listed as large_image lists them (axes of size 1 absent from
-  ``IndexRange`` and from the frames; no ``frames`` key for a single-frame image);
-- region requests encoded as TIFF (``encoding=TIFF``) or pickle (``encoding=pickle:5``, what the
-  upstream annotation client asks for), cropped by ``left/top/right/bottom``;
-- layer settings (``dataset_view`` -> ``upenn_collection``), annotations and connections;
+  tile metadata and regions as large_image gives them (:mod:`sam2_refine.testing.large_image_double`:
+  512 px tiles, ``Index`` unlike ``Frame``, ``encoding=TIFF`` squeezed to 8 bits, ``TILED``
+  exact for 8/16 bits and needing pyvips, ``pickle:N`` exact); no ``selectedLargeImageId`` on
+  the folder unless asked;
+- layer settings (``dataset_view`` -> ``upenn_collection``; the view's ``layerContrasts``),
+  annotations and connections;
 - the ``Girder-Token`` header checked on every request (401 otherwise);
 - created annotations validated as the real server validates them (required ``coordinates,
   tags, channel, location, shape, datasetId``; shape one of point/line/polygon/rectangle;
-  all-or-nothing per request, 400 with a message); ``shape=blob`` lists nothing; deleting an
-  annotation deletes its connections; non-finite numbers are served as ``null`` (as orjson does);
+  all-or-nothing per request, 400 with a message); ``shape=blob`` lists nothing; with
+  ``afterId``, ``Girder-Total-Count`` counts what lies after the cursor; non-finite numbers are
+  served as ``null`` (as orjson does);
+- connections as the plugin treats them: the bulk delete of annotations LEAVES their
+  connections, deleting one annotation removes its connections, creating connections answers
+  400 for the whole body when any end does not exist;
 - annotations updated in part (``PUT upenn_annotation/multiple``, what the app sends when a
   user edits tags: only the fields given change, the merged documents validated all or nothing);
 - every request recorded (:attr:`NimbusTestServer.requests`), and faults on demand
@@ -30,11 +38,9 @@ Usage::
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import math
-import pickle
 import re
 import socket
 import threading
@@ -48,7 +54,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
-import tifffile
+
+from sam2_refine.testing.large_image_double import RegionError, encode_region, tile_metadata
 
 API_ROOT = "/api/v1/"
 REQUIRED_ANNOTATION_KEYS = ("coordinates", "tags", "channel", "location", "shape", "datasetId")
@@ -172,10 +179,15 @@ def _finite(obj: Any) -> Any:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An error answer. ``kind`` is Girder's ``type``: ``"validation"`` for schema and id
+    problems (girder.exceptions.ValidationException), ``"rest"`` otherwise."""
+
+    def __init__(self, status: int, message: str, kind: str = "rest", field: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.kind = kind
+        self.field = field
 
 
 class DroppedRequest(Exception):
@@ -189,6 +201,8 @@ class _State:
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
     folders: dict[str, dict[str, Any]] = field(default_factory=dict)
     views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: view id -> the client (token name; None = the main token) whose user owns the view.
+    view_owners: dict[str, str | None] = field(default_factory=dict)
     collections: dict[str, dict[str, Any]] = field(default_factory=dict)
     annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
     connections: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -227,6 +241,10 @@ class NimbusTestServer:
         self.faults: list[Fault] = []
         #: Honour ``afterId`` on annotation lists (set False to act like an older server).
         self.cursor_paging = True
+        #: Regions in ``encoding=pickle:N`` (False: a girder_large_image from before pickle output).
+        self.serves_pickle = True
+        #: pyvips installed, which ``encoding=TILED`` needs (False: it answers 500).
+        self.has_pyvips = True
         self._calls: Counter[tuple[str, str]] = Counter()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -278,9 +296,10 @@ class NimbusTestServer:
         *,
         name: str = "dataset",
         layers: list[dict[str, Any]] | None = None,
+        layer_contrasts: dict[str, Any] | None = None,
         channel_names: Sequence[str] | None = None,
         shuffle_frames: bool = False,
-        select_image: bool = True,
+        select_image: bool = False,
         extra_items: int = 1,
     ) -> TestDataset:
         """Add a dataset (folder + large-image item + optional view with layer settings).
@@ -288,9 +307,13 @@ class NimbusTestServer:
         Args:
             pixels: Shape (XY, T, Z, C, H, W); uint8, uint16 or float32.
             layers: Layer settings for the dataset's view; None gives a dataset without a view.
+            layer_contrasts: The view's per-layer contrast overrides (``layerContrasts``: layer id
+                -> ``{mode, blackPoint, whitePoint}``); None stores ``{}``. Needs ``layers``.
             shuffle_frames: List frames in a scrambled order (frame numbers stay consistent),
                 so that clients must use ``Frame``, not list positions.
-            select_image: Set ``meta.selectedLargeImageId`` on the folder.
+            select_image: Set ``meta.selectedLargeImageId`` on the folder. Off by default: a
+                dataset folder the app makes has no such key (the app sends null, and Girder's
+                folder metadata update drops null values).
             extra_items: Plain (non-image) items listed before the image item.
         """
         pixels = np.asarray(pixels)
@@ -298,6 +321,8 @@ class NimbusTestServer:
             raise ValueError("pixels must have shape (XY, T, Z, C, H, W)")
         if pixels.dtype not in (np.uint8, np.uint16, np.float32):
             raise ValueError(f"unsupported dtype {pixels.dtype}")
+        if layer_contrasts is not None and layers is None:
+            raise ValueError("layer_contrasts belong to a dataset view: give layers too")
         n_xy, n_t, n_z, n_c = pixels.shape[:4]
         order = [(xy, t, z, c) for xy in range(n_xy) for t in range(n_t) for z in range(n_z) for c in range(n_c)]
         frame_of = {key: number for number, key in enumerate(order)}
@@ -320,15 +345,63 @@ class NimbusTestServer:
             ds = TestDataset(folder_id, item_id, pixels, frame_of, layers,
                              channel_names=tuple(channel_names or (f"Channel {c}" for c in range(n_c))),
                              frame_list=frame_list)
-            if layers is not None:
-                ds.collection_id, ds.view_id = self.new_id(), self.new_id()
-                self.state.collections[ds.collection_id] = {
-                    "_id": ds.collection_id, "name": f"{name} configuration",
-                    "meta": {"layers": layers}}
-                self.state.views[ds.view_id] = {"_id": ds.view_id, "datasetId": folder_id,
-                                                "configurationId": ds.collection_id}
             self.state.datasets[folder_id] = ds
+            if layers is not None:
+                ds.view_id = self.add_view(folder_id, layers, layer_contrasts=layer_contrasts,
+                                           configuration_name=f"{name} configuration")
+                ds.collection_id = self.state.views[ds.view_id]["configurationId"]
         return ds
+
+    def add_view(
+        self,
+        dataset_id: str,
+        layers: list[dict[str, Any]] | None = None,
+        *,
+        configuration_id: str | None = None,
+        layer_contrasts: dict[str, Any] | None = None,
+        owner: str | None = None,
+        last_viewed: float | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        configuration_name: str = "configuration",
+    ) -> str:
+        """Add a dataset view (one user's view of the dataset in one configuration); its id.
+
+        Args:
+            dataset_id: The dataset.
+            layers: Layers of a new configuration made for this view (with ``tools``).
+            configuration_id: Or an existing configuration (another user's view of it).
+            layer_contrasts: The view's ``layerContrasts``; None stores ``{}``.
+            owner: The client (:meth:`add_token` name; None = the main token) whose user owns
+                the view. Every view is readable by every token (as if shared).
+            last_viewed: ``lastViewed`` (epoch ms, set by the app when the view is opened);
+                None leaves the key out (a view never opened since it was made).
+            tools: The new configuration's ``meta.tools`` (each ``{"id": ..., ...}``).
+        """
+        if (layers is None) == (configuration_id is None):
+            raise ValueError("give either layers (a new configuration) or configuration_id")
+        with self._lock:
+            if dataset_id not in self.state.folders:
+                raise ValueError(f"no dataset {dataset_id}")
+            if configuration_id is None:
+                configuration_id = self.new_id()
+                self.state.collections[configuration_id] = {
+                    "_id": configuration_id, "name": configuration_name,
+                    "meta": {"layers": layers, "tools": list(tools or [])}}
+            elif configuration_id not in self.state.collections:
+                raise ValueError(f"no configuration {configuration_id}")
+            view_id = self.new_id()
+            # The view document as the plugin stores it: layerContrasts and lastLocation are
+            # required (follows NimbusImage devops/girder/plugins/AnnotationPlugin/
+            # upenncontrast_annotation/server/models/datasetView.py, DatasetViewSchema), and
+            # each contrast override is stored as sent, keyed by layer id.
+            view = {"_id": view_id, "datasetId": dataset_id, "configurationId": configuration_id,
+                    "layerContrasts": dict(layer_contrasts or {}),
+                    "lastLocation": {"xy": 0, "z": 0, "time": 0}}
+            if last_viewed is not None:
+                view["lastViewed"] = last_viewed
+            self.state.views[view_id] = view
+            self.state.view_owners[view_id] = owner
+        return view_id
 
     def add_annotations(self, dataset_id: str, annotations: Iterable[dict[str, Any]]) -> list[str]:
         """Store annotations as given (no validation: tests may seed odd documents).
@@ -451,7 +524,10 @@ class NimbusTestServer:
             status, payload, ctype, headers = self._route(method, path, params, body, record.client)
         except _BadRequest as exc:
             record.status = exc.status
-            return _json_response(exc.status, {"message": exc.message, "type": "rest"})
+            answer = {"message": exc.message, "type": exc.kind}
+            if exc.field is not None:
+                answer["field"] = exc.field
+            return _json_response(exc.status, answer)
         if fault is not None and fault.action == "drop_after":
             record.status = -1
             raise DroppedRequest()
@@ -482,19 +558,24 @@ class NimbusTestServer:
         if method == "GET" and m:
             return self._region(m.group(1), params)
         if method == "GET" and path == "dataset_view":
-            dataset_id = _required(params, "datasetId")
-            with self._lock:
-                views = [v for v in self.state.views.values() if v["datasetId"] == dataset_id]
-            return 200, views, json_ok, {}
+            return 200, self._find_views(params, client), json_ok, {}
         m = re.fullmatch(r"upenn_collection/(\w+)", path)
         if method == "GET" and m:
-            return 200, self._get(self.state.collections, m.group(1), "collection"), json_ok, {}
+            return 200, self._get(self.state.collections, m.group(1), "upenn_collection"), json_ok, {}
         if method == "GET" and path == "upenn_annotation":
             docs, total = self._find_annotations(params)
             return 200, docs, json_ok, {"Girder-Total-Count": str(total)}
+        odd = re.fullmatch(r"upenn_annotation/([^/]+)", path)
+        if odd and method in ("GET", "DELETE") and not re.fullmatch(r"[0-9a-f]{24}", odd.group(1)) \
+                and odd.group(1) not in ("multiple", "count", "list", "hydrate"):
+            # Girder's loadmodel parses the id first: a malformed one is a validation error.
+            raise _BadRequest(400, f"Invalid ObjectId: {odd.group(1)}", "validation", "id")
         m = re.fullmatch(r"upenn_annotation/([0-9a-f]{24})", path)
         if method == "GET" and m:
             return 200, self._get(self.state.annotations, m.group(1), "upenn_annotation"), json_ok, {}
+        if method == "DELETE" and m:
+            self._delete_annotation(m.group(1))
+            return 200, None, json_ok, {}
         if method == "POST" and path == "upenn_annotation/multiple":
             return 200, self._create_annotations(body, client), json_ok, {}
         if method == "DELETE" and path == "upenn_annotation/multiple":
@@ -507,8 +588,7 @@ class NimbusTestServer:
         if method == "POST" and path == "annotation_connection/multiple":
             return 200, self._create_connections(body), json_ok, {}
         if method == "DELETE" and path == "annotation_connection/multiple":
-            self._delete_connections(body)
-            return 200, None, json_ok, {}
+            return 200, self._delete_connections(body), json_ok, {}
         if method == "POST" and path == "worker_interface":
             image = _required(params, "image")
             if not isinstance(body, dict):
@@ -517,6 +597,38 @@ class NimbusTestServer:
                 self.state.interfaces[image] = body
             return 200, body, json_ok, {}
         raise _BadRequest(404, f"No matching route for \"{method} {path}\"")
+
+    def _find_views(self, params: dict[str, str], client: str | None) -> list[dict[str, Any]]:
+        """``GET dataset_view``: follows NimbusImage devops/girder/plugins/AnnotationPlugin/
+        upenncontrast_annotation/server/api/datasetView.py, ``find``: optional ``datasetId`` and
+        ``configurationId`` filters; ``currentUserOnly`` (helpers/params.py getBooleanParam:
+        true/1/yes/on) keeps the views the user owns; Girder's paging (girder/api/rest.py
+        getPagingParameters): ``limit`` 50 unless given (0 = all), ``offset``, ``sort`` by
+        ``lowerName`` unless given (no view has that field, so the stored order) and ``sortdir``,
+        with MongoDB's order (a missing field before numbers, before strings; ties kept)."""
+        try:
+            limit, offset = int(params.get("limit", 50)), int(params.get("offset", 0))
+            sortdir = int(params.get("sortdir", 1))
+        except ValueError:
+            raise _BadRequest(400, "Invalid value for offset, limit, or sortdir parameter.") from None
+        if sortdir not in (1, -1):
+            raise _BadRequest(400, "Invalid value for sortdir parameter.")
+        sort = params.get("sort", "lowerName")
+        mine = str(params.get("currentUserOnly", "")).lower() in ("true", "1", "yes", "on")
+        with self._lock:
+            views = [dict(v) for v in self.state.views.values()
+                     if all(v.get(key) == params[key] for key in ("datasetId", "configurationId") if key in params)
+                     and (not mine or self.state.view_owners.get(v["_id"]) == client)]
+
+        def bson_order(view: dict[str, Any]) -> tuple[int, Any]:
+            value = view.get(sort)
+            if value is None:
+                return (0, 0)
+            return (1, value) if isinstance(value, (int, float)) else (2, str(value))
+
+        views.sort(key=bson_order, reverse=sortdir == -1)
+        views = views[offset:]
+        return views[:limit] if limit else views
 
     def _get(self, table: dict[str, dict[str, Any]], key: str, kind: str) -> dict[str, Any]:
         with self._lock:
@@ -535,24 +647,12 @@ class NimbusTestServer:
         ds = self._dataset_of_item(item_id)
         n_xy, n_t, n_z, n_c, height, width = ds.pixels.shape
         sizes = {"IndexXY": n_xy, "IndexT": n_t, "IndexZ": n_z, "IndexC": n_c}
-        meta: dict[str, Any] = {
-            "sizeX": width, "sizeY": height, "tileWidth": 256, "tileHeight": 256,
-            "levels": max(1, math.ceil(math.log2(max(width, height) / 256)) + 1),
-            "magnification": None, "mm_x": None, "mm_y": None,
-            "dtype": str(ds.pixels.dtype), "bandCount": 1,
-        }
-        if len(ds.frame_of) > 1:
-            frames = []
-            for (xy, t, z, c), number in ds.frame_list:
-                frame: dict[str, Any] = {"Frame": number, "Index": number}
-                for key, value in (("IndexXY", xy), ("IndexT", t), ("IndexZ", z), ("IndexC", c)):
-                    if sizes[key] > 1:
-                        frame[key] = value
-                frames.append(frame)
-            meta["frames"] = frames
-            meta["IndexRange"] = {k: v for k, v in sizes.items() if v > 1}
-            meta["channels"] = list(ds.channel_names)
-        return meta
+        frames = []
+        for (xy, t, z, c), number in ds.frame_list:
+            indices = {k: v for k, v in (("IndexXY", xy), ("IndexT", t), ("IndexZ", z), ("IndexC", c))
+                       if sizes[k] > 1}
+            frames.append((indices, number))
+        return tile_metadata(width, height, ds.pixels.dtype, frames, ds.channel_names)
 
     def _region(self, item_id: str, params: dict[str, str]) -> tuple[int, bytes, str, dict[str, str]]:
         ds = self._dataset_of_item(item_id)
@@ -572,15 +672,15 @@ class NimbusTestServer:
         if right <= left or bottom <= top:
             raise _BadRequest(400, "Empty region.")
         region = np.ascontiguousarray(plane[top:bottom, left:right])
-        encoding = params.get("encoding", "JPEG")
-        if encoding.upper() in ("TIFF", "TILED"):
-            buf = io.BytesIO()
-            tifffile.imwrite(buf, region)
-            return 200, buf.getvalue(), "image/tiff", {}
-        if encoding.startswith("pickle"):
-            protocol = int(encoding.split(":", 1)[1]) if ":" in encoding else 4
-            return 200, pickle.dumps(region, protocol=protocol), "application/octet-stream", {}
-        raise _BadRequest(400, f"Unsupported encoding {encoding!r} in this test server.")
+        encoding = params.get("encoding", "JPEG")  # rest/tiles.py getTilesRegion: default JPEG
+        if encoding.startswith("pickle") and not self.serves_pickle:
+            # girder_large_image before pickle output: mimeTypeFromEncoding rejects it.
+            raise _BadRequest(400, f'Value Error: Invalid encoding "{encoding}"')
+        try:
+            payload, mime = encode_region(region, encoding, params.get("tiffCompression"), self.has_pyvips)
+        except RegionError as exc:
+            raise _BadRequest(exc.status, exc.message) from None
+        return 200, payload, mime, {}
 
     def _find_annotations(self, params: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
         dataset_id = _required(params, "datasetId")
@@ -605,10 +705,12 @@ class NimbusTestServer:
         if tags:
             docs = [a for a in docs if all(t in (a.get("tags") or []) for t in tags)]
         docs.sort(key=lambda a: a["_id"], reverse=params.get("sortdir") == "-1")
-        total = len(docs)
         if after and self.cursor_paging:
+            # api/annotation.py find: afterId adds ``_id > afterId`` to the query and drops the
+            # offset, so Girder-Total-Count (the cursor's count) counts only what lies after it.
             docs = [a for a in docs if a["_id"] > after]
             offset = 0
+        total = len(docs)
         docs = docs[offset:]
         if limit > 0:
             docs = docs[:limit]
@@ -617,10 +719,11 @@ class NimbusTestServer:
     def _create_annotations(self, body: Any, client: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
-        for index, ann in enumerate(body):
+        for ann in body:
             problem = _annotation_problem(ann, self.state.folders)
             if problem:
-                raise _BadRequest(400, f"Validation Error: annotation {index}: {problem}")
+                # fastjsonschema's message, raised as Girder's ValidationException (models/annotation.py)
+                raise _BadRequest(400, problem, "validation")
         created = []
         with self._lock:
             for ann in body:
@@ -666,29 +769,43 @@ class NimbusTestServer:
             moved_to = {f["datasetId"] for f in updates.values() if "datasetId" in f}
             missing_datasets = sorted(moved_to - set(self.state.folders))
             if missing_datasets:
-                raise _BadRequest(403, f"Dataset(s) not found: {missing_datasets}")
+                raise _BadRequest(403, f"Dataset(s) not found: {missing_datasets}", "access")  # AccessException
             if not set(updates) <= set(self.state.annotations):
-                raise _BadRequest(403, "Write access was denied for one or more annotations.")
+                raise _BadRequest(403, "Write access was denied for one or more annotations.", "access")
             merged = {ann_id: {**self.state.annotations[ann_id], **fields} for ann_id, fields in updates.items()}
-            for index, doc in enumerate(merged.values()):
+            for doc in merged.values():
                 problem = _annotation_problem(doc, self.state.folders)
-                if problem:
-                    raise _BadRequest(400, f"Validation Error: annotation {index}: {problem}")
+                if problem:  # fastjsonschema's message, as Girder's ValidationException (customModel.py saveMany)
+                    raise _BadRequest(400, problem, "validation")
             self.state.annotations.update(merged)
         return None
 
     def _delete_annotations(self, body: Any) -> None:
+        """``DELETE upenn_annotation/multiple``. The annotations' connections STAY: the plugin's
+        handler for this event (server/models/connections.py, annotationsRemovedEvent) matches the
+        body's string ids against ObjectId fields and finds nothing (models/annotation.py
+        deleteMultiple triggers it with the string ids)."""
         if not isinstance(body, list) or not all(isinstance(i, str) for i in body):
             raise _BadRequest(400, "Request body must be a JSON array of id strings.")
-        doomed = set(body)
         with self._lock:
-            for ann_id in doomed:
+            for ann_id in set(body):
                 self.state.annotations.pop(ann_id, None)
+
+    def _delete_annotation(self, annotation_id: str) -> None:
+        """``DELETE upenn_annotation/{id}``: Girder's model remove event carries the document, whose
+        ObjectId matches, so the annotation's connections go with it (models/annotation.py
+        annotationRemovedEvent -> models/connections.py annotationsRemovedEvent)."""
+        with self._lock:
+            self._get(self.state.annotations, annotation_id, "upenn_annotation")  # loadmodel: 400 if missing
+            del self.state.annotations[annotation_id]
             for con_id in [c for c, con in self.state.connections.items()
-                           if con.get("parentId") in doomed or con.get("childId") in doomed]:
+                           if annotation_id in (con.get("parentId"), con.get("childId"))]:
                 del self.state.connections[con_id]
 
     def _find_connections(self, params: dict[str, str]) -> list[dict[str, Any]]:
+        """``GET annotation_connection`` (server/api/connections.py find): filters, an ``afterId``
+        cursor that drops the offset, default limit 50; without ``sort`` it sorts by a field
+        connections lack (``lowerName``), i.e. in stored order: ask for ``sort=_id``."""
         dataset_id = _required(params, "datasetId")
         with self._lock:
             docs = [c for c in self.state.connections.values() if c.get("datasetId") == dataset_id]
@@ -698,13 +815,21 @@ class NimbusTestServer:
         if params.get("nodeAnnotationId"):
             node = params["nodeAnnotationId"]
             docs = [c for c in docs if node in (c.get("parentId"), c.get("childId"))]
-        docs.sort(key=lambda c: c["_id"])
+        if params.get("sort") == "_id":
+            docs.sort(key=lambda c: c["_id"], reverse=params.get("sortdir") == "-1")
         offset = int(params.get("offset", 0))
+        if params.get("afterId"):
+            docs = [c for c in docs if c["_id"] > params["afterId"]]
+            offset = 0
         limit = int(params.get("limit", 50))
         docs = docs[offset:]
         return docs[:limit] if limit > 0 else docs
 
     def _create_connections(self, body: Any) -> list[dict[str, Any]]:
+        """``POST annotation_connection/multiple``: validated all-or-nothing as
+        server/models/connections.py validateMultiple does (schema with required ``parentId,
+        childId, datasetId, tags``; a contrastDataset folder; then EVERY child, then every
+        parent must exist, else 400 for the whole body)."""
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         for index, con in enumerate(body):
@@ -713,21 +838,32 @@ class NimbusTestServer:
             for key in ("parentId", "childId", "datasetId"):
                 if not isinstance(con.get(key), str):
                     raise _BadRequest(400, f"Validation Error: connection {index}: '{key}' is a required property")
-        created = []
+            if not isinstance(con.get("tags"), list) or not all(isinstance(t, str) for t in con["tags"]):
+                raise _BadRequest(400, f"Validation Error: connection {index}: 'tags' must be an array of strings")
         with self._lock:
             for con in body:
-                doc = {"label": "", "tags": [], **{k: v for k, v in con.items() if k != "_id"}}
+                if con["datasetId"] not in self.state.folders:
+                    raise _BadRequest(400, "Connection dataset ID is invalid")
+            if any(con["childId"] not in self.state.annotations for con in body):
+                raise _BadRequest(400, "A child annotation does not exist")
+            if any(con["parentId"] not in self.state.annotations for con in body):
+                raise _BadRequest(400, "A parent annotation does not exist")
+            created = []
+            for con in body:
+                doc = {"label": "", **{k: v for k, v in con.items() if k != "_id"}}
                 doc["_id"] = self.new_id()
                 self.state.connections[doc["_id"]] = doc
                 created.append(doc)
         return created
 
-    def _delete_connections(self, body: Any) -> None:
+    def _delete_connections(self, body: Any) -> str:
+        """``DELETE annotation_connection/multiple``: answers the text of pymongo's DeleteResult
+        (server/api/connections.py deleteMultiple returns removeWithQuery's result)."""
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         with self._lock:
-            for con_id in body:
-                self.state.connections.pop(str(con_id), None)
+            removed = sum(self.state.connections.pop(str(con_id), None) is not None for con_id in body)
+        return f"DeleteResult({{'n': {removed}, 'ok': 1.0}}, acknowledged=True)"
 
 
 def _required(params: dict[str, str], key: str) -> str:
@@ -749,9 +885,9 @@ def _annotation_problem(ann: Any, folders: dict[str, Any]) -> str | None:
     """What the real server's schema would reject in ``ann``, or None."""
     if not isinstance(ann, dict):
         return "data must be object"
-    for key in REQUIRED_ANNOTATION_KEYS:
-        if key not in ann:
-            return f"data must contain {list(REQUIRED_ANNOTATION_KEYS)} properties ('{key}' missing)"
+    missing = [key for key in REQUIRED_ANNOTATION_KEYS if key not in ann]
+    if missing:  # fastjsonschema names the missing required properties
+        return f"data must contain {missing} properties"
     coords = ann["coordinates"]
     if not isinstance(coords, list) or not coords:
         return "data.coordinates must be a non-empty array"
