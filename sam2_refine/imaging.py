@@ -8,10 +8,19 @@ annotation's own location, as in the original worker.
 
 A dataset view may override a layer's contrast (``layerContrasts``, keyed by layer id); the user
 sees the override, so the model gets it too (:func:`view_contrast`, the rule the app applies).
+
+The window follows the app (NimbusImage ``src/store/images.ts``, ``toStyle``) and large_image's
+tile style (``large_image/tilesource/base.py``, ``_applyStyle``): an ``absolute`` contrast is
+the raw black and white values; a ``percentile`` contrast is a percentage of the frame's
+min..max range, rounded to an integer as d3's ``rangeRound`` does (:func:`percent_of_range`),
+not a percentile of the pixel values; a pixel maps to ``(value - black) / (white - black)``
+(``/ 1`` when they are equal), clipped to [0, 1], times the layer colour; layers combine by
+the maximum (the viewer's default composition, CSS ``mix-blend-mode: lighten``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +34,9 @@ MULTI_CHANNEL_COLOURS = (
     (0.0, 1.0, 0.0), (1.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 0.0, 0.0),
     (1.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.5, 0.0),
 )
-#: Contrast of channels without layer settings: the 0.5th..99.99th percentile. The white point
-#: is high because microscopy objects are often sparse: nuclei covering 0.3 % of a frame put
-#: the 99.5th percentile in the background, which would turn the whole frame white.
-DEFAULT_CONTRAST = ("percentile", 0.5, 99.99)
+#: Contrast of channels without layer settings: the frame's min..max, the contrast the app gives
+#: a new layer (NimbusImage ``src/store/model.ts``, ``newLayer``: percentile 0..100).
+DEFAULT_CONTRAST = ("percentile", 0.0, 100.0)
 
 
 class LayerError(ValueError):
@@ -47,7 +55,8 @@ class Layer:
         channel: The channel it shows (0-based).
         colour: (r, g, b) in [0, 1].
         mode: ``"percentile"`` or ``"absolute"``.
-        black: Black point (a percentile in [0, 100], or a raw value).
+        black: Black point: a percentage of the frame's min..max range (``percentile``; 0 = the
+            lowest value, 100 = the highest), or a raw value (``absolute``).
         white: White point (same units).
         name: For messages.
     """
@@ -142,7 +151,8 @@ def parse_layers(raw: Sequence[Mapping[str, Any]] | None, num_channels: int,
         default_black, default_white = (0.0, 100.0) if mode == "percentile" else (None, None)
         black = contrast.get("blackPoint", default_black)
         white = contrast.get("whitePoint", default_white)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (black, white)):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in (black, white)):
             raise LayerError(name, f"{where} needs numeric blackPoint and whitePoint")
         layers.append(Layer(channel, colour, mode, float(black), float(white), name))
     if not layers:
@@ -157,37 +167,55 @@ def default_layers(num_channels: int) -> list[Layer]:
     return [Layer(c, colours[c % len(colours)], mode, black, white, f"channel {c}") for c in range(num_channels)]
 
 
-def percentiles(plane: np.ndarray, quantiles: tuple[float, float]) -> tuple[float, float]:
-    """``np.percentile(plane, quantiles)`` (linear interpolation), exactly, and fast for integers.
+def js_round(value: float) -> float:
+    """JavaScript's ``Math.round``: the nearest integer, halves rounded up (towards +infinity).
 
-    For uint8/uint16 planes the sorted values are read off a histogram instead of partitioning
-    the whole plane (a 4096x4096 uint16 frame: ~30 ms instead of ~300 ms). Float planes ignore
-    non-finite values.
+    Python's ``round`` and numpy's round halves to even (``round(2.5) == 2``); the app's
+    ``Math.round(2.5)`` is 3 and ``Math.round(-2.5)`` is -2. ``value`` must be finite.
     """
-    if plane.dtype in (np.uint8, np.uint16):
-        counts = np.bincount(plane.ravel(), minlength=256)
-        cumulative = np.cumsum(counts)
-        n = int(cumulative[-1])
-        out = []
-        for q in quantiles:
-            rank = (n - 1) * q / 100.0
-            lo, hi = int(np.floor(rank)), int(np.ceil(rank))
-            v_lo = float(np.searchsorted(cumulative, lo, side="right"))
-            v_hi = float(np.searchsorted(cumulative, hi, side="right"))
-            out.append(v_lo + (v_hi - v_lo) * (rank - lo))
-        return out[0], out[1]
-    values = plane if plane.dtype.kind in "ui" else plane[np.isfinite(plane)]
-    if values.size == 0:
-        return 0.0, 1.0
-    low, high = np.percentile(values, list(quantiles))
+    low = math.floor(value)
+    return float(low + 1 if value - low >= 0.5 else low)
+
+
+def frame_range(plane: np.ndarray) -> tuple[float, float]:
+    """(min, max) of a frame's pixel values: the ``min`` and ``max`` of the histogram the app asks
+    large_image for (``item/{id}/tiles/histogram``). Float frames ignore non-finite values; a
+    frame with none gives (0, 1).
+
+    Args:
+        plane: (H, W) raw frame, any integer or float dtype.
+    """
+    low, high = plane.min(), plane.max()
+    if plane.dtype.kind == "f" and not (np.isfinite(low) and np.isfinite(high)):
+        values = plane[np.isfinite(plane)]
+        if values.size == 0:
+            return 0.0, 1.0
+        low, high = values.min(), values.max()
     return float(low), float(high)
 
 
+def percent_of_range(low: float, high: float, point: float) -> float:
+    """A ``percentile`` contrast point in raw units, as the app computes it.
+
+    NimbusImage ``src/store/images.ts`` ``toStyle``: ``scaleLinear().domain([0, 100])
+    .rangeRound([hist.min, hist.max])(point)``, i.e. d3's ``interpolateRound``:
+    ``Math.round(low * (1 - t) + high * t)`` with ``t = point / 100``, computed in the same
+    float64 steps. Not clamped: a point outside 0..100 lies outside the range, as in d3.
+
+    Args:
+        low, high: The frame's min and max (:func:`frame_range`).
+        point: The black or white point, in percent of the range.
+    """
+    t = point / 100.0
+    return js_round(low * (1.0 - t) + high * t)
+
+
 def contrast_limits(plane: np.ndarray, layer: Layer) -> tuple[float, float]:
-    """(black, white) in the plane's raw units."""
+    """(black, white) in the plane's raw units, as the app styles the layer's tiles."""
     if layer.mode == "absolute":
         return layer.black, layer.white
-    return percentiles(plane, (float(np.clip(layer.black, 0, 100)), float(np.clip(layer.white, 0, 100))))
+    low, high = frame_range(plane)
+    return percent_of_range(low, high, layer.black), percent_of_range(low, high, layer.white)
 
 
 def merge_layers(planes: Mapping[int, np.ndarray], layers: Sequence[Layer],
@@ -210,13 +238,13 @@ def merge_layers(planes: Mapping[int, np.ndarray], layers: Sequence[Layer],
     for index, layer in enumerate(layers):
         plane = planes[layer.channel]
         black, white = limits[index] if limits is not None else contrast_limits(plane, layer)
-        if white > black:
-            scaled = plane.astype(np.float32)  # a copy, scaled in place
-            np.subtract(scaled, np.float32(black), out=scaled)
-            np.multiply(scaled, np.float32(1.0 / (white - black)), out=scaled)
-            np.clip(scaled, 0.0, 1.0, out=scaled)
-        else:  # a flat window (e.g. a sparse channel whose percentiles coincide): above it is white
-            scaled = (plane.astype(np.float32, copy=False) > np.float32(white)).astype(np.float32)
+        # large_image's style: (value - min) / (max - min), or / 1 where max == min (a flat
+        # window: on integer frames everything above it is white); max < min inverts the ramp.
+        delta = white - black if white != black else 1.0
+        scaled = plane.astype(np.float32)  # a copy, scaled in place
+        np.subtract(scaled, np.float32(black), out=scaled)
+        np.multiply(scaled, np.float32(1.0 / delta), out=scaled)
+        np.clip(scaled, 0.0, 1.0, out=scaled)
         if np.issubdtype(plane.dtype, np.floating):  # integer frames hold no NaN or infinity
             scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
         for band in range(3):

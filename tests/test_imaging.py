@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sam2_refine.imaging import Layer, LayerError, default_layers, merge_layers, parse_colour, parse_layers
+from sam2_refine.imaging import (Layer, LayerError, contrast_limits, default_layers, frame_range, js_round,
+                                 merge_layers, parse_colour, parse_layers, percent_of_range)
 
 H, W = 4, 101
 
@@ -30,7 +31,7 @@ def layer_doc(channel: int, color: str = "#ffffff", mode: str = "percentile", bl
 
 
 def ramp(dtype: Any = np.float32, scale: float = 1.0) -> np.ndarray:
-    """Every row is 0, 1, ..., 100 (times ``scale``): the p-th percentile is p * scale."""
+    """Every row is 0, 1, ..., 100 (times ``scale``): p % of the range is p * scale."""
     return np.tile(np.arange(W, dtype=np.float64) * scale, (H, 1)).astype(dtype)
 
 
@@ -57,6 +58,20 @@ def test_percentile_contrast_on_a_ramp() -> None:
     assert img[0, 50, 0] == pytest.approx(0.5)
     # Every row identical.
     assert np.array_equal(img[0], img[3])
+
+
+def test_percentile_is_a_share_of_the_range_not_a_percentile_of_the_pixels() -> None:
+    """The app's "percentile" (src/store/images.ts, toStyle): p % of the way from the frame's
+    min to its max. 99 % of these pixels are 0..98 and one in a hundred is 1000: a percentile of
+    the values would put the white point near 98; the app puts it at 900."""
+    plane = np.tile(np.arange(100, dtype=np.uint16), (100, 1))
+    plane[:, 99] = 1000
+    (layer,) = parse_layers([layer_doc(0, "#ffffff", "percentile", 10, 90)], 1)
+    assert contrast_limits(plane, layer) == (100.0, 900.0)
+    assert np.percentile(plane, 90) < 100  # what the worker used to take
+    img = merge([layer_doc(0, "#ffffff", "percentile", 10, 90)], {0: plane}, 1)
+    np.testing.assert_allclose(img[0, :, 0], np.clip((plane[0] - 100.0) / 800.0, 0, 1), atol=1e-6)
+    assert not img[:, :99].any() and np.all(img[:, 99] == 1.0)
 
 
 def test_percentile_default_window_is_min_to_max() -> None:
@@ -158,33 +173,54 @@ def test_parse_layers_keeps_given_order_and_fields() -> None:
 def test_dtypes_give_the_same_result(mode: str) -> None:
     rng = np.random.default_rng(1)
     base = rng.integers(0, 256, size=(16, 24))
+    base[0, :2] = (0, 255)  # the full range, so that 20 % and 80 % of it are whole numbers
     planes = {
         np.uint8: base.astype(np.uint8),
         np.uint16: (base * 257).astype(np.uint16),
         np.float32: (base / 255.0).astype(np.float32),
     }
+    if mode == "percentile":  # the app rounds the points to integers: 0.2 of a 0..1 frame is 0
+        del planes[np.float32]  # (test_percentile_points_are_whole_numbers_on_float_frames)
     # Absolute windows in each dtype's own units, the same relative window (20 % .. 80 %).
     windows = {np.uint8: (0.2 * 255, 0.8 * 255), np.uint16: (0.2 * 65535, 0.8 * 65535), np.float32: (0.2, 0.8)}
     results = []
     for dtype, plane in planes.items():
-        black, white = (5, 95) if mode == "percentile" else windows[dtype]
+        black, white = (20, 80) if mode == "percentile" else windows[dtype]
         raw = [layer_doc(0, "#ff8000", mode, black, white)]
         img = merge_layers({0: plane}, parse_layers(raw, 1))
         check_image(img, plane.shape)
         results.append(img)
-    np.testing.assert_allclose(results[0], results[1], atol=1e-5)
-    np.testing.assert_allclose(results[0], results[2], atol=1e-5)
+    for other in results[1:]:
+        np.testing.assert_allclose(results[0], other, atol=1e-5)
     assert results[0][..., 0].max() == 1.0 and results[0][..., 0].min() == 0.0
+
+
+def test_percentile_points_are_whole_numbers_on_float_frames() -> None:
+    """rangeRound rounds whatever the dtype: on a 0..1 float frame 10 % and 40 % of the range
+    are both 0, a flat window, so everything above 0 keeps its own value (large_image divides
+    by 1 then); on a 0..1000 frame the points are 100 and 400."""
+    plane = ramp(np.float32, scale=0.01)  # 0.00 .. 1.00
+    (layer,) = parse_layers([layer_doc(0, "#ffffff", "percentile", 10, 40)], 1)
+    assert contrast_limits(plane, layer) == (0.0, 0.0)
+    img = merge([layer_doc(0, "#ffffff", "percentile", 10, 40)], {0: plane}, 1)
+    np.testing.assert_allclose(img[0, :, 0], plane[0], atol=1e-6)
+    assert contrast_limits(ramp(np.float32, scale=10.0), layer) == (100.0, 400.0)
 
 
 @pytest.mark.parametrize(("mode", "black", "white"), [("absolute", 50, 50), ("absolute", 60, 10),
                                                       ("percentile", 40, 40), ("percentile", 90, 10)])
-def test_flat_window_does_not_divide_by_zero(mode: str, black: float, white: float) -> None:
+def test_flat_or_inverted_window_does_not_divide_by_zero(mode: str, black: float, white: float) -> None:
+    """large_image's style (base.py, _applyStyle): (value - black) / (white - black), divided by 1
+    when they are equal (on this integer-valued ramp: a threshold), an inverted ramp when white
+    is below black (the app's contrast editor keeps black <= white; a configuration made through
+    the API may not)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with np.errstate(all="raise"):
             img = merge([layer_doc(0, "#ffffff", mode, black, white)], {0: ramp()})
-    assert set(np.unique(img)) <= {0.0, 1.0}
+    x = np.arange(W, dtype=np.float64)
+    expected = (x > black).astype(float) if black == white else np.clip((x - black) / (white - black), 0, 1)
+    np.testing.assert_allclose(img[0, :, 0], expected, atol=1e-6)
 
 
 def test_flat_window_on_a_constant_plane_is_black() -> None:
@@ -193,8 +229,9 @@ def test_flat_window_on_a_constant_plane_is_black() -> None:
     assert not img.any()
 
 
-def test_sparse_channel_with_a_collapsed_window_keeps_its_background_black() -> None:
-    # Fewer than 0.5 % bright pixels: the 1st and 99.5th percentiles are both the background.
+def test_sparse_channel_keeps_its_background_black() -> None:
+    # Fewer than 0.5 % bright pixels: the default window (the frame's min..max, as the app gives
+    # a new layer) keeps them white and the background black.
     plane = np.full((100, 100), 100, np.uint16)
     plane[50, 50:53] = 5000
     img = merge_layers({0: plane}, default_layers(1))
@@ -291,17 +328,79 @@ def test_no_layer_settings_gives_defaults(raw: Any) -> None:
     assert parse_layers(raw, 2) == default_layers(2)
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.int32])
-def test_fast_percentiles_equal_numpy(dtype):
-    from sam2_refine.imaging import percentiles
+#: (min, max, point, the app's black/white point), computed by d3 itself: d3-scale 4.0.2 and
+#: d3-interpolate 3.0.1, NimbusImage's versions (pnpm-lock.yaml), in node 20 with
+#: ``scaleLinear().domain([0, 100]).rangeRound([min, max])(point)``.
+D3_RANGE_ROUND = [
+    [0, 100, 12.5, 13], [0, 101, 50, 51], [0, 3, 50, 2], [0, 5, 50, 3], [1, 4, 50, 3], [-3, 0, 50, -1],
+    [-5, 0, 50, -2], [0, 255, 5, 13], [0, 255, 95, 242], [0, 65535, 5, 3277], [0, 65535, 95, 62258],
+    [100, 4095, 0.5, 120], [100, 4095, 99.5, 4075], [7, 7, 0, 7], [7, 7, 100, 7], [7, 7, 40, 7],
+    [0, 1, 49.999, 0], [0, 1, 50, 1], [0, 1, 50.001, 1], [0.25, 0.75, 50, 1], [0, 0.4, 100, 0],
+    [-0.5, 0.5, 0, 0], [0, 1000, 0.05, 1], [0, 1000, 0.15, 2], [0, 10, 15, 2], [0, 10, 25, 3],
+    [0, 10, 35, 4], [0, 200, 20, 40], [0, 200, 60, 120], [3, 200, -10, -17], [3, 200, 150, 299],
+    [0, 60000, 33.3, 19980], [12, 4000, 66.6, 2668], [0, 2, 25, 1], [0, 2, 75, 2],
+]
 
+
+@pytest.mark.parametrize(("low", "high", "point", "expected"), D3_RANGE_ROUND)
+def test_percent_of_range_equals_d3_range_round(low: float, high: float, point: float, expected: float) -> None:
+    assert percent_of_range(float(low), float(high), float(point)) == expected
+
+
+def test_js_round_takes_halves_up_unlike_numpy() -> None:
+    for value, expected in [(0.5, 1), (1.5, 2), (2.5, 3), (-0.5, 0), (-1.5, -1), (-2.5, -2), (2.4999, 2),
+                            (0.49999999999999994, 0), (-0.49999999999999994, 0), (7.0, 7), (-7.0, -7),
+                            (2.0 ** 53, 2.0 ** 53)]:
+        assert js_round(value) == expected, value
+    assert np.round(2.5) == 2.0 and js_round(2.5) == 3.0  # why numpy's rounding is not used
+    assert percent_of_range(0.0, 5.0, 50.0) == 3.0  # 2.5: the app's 3, numpy's 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64])
+def test_frame_range_is_the_frames_min_and_max(dtype) -> None:
     rng = np.random.default_rng(3)
-    for size in (1, 2, 7, 1000, 65537):
-        high = 255 if dtype == np.uint8 else 60000
-        plane = rng.integers(0, high, size=size).astype(dtype).reshape(-1, 1)
-        for q in ((0.0, 100.0), (1.0, 99.5), (0.1, 99.9), (50.0, 50.0), (33.3, 66.6)):
-            expected = np.percentile(plane, q)
-            assert percentiles(plane, q) == pytest.approx(tuple(expected), abs=1e-6), (dtype, size, q)
+    low = -200 if np.dtype(dtype).kind in "if" else 0
+    plane = rng.integers(low, 250, size=(37, 53)).astype(dtype)
+    assert frame_range(plane) == (float(plane.min()), float(plane.max()))
+    assert isinstance(frame_range(plane)[0], float)
+
+
+def test_frame_range_of_a_float_frame_ignores_non_finite_values() -> None:
+    plane = ramp(np.float32, scale=0.5)
+    plane[:, 0] = np.nan  # the zeros
+    plane[1, 1], plane[2, 2] = np.inf, -np.inf
+    assert frame_range(plane) == (0.5, 50.0)
+    assert frame_range(np.full((3, 3), np.nan, np.float32)) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_a_constant_frame_shows_black(dtype) -> None:
+    """min == max: every percentile point is that value; nothing lies above it."""
+    plane = np.full((H, W), 7, dtype)
+    for black, white in ((0, 100), (1, 99), (50, 50)):
+        (layer,) = parse_layers([layer_doc(0, "#ffffff", "percentile", black, white)], 1)
+        assert contrast_limits(plane, layer) == (7.0, 7.0)
+        with np.errstate(all="raise"):
+            assert not merge_layers({0: plane}, [layer]).any()
+
+
+@pytest.mark.parametrize("point", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_contrast_point_is_refused(point: float) -> None:
+    with pytest.raises(LayerError, match="numeric blackPoint and whitePoint"):
+        parse_layers([layer_doc(0, "#ffffff", "percentile", point, 100)], 1)
+
+
+def test_percentile_points_are_taken_over_the_whole_frame() -> None:
+    """A window of a frame is merged with the frame's points, not its own min and max."""
+    from sam2_refine.imaging import LocationImage
+
+    plane = np.zeros((50, 60), np.uint16)
+    plane[:, 30:] = 1000
+    plane[40:, :] += 1  # min 0, max 1001: 50 % is 500.5, the app's 501
+    image = LocationImage({0: plane}, parse_layers([layer_doc(0, "#ffffff", "percentile", 50, 100)], 1))
+    assert image.limits == [(501.0, 1001.0)]
+    window = image.window(0, 30, 10, 60)  # all 1000 here
+    np.testing.assert_allclose(window[..., 0], (1000.0 - 501.0) / 500.0, atol=1e-6)
 
 
 def test_location_image_windows_are_merged_as_the_whole_frame_is():

@@ -38,7 +38,7 @@ def contrast(mode: str, black: float, white: float) -> dict[str, Any]:
 
 
 def ramp(scale: float = 1.0) -> np.ndarray:
-    """Every row is 0, 1, ..., 100 (times ``scale``): the p-th percentile is p * scale."""
+    """Every row is 0, 1, ..., 100 (times ``scale``): p % of the range is p * scale."""
     return np.tile(np.arange(W, dtype=np.float64) * scale, (H, 1)).astype(np.float32)
 
 
@@ -121,7 +121,7 @@ def test_an_override_on_a_hidden_layer_does_not_show_it() -> None:
 def test_override_modes_percentile_against_absolute_on_the_merged_image() -> None:
     """Values 0, 2, ..., 200. The layer says 'percentile 0..100' (the whole range). The view's
     'absolute 20..60' is in raw units (value 40 -> 0.5); the view's 'percentile 20..60' is in
-    percentiles (the 20th..60th = 40..120, so value 80 -> 0.5)."""
+    percent of the frame's range (20 % .. 60 % of 0..200 = 40..120, so value 80 -> 0.5)."""
     plane = ramp(scale=2.0)
     raw = [layer_doc("a", mode="percentile", black=0, white=100)]
     value = np.arange(W) * 2.0
@@ -184,11 +184,15 @@ class _Looking(KnownMaskPredictor):
         super().embed(image)
 
 
-def _run(server, ckpt, layer_contrasts) -> tuple[int, _Looking, np.ndarray, list[dict[str, Any]]]:
+def _run(server, ckpt, layer_contrasts, channels: np.ndarray | None = None,
+         layers: list[dict[str, Any]] | None = None) -> tuple[int, _Looking, np.ndarray, list[dict[str, Any]]]:
+    """A job on one location of ``channels`` (C, 160, 224) (default: the scene's own) shown
+    by ``layers`` (default: one white layer "nuclei", percentile 0.5..99.5, on channel 0)."""
     scene = cell_scene(160, 224, 6, radius=(9.0, 14.0), seed=3)
-    layers = [{"id": "nuclei", "name": "nuclei", "channel": 0, "color": "#ffffff", "visible": True,
-               "contrast": contrast("percentile", 0.5, 99.5)}]
-    ds = server.add_dataset(scene.channels[None, None, None], layers=layers, layer_contrasts=layer_contrasts)
+    channels = scene.channels if channels is None else channels
+    layers = layers or [{"id": "nuclei", "name": "nuclei", "channel": 0, "color": "#ffffff", "visible": True,
+                         "contrast": contrast("percentile", 0.5, 99.5)}]
+    ds = server.add_dataset(channels[None, None, None], layers=layers, layer_contrasts=layer_contrasts)
     rng = np.random.default_rng(1)
     server.add_annotations(ds.dataset_id, [annotation_doc(rough_polygon(scene.labels == k, "dilated", rng))
                                            for k in range(1, scene.count + 1)])
@@ -199,7 +203,7 @@ def _run(server, ckpt, layer_contrasts) -> tuple[int, _Looking, np.ndarray, list
     with NimbusClient(server.api_url, TOKEN) as client:
         code = job.run_compute(parse_settings(params, ds.dataset_id, ckpt), client,
                                Reporter(stream=io.StringIO(), secrets=(TOKEN,)), lambda path: (predictor, False))
-    return code, predictor, scene.channels, layers
+    return code, predictor, channels, layers
 
 
 def test_the_model_receives_the_image_with_the_views_contrast(server, ckpt) -> None:
@@ -217,6 +221,36 @@ def test_the_model_receives_the_image_with_the_views_contrast(server, ckpt) -> N
     without = LocationImage({0: channels[0]}, parse_layers(layers, 1)).window(0, 0, height, width)
     np.testing.assert_allclose(plain, without, atol=1e-6)
     assert np.abs(image - plain).mean() > 0.2  # the override changed what the model sees
+
+
+def test_the_model_receives_the_apps_percentile_contrast(server, ckpt) -> None:
+    """The view's "percentile 50..90" as the app draws it (src/store/images.ts, toStyle, with the
+    frame's histogram min and max): the frame holds 0..1001, so the black point is 50 % of the
+    range, 500.5, which d3's rangeRound (Math.round) makes 501 (numpy's round would make 500),
+    and the white point 900.9 -> 901; a two-colour channel with a second, cyan layer absolute
+    0..3000 on channel 1, combined by the maximum (the viewer's default "lighten")."""
+    scene = cell_scene(160, 224, 6, radius=(9.0, 14.0), seed=3)
+    nuclei = scene.channels[0].astype(np.float64)
+    nuclei = np.round((nuclei - nuclei.min()) / (nuclei.max() - nuclei.min()) * 1001).astype(np.uint16)
+    assert (nuclei.min(), nuclei.max()) == (0, 1001)
+    channels = np.stack([nuclei, scene.channels[1]])
+    override = {"nuclei": contrast("percentile", 50, 90)}
+    layers = [{"id": "nuclei", "name": "nuclei", "channel": 0, "color": "#ffffff", "visible": True,
+               "contrast": contrast("percentile", 0.5, 99.5)},
+              {"id": "cyto", "name": "cyto", "channel": 1, "color": "#00ffff", "visible": True,
+               "contrast": contrast("absolute", 0, 3000)}]
+    code, seen, _, _ = _run(server, ckpt, override, channels, layers)
+    assert code == 0 and seen.images
+    grey = np.clip((nuclei - 501.0) / (901.0 - 501.0), 0, 1)
+    cyan = np.clip(scene.channels[1] / 3000.0, 0, 1)
+    expected = np.stack([grey, np.maximum(grey, cyan), np.maximum(grey, cyan)], axis=-1)
+    np.testing.assert_allclose(seen.images[0], expected, atol=1e-6)
+    # The test can tell: numpy's rounding, or percentiles of the values, give another image.
+    banker = np.clip((nuclei - 500.0) / (901.0 - 500.0), 0, 1)
+    assert np.abs(seen.images[0][..., 0] - banker).max() > 1e-3
+    low, high = np.percentile(nuclei, [50, 90])
+    by_values = np.clip((nuclei - low) / (high - low), 0, 1)
+    assert np.abs(seen.images[0][..., 0] - by_values).mean() > 0.05
 
 
 # -- which view: the user's own, most recently opened, holding the launching tool --------------
