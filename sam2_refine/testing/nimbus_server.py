@@ -55,6 +55,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
+from sam2_refine.testing.annotation_store import AnnotationStore, ConnectionStore
 from sam2_refine.testing.large_image_double import RegionError, encode_region, tile_metadata
 
 API_ROOT = "/api/v1/"
@@ -165,6 +166,8 @@ class RecordedRequest:
     client: str | None = None
     #: time.monotonic() when the server finished acting on it (0 while it is in flight).
     done_at: float = 0.0
+    #: Bytes of the response body the server sent (0 while in flight, or when it dropped it).
+    response_bytes: int = 0
 
 
 def _finite(obj: Any) -> Any:
@@ -204,8 +207,8 @@ class _State:
     #: view id -> the client (token name; None = the main token) whose user owns the view.
     view_owners: dict[str, str | None] = field(default_factory=dict)
     collections: dict[str, dict[str, Any]] = field(default_factory=dict)
-    annotations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    connections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    annotations: AnnotationStore = field(default_factory=AnnotationStore)
+    connections: ConnectionStore = field(default_factory=ConnectionStore)
     interfaces: dict[str, Any] = field(default_factory=dict)
 
 
@@ -245,6 +248,10 @@ class NimbusTestServer:
         self.serves_pickle = True
         #: pyvips installed, which ``encoding=TILED`` needs (False: it answers 500).
         self.has_pyvips = True
+        #: ``POST upenn_annotation/list/ids`` and ``hydrate`` exist (False: an older server, 404).
+        self.has_list_ids = True
+        #: How many ``list/ids`` queries the server ran (each walks the whole dataset).
+        self.scans = 0
         self._calls: Counter[tuple[str, str]] = Counter()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -414,7 +421,7 @@ class NimbusTestServer:
                 doc = dict(ann)
                 doc["datasetId"] = dataset_id
                 doc.setdefault("_id", self.new_id())
-                self.state.annotations[doc["_id"]] = doc
+                self.state.annotations.put(doc)
                 ids.append(doc["_id"])
         return ids
 
@@ -426,7 +433,7 @@ class NimbusTestServer:
                 doc.setdefault("_id", self.new_id())
                 doc.setdefault("tags", [])
                 doc.setdefault("label", "")
-                self.state.connections[doc["_id"]] = doc
+                self.state.connections.put(doc)
                 ids.append(doc["_id"])
         return ids
 
@@ -501,7 +508,9 @@ class NimbusTestServer:
         if authorized and self.before_acting is not None:
             self.before_acting(record)
         try:
-            return self._handle(record, token)
+            answer = self._handle(record, token)
+            record.response_bytes = len(answer[1])
+            return answer
         finally:
             record.done_at = time.monotonic()
 
@@ -562,6 +571,16 @@ class NimbusTestServer:
         m = re.fullmatch(r"upenn_collection/(\w+)", path)
         if method == "GET" and m:
             return 200, self._get(self.state.collections, m.group(1), "upenn_collection"), json_ok, {}
+        if method == "POST" and path in ("upenn_annotation/list/ids", "upenn_annotation/hydrate"):
+            if not self.has_list_ids:  # a server from before mid-2026: Girder has no such route
+                raise _BadRequest(404, f'No matching route for "{method} {path}"')
+            return 200, (self._list_ids(body) if path.endswith("ids") else self._hydrate(body)), json_ok, {}
+        if method == "GET" and path == "upenn_annotation/count":
+            return 200, self._count_annotations(params), json_ok, {}
+        if method == "GET" and path == "annotation_connection/count":
+            dataset_id = _required(params, "datasetId")
+            with self._lock:
+                return 200, {"count": self.state.connections.count(dataset_id)}, json_ok, {}
         if method == "GET" and path == "upenn_annotation":
             docs, total = self._find_annotations(params)
             return 200, docs, json_ok, {"Girder-Total-Count": str(total)}
@@ -572,7 +591,7 @@ class NimbusTestServer:
             raise _BadRequest(400, f"Invalid ObjectId: {odd.group(1)}", "validation", "id")
         m = re.fullmatch(r"upenn_annotation/([0-9a-f]{24})", path)
         if method == "GET" and m:
-            return 200, self._get(self.state.annotations, m.group(1), "upenn_annotation"), json_ok, {}
+            return 200, self._annotation(m.group(1)), json_ok, {}
         if method == "DELETE" and m:
             self._delete_annotation(m.group(1))
             return 200, None, json_ok, {}
@@ -630,6 +649,14 @@ class NimbusTestServer:
         views = views[offset:]
         return views[:limit] if limit else views
 
+    def _annotation(self, annotation_id: str) -> dict[str, Any]:
+        """Girder's loadmodel: 400 "Invalid upenn_annotation id" for one that does not exist."""
+        with self._lock:
+            doc = self.state.annotations.get(annotation_id)
+        if doc is None:
+            raise _BadRequest(400, f"Invalid upenn_annotation id ({annotation_id}).")
+        return doc
+
     def _get(self, table: dict[str, dict[str, Any]], key: str, kind: str) -> dict[str, Any]:
         with self._lock:
             if key not in table:
@@ -683,6 +710,9 @@ class NimbusTestServer:
         return 200, payload, mime, {}
 
     def _find_annotations(self, params: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+        """``GET upenn_annotation`` (api/annotation.py find): shape and tags ("has all") filters,
+        ``_id`` order, an ``afterId`` cursor that drops the offset, default limit 50. A page
+        costs what it holds (the index walked from the cursor), not the dataset."""
         dataset_id = _required(params, "datasetId")
         if dataset_id not in self.state.folders:
             raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
@@ -697,24 +727,105 @@ class NimbusTestServer:
                 raise _BadRequest(400, "Parameter tags must be a JSON list.")
         limit = int(params.get("limit", 50))
         offset = int(params.get("offset", 0))
-        after = params.get("afterId")
-        with self._lock:
-            docs = [a for a in self.state.annotations.values() if a.get("datasetId") == dataset_id]
-        if shape is not None:
-            docs = [a for a in docs if a.get("shape") == shape]
-        if tags:
-            docs = [a for a in docs if all(t in (a.get("tags") or []) for t in tags)]
-        docs.sort(key=lambda a: a["_id"], reverse=params.get("sortdir") == "-1")
-        if after and self.cursor_paging:
-            # api/annotation.py find: afterId adds ``_id > afterId`` to the query and drops the
-            # offset, so Girder-Total-Count (the cursor's count) counts only what lies after it.
-            docs = [a for a in docs if a["_id"] > after]
+        after = params.get("afterId") if self.cursor_paging else None
+        if after:
             offset = 0
-        total = len(docs)
-        docs = docs[offset:]
-        if limit > 0:
-            docs = docs[:limit]
+
+        def keep(doc: dict[str, Any]) -> bool:
+            return not tags or all(t in (doc.get("tags") or []) for t in tags)
+
+        with self._lock:
+            docs = self.state.annotations.page(dataset_id, shape, keep, after=after or None, offset=offset,
+                                               limit=max(limit, 0), descending=params.get("sortdir") == "-1")
+            # The afterId condition is part of the query the count is taken from: it counts
+            # what lies after the cursor (tag filters are not counted here: the worker's
+            # listings that count pages filter by shape only).
+            total = self.state.annotations.count(dataset_id, shape, after or None)
         return docs, total
+
+    def _list_ids(self, body: Any) -> dict[str, Any]:
+        """``POST upenn_annotation/list/ids`` (api/annotation.py listAnnotationIds, models/annotation.py
+        listIds and _buildListMatchStages, helpers/validation.py): ``{datasetId, filters:
+        {location: {XY?, Z?, Time?}, shape?, tags: {values, exclusive}, idConstraints}}`` ->
+        ``{total, ids}``, in ``_id`` order. Every query walks all of the dataset's entries (the
+        plugin's aggregation is hinted to ``{datasetId, _id}``); ``exclusive: false`` is "has any
+        of the tags", ``true`` "has exactly these tags"."""
+        if not isinstance(body, dict):
+            raise _BadRequest(400, "Request body must be a JSON object")
+        dataset_id = body.get("datasetId")
+        if not isinstance(dataset_id, str) or not re.fullmatch(r"[0-9a-f]{24}", dataset_id):
+            raise _BadRequest(400, "datasetId is required" if dataset_id is None else "datasetId is not a valid id")
+        if dataset_id not in self.state.folders:
+            raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
+        filters = body.get("filters") or {}
+        if not isinstance(filters, dict):
+            raise _BadRequest(400, "filters must be an object")
+        tags = filters.get("tags")
+        if tags is not None and not isinstance(tags, dict):
+            raise _BadRequest(400, "filters.tags must be an object")
+        values = (tags or {}).get("values")
+        if values is not None and not isinstance(values, list):
+            raise _BadRequest(400, "filters.tags.values must be a list")
+        location = filters.get("location")
+        if location is not None and not isinstance(location, dict):
+            raise _BadRequest(400, "filters.location must be an object")
+        constraints = filters.get("idConstraints")
+        if constraints is not None and (not isinstance(constraints, list) or not all(
+                isinstance(c, list) and c and all(isinstance(i, str) and i for i in c) for c in constraints)):
+            raise _BadRequest(400, "idConstraints must be a list of non-empty lists of id strings")
+        if constraints and not all(re.fullmatch(r"[0-9a-f]{24}", i) for c in constraints for i in c):
+            raise _BadRequest(400, "idConstraints contains an invalid id")
+        shape = filters.get("shape") or None
+        wanted = {k: (location or {}).get(k) for k in ("XY", "Z", "Time")}
+        wanted = {k: v for k, v in wanted.items() if v is not None}
+        tag_set = set(values or [])
+        exclusive = bool((tags or {}).get("exclusive"))
+        allowed = [set(c) for c in constraints or []]
+
+        pairs = tuple(wanted.items())
+
+        def keep(doc: dict[str, Any]) -> bool:
+            if shape and doc.get("shape") != shape:
+                return False
+            if pairs:
+                where = doc.get("location")
+                if type(where) is not dict:
+                    return False
+                for key, value in pairs:
+                    if where.get(key) != value:
+                        return False
+            if tag_set:
+                have = doc.get("tags") if isinstance(doc.get("tags"), list) else []
+                if exclusive and not (set(have) >= tag_set and len(have) == len(tag_set)):
+                    return False
+                if not exclusive and not tag_set.intersection(have):
+                    return False
+            return all(doc["_id"] in c for c in allowed)
+
+        with self._lock:
+            ids = self.state.annotations.scan(dataset_id, keep)
+            self.scans += 1
+        return {"total": len(ids), "ids": ids}
+
+    def _hydrate(self, body: Any) -> list[dict[str, Any]]:
+        """``POST upenn_annotation/hydrate`` (api/annotation.py hydrate): a JSON array of ids ->
+        the documents of those that exist, found by ``_id`` (in ``_id`` order)."""
+        if not isinstance(body, list):
+            raise _BadRequest(400, "Parameter 'annotationIds' must be a JSON array.")
+        for value in body:
+            if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{24}", value):
+                raise _BadRequest(400, "annotationId is not a valid id")
+        with self._lock:
+            found = (self.state.annotations.get(i) for i in sorted(set(body)))
+            return [d for d in found if d is not None]
+
+    def _count_annotations(self, params: dict[str, str]) -> dict[str, int]:
+        """``GET upenn_annotation/count`` (api/annotation.py count): ``{count}``."""
+        dataset_id = _required(params, "datasetId")
+        if dataset_id not in self.state.folders:
+            raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
+        with self._lock:
+            return {"count": self.state.annotations.count(dataset_id, params.get("shape") or None)}
 
     def _create_annotations(self, body: Any, client: str | None = None) -> list[dict[str, Any]]:
         if not isinstance(body, list):
@@ -729,7 +840,7 @@ class NimbusTestServer:
             for ann in body:
                 doc = {k: v for k, v in ann.items() if k != "_id"}
                 doc["_id"] = self.annotation_ids(client) if self.annotation_ids is not None else self.new_id()
-                self.state.annotations[doc["_id"]] = doc
+                self.state.annotations.put(doc)
                 created.append(doc)
         return created
 
@@ -789,26 +900,29 @@ class NimbusTestServer:
             raise _BadRequest(400, "Request body must be a JSON array of id strings.")
         with self._lock:
             for ann_id in set(body):
-                self.state.annotations.pop(ann_id, None)
+                self.state.annotations.pop(ann_id)
 
     def _delete_annotation(self, annotation_id: str) -> None:
         """``DELETE upenn_annotation/{id}``: Girder's model remove event carries the document, whose
         ObjectId matches, so the annotation's connections go with it (models/annotation.py
         annotationRemovedEvent -> models/connections.py annotationsRemovedEvent)."""
+        self._annotation(annotation_id)  # loadmodel: 400 if missing
         with self._lock:
-            self._get(self.state.annotations, annotation_id, "upenn_annotation")  # loadmodel: 400 if missing
-            del self.state.annotations[annotation_id]
-            for con_id in [c for c, con in self.state.connections.items()
-                           if annotation_id in (con.get("parentId"), con.get("childId"))]:
-                del self.state.connections[con_id]
+            self.state.annotations.pop(annotation_id)
+            for con in self.state.connections.touching(annotation_id):
+                self.state.connections.pop(con["_id"])
 
     def _find_connections(self, params: dict[str, str]) -> list[dict[str, Any]]:
         """``GET annotation_connection`` (server/api/connections.py find): filters, an ``afterId``
         cursor that drops the offset, default limit 50; without ``sort`` it sorts by a field
         connections lack (``lowerName``), i.e. in stored order: ask for ``sort=_id``."""
         dataset_id = _required(params, "datasetId")
+        node = params.get("nodeAnnotationId") or params.get("parentId") or params.get("childId")
         with self._lock:
-            docs = [c for c in self.state.connections.values() if c.get("datasetId") == dataset_id]
+            if node:  # through the parentId / childId indices: a lookup, not a scan
+                docs = [c for c in self.state.connections.touching(node) if c.get("datasetId") == dataset_id]
+            else:
+                docs = self.state.connections.of_dataset(dataset_id, sort_by_id=params.get("sort") == "_id")
         for key in ("parentId", "childId"):
             if params.get(key):
                 docs = [c for c in docs if c.get(key) == params[key]]
@@ -852,7 +966,7 @@ class NimbusTestServer:
             for con in body:
                 doc = {"label": "", **{k: v for k, v in con.items() if k != "_id"}}
                 doc["_id"] = self.new_id()
-                self.state.connections[doc["_id"]] = doc
+                self.state.connections.put(doc)
                 created.append(doc)
         return created
 
@@ -862,7 +976,7 @@ class NimbusTestServer:
         if not isinstance(body, list):
             raise _BadRequest(400, "Request body must be a JSON array.")
         with self._lock:
-            removed = sum(self.state.connections.pop(str(con_id), None) is not None for con_id in body)
+            removed = sum(self.state.connections.pop(str(con_id)) is not None for con_id in body)
         return f"DeleteResult({{'n': {removed}, 'ok': 1.0}}, acknowledged=True)"
 
 
