@@ -39,14 +39,14 @@ or to an annotation of another dataset, is reported and left alone.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam2_refine.markers import read_mark
+from sam2_refine.batch_reads import BatchReader
+from sam2_refine.markers import Mark, read_mark
 from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
 from sam2_refine.refinements import Refinement, RefinementIndex, Unreadable
 from sam2_refine.replace import Ledger
@@ -60,10 +60,6 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 6
 #: Fixed-point passes of "list connections, copy what is missing" per move.
 MAX_COPY_PASSES = 4
-#: Ends of connections up to this many are looked up one by one rather than by listing a shape.
-LOOKUPS = 100
-#: The shapes an annotation can have (the server's schema).
-ANNOTATION_SHAPES = ("point", "line", "polygon", "rectangle")
 
 
 @dataclass(frozen=True)
@@ -79,69 +75,104 @@ class ServerView:
     others: dict[str, Location | None]
 
 
-def read_view(client: NimbusClient, dataset_id: str, shapes: Iterable[str]) -> ServerView:
-    """List the dataset's annotations of ``shapes`` (refinements are polygons: always listed)."""
-    index = RefinementIndex()
-    others: dict[str, Location | None] = {}
-    for shape in dict.fromkeys(("polygon", *shapes)):
-        try:
-            pages = list(client.iter_annotation_pages(dataset_id, shape))
-        except NimbusAPIError:
-            if shape == "blob":  # not every server knows blobs (as in job.fetch_annotations)
-                continue
-            raise
-        for page in pages:
-            for doc in page:
-                if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) or not doc["_id"]:
-                    continue
-                mark, problem = read_mark(doc)
-                if mark is not None:
-                    index.add(doc["_id"], mark, annotation_location(doc))
-                elif problem is not None:
-                    index.unreadable.append(Unreadable(doc["_id"], annotation_location(doc), problem))
-                else:
-                    others[doc["_id"]] = annotation_location(doc)
-    return ServerView(index, others)
+class ViewBuilder:
+    """A :class:`ServerView` made from documents as they go by (a reading made for something
+    else, e.g. the selection's)."""
+
+    def __init__(self) -> None:
+        self._index = RefinementIndex()
+        self._others: dict[str, Location | None] = {}
+        #: Documents seen.
+        self.count = 0
+
+    def add(self, doc: dict[str, Any]) -> None:
+        self.count += 1
+        if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) or not doc["_id"]:
+            return
+        mark, problem = read_mark(doc)
+        if mark is not None:
+            self._index.add(doc["_id"], mark, annotation_location(doc))
+        elif problem is not None:
+            self._index.unreadable.append(Unreadable(doc["_id"], annotation_location(doc), problem))
+        else:
+            self._others[doc["_id"]] = annotation_location(doc)
+
+    def watching(self, docs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """``docs``, each one added on its way."""
+        for doc in docs:
+            self.add(doc)
+            yield doc
+
+    def view(self) -> ServerView:
+        return ServerView(self._index, self._others)
+
+
+def read_view(reader: BatchReader, shapes: Iterable[str]) -> ServerView:
+    """Read the annotations of ``shapes`` at the batch's locations (refinements are polygons:
+    always read)."""
+    seen = ViewBuilder()
+    for doc in reader.annotations(tuple(dict.fromkeys(("polygon", *shapes)))):
+        seen.add(doc)
+    return seen.view()
 
 
 class RefinementWatch:
-    """Reads the refinements again while the job runs, to narrow the window in which two jobs
-    refine the same original (what still overlaps is settled by :func:`converge`).
+    """Reads the refinements at some locations again while the job runs, to narrow the window in
+    which two jobs refine the same original (what still overlaps is settled by :func:`converge`).
 
-    A re-read lists the polygons carrying the job's output tags (every refinement a job with
-    the same tool makes carries them; all polygons when the tool has none). :meth:`due` keeps
-    the re-reads to about ``share`` of the job's time: after a listing that took t seconds, the
-    next one is due t / share seconds later.
+    A re-read of a location asks for the ids of the polygons there carrying any of the job's
+    output tags (every refinement a job with the same tool makes carries them; all polygons when
+    the tool has none) and reads only the documents it has not read before: over a job each
+    document is read once, so the re-reads cost what the batch holds, not the square of what the
+    job makes. On the server each such query walks the dataset's entries, so the re-reads are
+    rationed: a location is re-read only while the time spent re-reading, with one more, stays
+    within ``share`` of the time the job has run (plus ``grace`` seconds, so that the cheap
+    re-reads of a short job are never skipped).
     """
 
-    def __init__(self, client: NimbusClient, dataset_id: str, tags: Iterable[str], share: float = 0.1,
+    def __init__(self, reader: BatchReader, tags: Iterable[str], share: float = 0.04, grace: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.client, self.dataset_id, self.tags = client, dataset_id, tuple(tags)
-        self.share, self.clock = share, clock
-        self._last = -math.inf
-        self._cost = 0.0
+        self.reader, self.tags = reader, tuple(tags)
+        self.share, self.grace, self.clock = share, grace, clock
+        self._started = clock()
+        self._spent = 0.0
+        self._typical = 0.0  # what the last reading of one location took (none yet: the first is free)
+        #: id -> (mark, location) of every polygon read so far; None for one that is no refinement.
+        self._marks: dict[str, tuple[Mark, Location | None] | None] = {}
+
+    @property
+    def spent(self) -> float:
+        """Seconds spent re-reading so far."""
+        return self._spent
 
     def due(self) -> bool:
-        return self.clock() - self._last >= self._cost / self.share
+        """Whether one more location's re-read fits in the share of the job's time."""
+        return self._spent + self._typical <= self.share * (self.clock() - self._started) + self.grace
 
-    def read(self) -> RefinementIndex | None:
-        """The refinements now on the server, or None when the listing failed (only logged: this
-        is an optimisation, the job goes on)."""
-        started = self.clock()
+    def read(self, locations: Iterable[Location]) -> RefinementIndex | None:
+        """The refinements now at ``locations`` (those the share allows, in order), or None when
+        the reading failed (only logged: this is an optimisation, the job goes on)."""
         index = RefinementIndex()
         try:
-            for page in self.client.iter_annotation_pages(self.dataset_id, "polygon", tags=self.tags or None):
-                for doc in page:
-                    if isinstance(doc, dict) and isinstance(doc.get("_id"), str):
-                        mark, _ = read_mark(doc)
-                        if mark is not None:
-                            index.add(doc["_id"], mark, annotation_location(doc))
+            for location in dict.fromkeys(locations):
+                if not self.due():
+                    break
+                started = self.clock()
+                try:
+                    ids, docs = self.reader.at_location(location, self.tags, self._marks)
+                finally:
+                    self._typical = self.clock() - started
+                    self._spent += self._typical
+                for doc in docs:
+                    mark, _ = read_mark(doc)
+                    self._marks[str(doc.get("_id"))] = None if mark is None else (mark, annotation_location(doc))
+                for annotation_id in ids:
+                    found = self._marks.get(annotation_id)
+                    if found is not None:
+                        index.add(annotation_id, *found)
         except NimbusAPIError as exc:
             log.info("could not re-read the refinements: %s", exc)
             return None
-        finally:
-            self._last = self.clock()
-            self._cost = self._last - started
         return index
 
 
@@ -173,9 +204,8 @@ class Ends:
         listed: Shapes that reading listed in full (an id of those shapes not in ``present`` is gone).
     """
 
-    def __init__(self, client: NimbusClient, dataset_id: str, present: Iterable[str] = (),
-                 listed: tuple[str, ...] = ()) -> None:
-        self.client, self.dataset_id = client, dataset_id
+    def __init__(self, reader: BatchReader, present: Iterable[str] = (), listed: tuple[str, ...] = ()) -> None:
+        self.reader = reader
         self.present, self.listed = set(present), listed
 
     def missing(self, ids: set[str], fresh: bool = False) -> set[str]:
@@ -183,7 +213,7 @@ class Ends:
         unknown = set(ids) if fresh else set(ids) - self.present
         if not unknown:
             return set()
-        found = _existing(self.client, self.dataset_id, unknown, listed=() if fresh else self.listed)
+        found = self.reader.existing(unknown, listed=() if fresh else self.listed)
         self.present |= found
         return unknown - found
 
@@ -196,7 +226,7 @@ class MoveReport:
         created: The connections it created: connection id -> its two ends (parent, child ids).
         deduplicated: How many identical connections it deleted.
         skipped: Copies not made because an end no longer exists.
-        listing: The dataset's connections as last listed (after the copies).
+        listing: The connections of the sources and targets as last read (after the copies).
     """
 
     created: dict[str, set[str]] = field(default_factory=dict)
@@ -205,13 +235,13 @@ class MoveReport:
     listing: list[dict[str, Any]] = field(default_factory=list)
 
 
-def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, str],
-                     ends: Ends | None = None) -> MoveReport:
+def move_connections(reader: BatchReader, mapping: dict[str, str], ends: Ends | None = None) -> MoveReport:
     """Re-create on ``mapping[x]`` every connection that has ``x`` as parent or child.
 
     Both ends are substituted when both are in ``mapping``. A copy that already exists (same
     parent, child, label and tags) is not made again, nor one with an end that no longer exists
-    (``ends``). The listing is repeated until it shows nothing missing (another job may be adding
+    (``ends``). Only the connections of the sources and targets are read, and the reading is
+    repeated until it shows nothing missing (another job may be adding
     connections to the same sources meanwhile); a copy made here and gone from a later listing is
     not made again (its target was deleted by another job: the caller's next reading shows that).
     Identical connections touching a target are then reduced to the one with the smallest id.
@@ -224,8 +254,10 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
     report = MoveReport()
     if not mapping:
         return report
-    ends = ends or Ends(client, dataset_id)
-    connections = client.list_connections(dataset_id)
+    client, dataset_id = reader.client, reader.dataset_id
+    ends = ends or Ends(reader)
+    concerned = set(mapping) | set(mapping.values())
+    connections = reader.connections_touching(concerned)
     made: set[tuple[Any, ...]] = set()
     for _ in range(MAX_COPY_PASSES):
         have = {_key(c) for c in connections} | made
@@ -246,9 +278,9 @@ def move_connections(client: NimbusClient, dataset_id: str, mapping: dict[str, s
         for doc in _send_copies(client, wanted, ends, report):
             made.add(_key(doc))
             report.created[str(doc["_id"])] = _ends(doc)
-        connections = client.list_connections(dataset_id)
+        connections = reader.connections_touching(concerned)
     report.listing = connections
-    report.deduplicated = remove_identical_connections(client, dataset_id, set(mapping.values()), connections)
+    report.deduplicated = remove_identical_connections(reader, set(mapping.values()), connections)
     return report
 
 
@@ -287,13 +319,12 @@ def _all_ends(connections: list[dict[str, Any]]) -> set[str]:
     return {end for con in connections for end in _ends(con)}
 
 
-def remove_connections_of(client: NimbusClient, dataset_id: str, ids: set[str],
-                          connections: list[dict[str, Any]] | None = None) -> int:
+def remove_connections_of(reader: BatchReader, ids: set[str], connections: list[dict[str, Any]] | None = None) -> int:
     """Delete every connection with an end in ``ids`` (annotations deleted, or about to be, after
     their connections were copied). Harmless where the server already removed them.
 
     Args:
-        connections: The dataset's connections, if just listed (else they are listed here).
+        connections: Connections including those of ``ids``, if just read (else they are read here).
 
     Returns:
         How many were deleted.
@@ -301,20 +332,20 @@ def remove_connections_of(client: NimbusClient, dataset_id: str, ids: set[str],
     if not ids:
         return 0
     if connections is None:
-        connections = client.list_connections(dataset_id)
+        connections = reader.connections_touching(ids)
     doomed = [c["_id"] for c in connections if isinstance(c.get("_id"), str) and _ends(c) & ids]
     if doomed:
-        client.delete_connections(doomed)
+        reader.client.delete_connections(doomed)
     return len(doomed)
 
 
-def remove_identical_connections(client: NimbusClient, dataset_id: str, targets: set[str],
+def remove_identical_connections(reader: BatchReader, targets: set[str],
                                  connections: list[dict[str, Any]] | None = None) -> int:
     """Of connections touching ``targets`` that are identical (same parent, child, label and
     tags: two jobs copied the same one at once), keep the one with the smallest id.
 
     Args:
-        connections: The dataset's connections, if just listed (else they are listed here).
+        connections: Connections including those of ``targets``, if just read (else they are read here).
 
     Returns:
         How many were deleted.
@@ -322,14 +353,14 @@ def remove_identical_connections(client: NimbusClient, dataset_id: str, targets:
     if not targets:
         return 0
     if connections is None:
-        connections = client.list_connections(dataset_id)
+        connections = reader.connections_touching(targets)
     same: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for con in connections:
         if (con.get("parentId") in targets or con.get("childId") in targets) and isinstance(con.get("_id"), str):
             same[_key(con)].append(con["_id"])
     extra = [i for ids in same.values() if len(ids) > 1 for i in sorted(ids)[1:]]
     if extra:
-        client.delete_connections(extra)
+        reader.client.delete_connections(extra)
     return len(extra)
 
 
@@ -373,8 +404,8 @@ class ConvergeReport:
     stable: bool = False
 
 
-#: Is this location in the job's batch?
-InBatch = Callable[[Location], bool]
+#: Is this location in the job's batch? (None: an unreadable location, never.)
+InBatch = Callable[[Location | None], bool]
 
 
 class _Orphans:
@@ -405,20 +436,25 @@ class _Orphans:
         return "their original id refers to nothing (no such annotation, and no job deleted it)"
 
 
-def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: bool, shapes: Iterable[str],
-             in_batch: InBatch, on_step: Callable[[str, str], None] | None = None) -> ConvergeReport:
+def converge(reader: BatchReader, ledger: Ledger, *, delete: bool, shapes: Iterable[str],
+             first_view: ServerView | None = None,
+             on_step: Callable[[str, str], None] | None = None) -> ConvergeReport:
     """Bring this job's originals to one confirmed refinement each (and delete them if asked).
 
     Args:
         ledger: The job's ledger: its originals (``ledger.locations``) and what it created;
             updated with each original's survivor, the duplicates removed, the deletions.
         delete: Delete the originals whose survivor is confirmed.
+        reader: Reads the job's batch (every reading here is of the batch's locations, and of
+            the connections of the annotations concerned).
         shapes: Shapes of this job's originals (so that their existence can be read).
-        in_batch: Whether a location is in the job's batch (for groups left by stopped jobs).
+        first_view: A reading of the batch (of polygons and ``shapes``) taken since this job last
+            changed anything, to start from instead of reading again.
         on_step: Called as ``on_step(title, info)`` before each step that changes the server
             (progress lines).
     """
     report = ConvergeReport()
+    client, dataset_id, in_batch = reader.client, reader.dataset_id, reader.holds
     orphans = _Orphans(client, dataset_id)
     shapes = tuple(shapes)
     mine = ledger.locations
@@ -435,7 +471,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         present = _present(view)
         unknown = {end for ends in made.values() for end in ends} - present
         if unknown:  # an end of a shape this job does not list (a point, a line): look it up
-            present |= _existing(client, dataset_id, unknown, listed=("polygon", *shapes))
+            present |= reader.existing(unknown, listed=("polygon", *shapes))
         dangling = [c for c, ends in made.items() if not ends <= present]
         made.clear()
         if dangling:
@@ -450,7 +486,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
     def move(mapping: dict[str, str], ends: Ends) -> list[dict[str, Any]]:
         """Copy the connections of ``mapping``'s keys onto its values; the listing after it."""
         report.stage = "links"
-        moved = move_connections(client, dataset_id, mapping, ends)
+        moved = move_connections(reader, mapping, ends)
         made.update(moved.created)
         report.moved += len(moved.created)
         return moved.listing
@@ -461,14 +497,14 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         connection made meanwhile to those that were (or may have been) deleted: the server's
         bulk delete leaves connections behind. ``delete(ids, deleted)`` appends to ``deleted``."""
         report.stage = "links"
-        report.unlinked += remove_connections_of(client, dataset_id, set(ids), listing)
+        report.unlinked += remove_connections_of(reader, set(ids), listing)
         deleted: list[str] = []
         try:
             error = delete(ids, deleted)
         finally:
             if deleted:
                 report.stage = "links"
-                report.unlinked += remove_connections_of(client, dataset_id, set(deleted))
+                report.unlinked += remove_connections_of(reader, set(deleted))
         return error
 
     def delete_duplicates(ids: list[str], deleted: list[str]) -> None:
@@ -485,12 +521,16 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
         deleted.extend(o for o in ids if o in gone)
         return error
 
+    checked = first_view  # a reading to start the next round from (else the batch is read again)
     try:
         for _ in range(MAX_ROUNDS):
             report.stage = "read"
-            view = read_view(client, dataset_id, shapes)
-            withdraw(view)
-            ends = Ends(client, dataset_id, _present(view), listed=("polygon", *shapes))
+            if checked is None:
+                view = read_view(reader, shapes)
+                withdraw(view)
+            else:
+                view, checked = checked, None
+            ends = Ends(reader, _present(view), listed=("polygon", *shapes))
             groups = _groups_in_scope(view, ledger, orphans, in_batch, report)
             for original_id, group in groups.items():
                 if original_id in mine:
@@ -504,11 +544,11 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                 # A job stopped between copying connections and checking its copies may have left
                 # identical ones (another job copied the same at once): one each stays.
                 report.stage = "links"
-                listing = client.list_connections(dataset_id)
-                in_scope = {r.id for group in view.index.groups.values() for r in group
-                            if r.location is not None and in_batch(r.location)}
-                remove_identical_connections(client, dataset_id, in_scope, listing)
-                report.unlinked += _remove_left_links(client, dataset_id, view, in_batch, ends, listing)
+                in_scope = {r.id for group in view.index.groups.values() for r in group if in_batch(r.location)}
+                replaced = _replaced_originals(view, in_batch)
+                listing = reader.connections_touching(in_scope | replaced)
+                remove_identical_connections(reader, in_scope, listing)
+                report.unlinked += _remove_left_links(reader, replaced, ends, listing)
                 report.stable = True
                 break
             if duplicates:
@@ -521,7 +561,7 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                 step("Keeping links", "Re-creating the originals' connections on their refinements")
                 listing = move(doomed, ends)
                 report.stage = "read"
-                check = read_view(client, dataset_id, shapes)
+                check = read_view(reader, shapes)
                 withdraw(check)
                 confirmed = [o for o, survivor in doomed.items()
                              if o in check.others and _survivor(check.index, o, mine[o]) == survivor]
@@ -533,6 +573,10 @@ def converge(client: NimbusClient, dataset_id: str, ledger: Ledger, *, delete: b
                     report.stage = "delete"
                     report.error = error
                     return report
+                # The check was read after this round's moves and removals: the next round starts
+                # from it (the originals deleted since are in ledger.deleted, their connections
+                # removed) rather than from one more reading of the batch.
+                checked = check
         report.stage = ""
     except NimbusAPIError as exc:
         report.error = exc
@@ -544,33 +588,20 @@ def _present(view: ServerView) -> set[str]:
     return set(view.others) | {r.id for group in view.index.groups.values() for r in group}
 
 
-def _remove_left_links(client: NimbusClient, dataset_id: str, view: ServerView, in_batch: InBatch, ends: Ends,
-                       listing: list[dict[str, Any]]) -> int:
+def _replaced_originals(view: ServerView, in_batch: InBatch) -> set[str]:
+    """Ids of originals with a refinement in the batch that the reading does not show."""
+    return {original_id for original_id, group in view.index.groups.items()
+            if original_id not in view.others and any(in_batch(r.location) for r in group)}
+
+
+def _remove_left_links(reader: BatchReader, replaced: set[str], ends: Ends, listing: list[dict[str, Any]]) -> int:
     """Remove connections to originals that were replaced in the batch and no longer exist: left
     by a job stopped between deleting them and removing their connections, or by a worker
     that trusted the server's bulk delete to remove them."""
-    replaced = {original_id for original_id, group in view.index.groups.items()
-                if original_id not in view.others
-                and any(r.location is not None and in_batch(r.location) for r in group)}
     touching = _all_ends(listing) & replaced
     if not touching:
         return 0
-    return remove_connections_of(client, dataset_id, ends.missing(touching, fresh=True), listing)
-
-
-def _existing(client: NimbusClient, dataset_id: str, ids: set[str], listed: tuple[str, ...]) -> set[str]:
-    """Which of ``ids`` are annotations of the dataset: looked up one by one when they are few
-    (at most :data:`LOOKUPS`), else the shapes not listed yet are listed once first."""
-    found: set[str] = set()
-    for shape in ANNOTATION_SHAPES:
-        if shape in listed or len(ids - found) <= LOOKUPS:
-            continue
-        for page in client.iter_annotation_pages(dataset_id, shape):
-            found |= {d["_id"] for d in page if isinstance(d, dict) and d.get("_id") in ids}
-    for annotation_id in sorted(ids - found):
-        if client.get_annotation(annotation_id) is not None:
-            found.add(annotation_id)
-    return found
+    return remove_connections_of(reader, ends.missing(touching, fresh=True), listing)
 
 
 def _survivor(index: RefinementIndex, original_id: str, location: Location) -> str | None:

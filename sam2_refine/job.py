@@ -35,7 +35,8 @@ from typing import Any
 
 from sam2_refine import interface as ui
 from sam2_refine.batch_ranges import BatchRangeError, describe_positions
-from sam2_refine.converge import ConvergeReport, RefinementWatch, converge, read_view
+from sam2_refine.batch_reads import BatchReader
+from sam2_refine.converge import ConvergeReport, RefinementWatch, ServerView, ViewBuilder, converge, read_view
 from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.messages import (
     Explained,
@@ -133,32 +134,19 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
         raise JobFailed(line.error, line.info, EXIT_BAD_SETTINGS) from None
 
 
-def fetch_annotations(client: NimbusClient, settings: RefineSettings) -> Iterator[dict[str, Any]]:
-    """Every polygon annotation of the dataset (and blobs, where a server has them), paged; also
-    every point and rectangle when the job refines those (``settings.shapes``).
+def fetch_annotations(reader: BatchReader, settings: RefineSettings) -> Iterator[dict[str, Any]]:
+    """Every polygon at the batch's locations, and every point and rectangle there when the job
+    refines those (``settings.shapes``).
 
-    One listing of every polygon, filtered here rather than by the server: it holds both the
+    Polygons are read without a tag filter, which is applied later: the reading holds both the
     candidates (any of the refine tags) and every refinement made by an earlier run, whatever
-    output tags that run used (see :mod:`sam2_refine.markers`; refinements are polygons, so the
-    point and rectangle listings hold none). Filtering by tags on the server would miss
-    refinements tagged differently and refine their originals twice. From the point and
-    rectangle listings only documents of that shape are taken (a server that ignored the shape
-    filter would otherwise list every polygon twice).
+    output tags that run used (see :mod:`sam2_refine.markers`; refinements are polygons, and only
+    count at their original's location, so all of them are at the batch's locations). Filtering
+    by tags on the server would miss refinements tagged differently and refine their originals
+    twice. The server's schema has no ``blob`` shape (the app's blob tool makes polygons), so
+    none is asked for.
     """
-    for page in client.iter_annotation_pages(settings.dataset_id, "polygon"):
-        yield from page
-    try:
-        blob_pages = list(client.iter_annotation_pages(settings.dataset_id, "blob"))
-    except NimbusAPIError as exc:  # not every server knows blobs: ignored, as upstream does
-        log.info("blob query failed, ignored: %s", exc)
-        blob_pages = []
-    for page in blob_pages:
-        yield from page
-    for shape in settings.shapes:
-        if shape in ("polygon", "blob"):
-            continue
-        for page in client.iter_annotation_pages(settings.dataset_id, shape):
-            yield from (doc for doc in page if isinstance(doc, dict) and doc.get("shape") == shape)
+    yield from reader.annotations(tuple(s for s in ("polygon", *settings.shapes) if s != "blob"))
 
 
 def geometry_options(settings: RefineSettings) -> GeometryOptions:
@@ -169,9 +157,10 @@ def geometry_options(settings: RefineSettings) -> GeometryOptions:
                            group_tags=settings.refine_tags)
 
 
-def find_refinements(client: NimbusClient, settings: RefineSettings) -> dict[str, str]:
-    """original id -> id of its surviving refinement on the server (see markers, refinements)."""
-    return read_view(client, settings.dataset_id, ()).index.survivors()
+def find_refinements(reader: BatchReader) -> dict[str, str]:
+    """original id -> id of its surviving refinement on the server, for the batch's originals
+    (see markers, refinements)."""
+    return read_view(reader, ()).index.survivors()
 
 
 def original_shapes(selection: Selection) -> tuple[str, ...]:
@@ -255,6 +244,8 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     except NimbusAPIError as exc:
         raise _failed(_dataset_failure(exc, client, settings)) from None
     batch = resolve_batch(settings, info)
+    reader = BatchReader(client, settings.dataset_id, (batch.xy, batch.z, batch.time),
+                         (info.num_xy, info.num_z, info.num_time))
     try:
         view = client.get_layers(settings.dataset_id, settings.tool_id)
         layers = parse_layers(view.layers, info.num_channels, view.layer_contrasts)
@@ -267,8 +258,9 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                                   "dataset's channels, a colour and a contrast), then run the tool again")) from None
 
     reporter.progress(0.02, "Fetching annotations", _listed_text(settings), until=MODEL_STEPS[0])
+    seen = ViewBuilder()  # the same reading, as convergence reads the batch
     try:
-        selection = select(fetch_annotations(client, settings), settings.refine_tags,
+        selection = select(seen.watching(fetch_annotations(reader, settings)), settings.refine_tags,
                            batch.xy, batch.z, batch.time)
     except NimbusAPIError as exc:
         raise _failed(server_failure(exc, "reading the annotations", api_url=client.api_url)) from None
@@ -290,11 +282,12 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     selection = _take_earlier_refinements(selection, ledger, reporter)
     if selection.count == 0:
         if not ledger.previous and not _needs_converge(selection, batch):
-            _nothing_to_refine(settings, batch, selection, reporter)
+            _nothing_to_refine(settings, batch, selection, reporter, _elsewhere(client, settings, seen.count))
             return EXIT_OK
-        return _finish(settings, client, reporter, ledger, [], started, batch, shapes)
+        # Nothing was made since the selection's reading: convergence starts from it.
+        return _finish(settings, client, reader, reporter, ledger, [], started, batch, shapes, seen.view())
 
-    watch = RefinementWatch(client, settings.dataset_id, settings.output_tags)
+    watch = RefinementWatch(reader, settings.output_tags)
     uploader = _Uploader(client, ledger, settings, watch)
     with FramePrefetcher(client, _locations_to_fetch(selection),
                          lambda c, location: load_location_image(c, info, layers, location),
@@ -309,7 +302,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     uploader.flush()
     if uploader.error is not None:
         unconfirmed = len(ledger.not_created)
-        found = _reconcile(client, settings, ledger)
+        found = _reconcile(reader, ledger)
         _warn_kept(reporter, ledger, batch.sizes, None, settings.kept_tag)
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
@@ -321,7 +314,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                       "Every original annotation is still in place; running the job again refines only what is "
                       "missing", request_text(uploader.error)))
         return EXIT_FAILED
-    return _finish(settings, client, reporter, ledger, failed_locations, started, batch, shapes)
+    return _finish(settings, client, reader, reporter, ledger, failed_locations, started, batch, shapes)
 
 
 def _needs_converge(selection: Selection, batch: Batch) -> bool:
@@ -345,7 +338,18 @@ def _batch_text(batch: Batch) -> str:
             f"Time {describe_positions(batch.time)}")
 
 
-def _nothing_to_refine(settings: RefineSettings, batch: Batch, selection: Selection, reporter: Reporter) -> None:
+def _elsewhere(client: NimbusClient, settings: RefineSettings, in_batch: int) -> int | None:
+    """How many of the dataset's annotations lie outside the batch (the batch's reading saw
+    ``in_batch``); None when the server cannot count them."""
+    try:
+        return max(0, client.count_annotations(settings.dataset_id) - in_batch)
+    except NimbusAPIError as exc:
+        log.info("could not count the dataset's annotations: %s", exc)
+        return None
+
+
+def _nothing_to_refine(settings: RefineSettings, batch: Batch, selection: Selection, reporter: Reporter,
+                       outside: int | None) -> None:
     """The job found nothing to refine: a warning saying why in the user's terms (the tags the
     batch does hold, with how many annotations carry each; or that the batch holds none), then
     the last progress line."""
@@ -365,8 +369,9 @@ def _nothing_to_refine(settings: RefineSettings, batch: Batch, selection: Select
                                    f"every {kinds} annotation of the batch", "Nothing was changed"),
                          title="Nothing to refine")
     else:
-        elsewhere = (f"{selection.outside_batch} annotation(s) of the dataset lie at other positions"
-                     if selection.outside_batch else f"the dataset holds no {kinds} annotations at all")
+        elsewhere = (f"{outside} annotation(s) of the dataset lie at other positions" if outside
+                     else f"the dataset holds no {kinds} annotations at all" if outside == 0
+                     else "the server could not say how many lie at other positions")
         reporter.warning(f"The chosen batch holds no {kinds} annotations.",
                          sentences(f"Batch: {where}; {elsewhere}",
                                    'Choose the positions in "Batch XY", "Batch Z" and "Batch Time" ("all" for every '
@@ -407,10 +412,10 @@ def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Re
     return dataclasses.replace(selection, by_location=remaining)
 
 
-def _reconcile(client: NimbusClient, settings: RefineSettings, ledger: Ledger) -> int:
+def _reconcile(reader: BatchReader, ledger: Ledger) -> int:
     """After a failed upload, look for refinements the server created without confirming them."""
     try:
-        on_server = find_refinements(client, settings)
+        on_server = find_refinements(reader)
     except NimbusAPIError as exc:
         log.info("could not re-check the refinements: %s", exc)
         return 0
@@ -421,8 +426,9 @@ def _reconcile(client: NimbusClient, settings: RefineSettings, ledger: Ledger) -
     return len(found)
 
 
-def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, ledger: Ledger,
-            failed_locations: list[str], started: float, batch: Batch, shapes: tuple[str, ...]) -> int:
+def _finish(settings: RefineSettings, client: NimbusClient, reader: BatchReader, reporter: Reporter,
+            ledger: Ledger, failed_locations: list[str], started: float, batch: Batch, shapes: tuple[str, ...],
+            first_view: ServerView | None = None) -> int:
     """Convergence with other jobs, confirmed deletions, warnings, the summary line."""
     deleting = settings.delete_originals
     steps = [0.9, 0.92, 0.94, 0.96, 0.97, 0.98]  # this line, then convergence's steps (the bar moves towards each)
@@ -435,8 +441,7 @@ def _finish(settings: RefineSettings, client: NimbusClient, reporter: Reporter, 
         following = steps[told[0] + 1] if told[0] + 1 < len(steps) else None
         reporter.progress(steps[told[0]], title, info, until=following)
 
-    result = converge(client, settings.dataset_id, ledger, delete=deleting, shapes=shapes, in_batch=batch.holds,
-                      on_step=converge_step)
+    result = converge(reader, ledger, delete=deleting, shapes=shapes, first_view=first_view, on_step=converge_step)
     tagging = (_tag_kept(settings, client, reporter, ledger)
                if settings.kept_tag and result.error is None and result.stable else None)
     _warn_kept(reporter, ledger, batch.sizes, tagging, settings.kept_tag)
@@ -641,7 +646,7 @@ class _Uploader:
 def _skip_refined_elsewhere(watch: RefinementWatch, ledger: Ledger, originals: dict[str, Location]) -> list[str]:
     """Read the refinements again; originals (id -> location) that another job has refined
     meanwhile get that refinement as their replacement. Returns their ids."""
-    index = watch.read()
+    index = watch.read(set(originals.values()))
     if index is None:
         return []
     taken = []

@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 MAX_CHUNK = 5000
 #: Annotations read per page.
 DEFAULT_PAGE_SIZE = 5000
+#: Ids per ``upenn_annotation/hydrate`` request.
+HYDRATE_CHUNK = 5000
 
 #: How frames are asked for, most exact first (see :mod:`sam2_refine.frame_decoding`).
 FRAME_ENCODINGS = ("pickle:5", "TILED", "TIFF")
@@ -119,6 +121,10 @@ class PartialCreateError(NimbusAPIError):
         super().__init__(cause.method, cause.endpoint, cause.status, cause.detail, cause.transport)
         self.created = created
         self.not_created = not_created
+
+
+class ServerLacksEndpoint(NimbusAPIError):
+    """The server has no such endpoint (an older NimbusImage): the caller reads another way."""
 
 
 class UnreadableFrameError(NimbusAPIError):
@@ -579,6 +585,76 @@ class NimbusClient:
         """All annotations of one shape (see :meth:`iter_annotation_pages`)."""
         return [a for page in self.iter_annotation_pages(dataset_id, shape, tags, page_size) for a in page]
 
+    def list_annotation_ids(
+        self,
+        dataset_id: str,
+        location: dict[str, int] | None = None,
+        shape: str | None = None,
+        tags: Sequence[str] | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Ids of the dataset's annotations matching filters (``POST upenn_annotation/list/ids``,
+        NimbusImage servers from mid-2026).
+
+        Args:
+            location: Any of ``XY``, ``Z``, ``Time`` (0-based); a key left out matches every value.
+            shape: Only this shape.
+            tags: Only annotations with ANY of these tags (the plugin's ``exclusive: false``).
+            ids: Only these ids (the plugin's ``idConstraints``): which of them exist.
+
+        Raises:
+            ServerLacksEndpoint: the server has no such endpoint (404 or 405: an older server).
+        """
+        filters: dict[str, Any] = {}
+        if location:
+            filters["location"] = dict(location)
+        if shape:
+            filters["shape"] = shape
+        if tags:
+            filters["tags"] = {"values": list(tags), "exclusive": False}
+        if ids is not None:
+            filters["idConstraints"] = [list(ids)]
+        body = self._optional("POST", "upenn_annotation/list/ids", {"datasetId": dataset_id, "filters": filters})
+        if not isinstance(body, dict) or not isinstance(body.get("ids"), list):
+            raise NimbusAPIError("POST", "upenn_annotation/list/ids", None, "expected {total, ids}")
+        return [str(i) for i in body["ids"]]
+
+    def hydrate(self, annotation_ids: Sequence[str], chunk_size: int = HYDRATE_CHUNK) -> list[dict[str, Any]]:
+        """The documents of the annotations among ``annotation_ids`` that exist
+        (``POST upenn_annotation/hydrate``), asked for ``chunk_size`` ids at a time (the plugin
+        warns that very long lists approach MongoDB's document size limit).
+
+        Raises:
+            ServerLacksEndpoint: the server has no such endpoint (404 or 405: an older server).
+        """
+        docs: list[dict[str, Any]] = []
+        for start in range(0, len(annotation_ids), _checked_chunk(chunk_size)):
+            chunk = [str(i) for i in annotation_ids[start:start + chunk_size]]
+            page = self._optional("POST", "upenn_annotation/hydrate", chunk)
+            if not isinstance(page, list):
+                raise NimbusAPIError("POST", "upenn_annotation/hydrate", None, "expected a JSON list")
+            docs.extend(d for d in page if isinstance(d, dict))
+        return docs
+
+    def count_annotations(self, dataset_id: str) -> int:
+        """How many annotations the dataset holds (``GET upenn_annotation/count``)."""
+        return _count(self._request("GET", "upenn_annotation/count", params={"datasetId": dataset_id}),
+                      "upenn_annotation/count")
+
+    def count_connections(self, dataset_id: str) -> int:
+        """How many connections the dataset holds (``GET annotation_connection/count``)."""
+        return _count(self._request("GET", "annotation_connection/count", params={"datasetId": dataset_id}),
+                      "annotation_connection/count")
+
+    def _optional(self, method: str, endpoint: str, body: Any) -> Any:
+        """A request to an endpoint older servers lack: 404 or 405 raise :class:`ServerLacksEndpoint`."""
+        try:
+            return self._request(method, endpoint, json_body=body)
+        except NimbusAPIError as exc:
+            if exc.status in (404, 405):
+                raise ServerLacksEndpoint(exc.method, exc.endpoint, exc.status, exc.detail) from None
+            raise
+
     def get_annotation(self, annotation_id: str) -> dict[str, Any] | None:
         """One annotation by id, or None when the server has no such annotation.
 
@@ -650,6 +726,43 @@ class NimbusClient:
 
     # -- connections --------------------------------------------------------------------------
 
+    def iter_connection_pages(
+        self,
+        dataset_id: str,
+        parent_id: str | None = None,
+        child_id: str | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        *,
+        node_id: str | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Connections of a dataset, a page at a time, optionally only those of one parent and/or
+        child, or those with ``node_id`` at either end; paged with the ``afterId`` cursor in
+        ``_id`` order (the server's default order is not ``_id``, so it is asked for)."""
+        params: dict[str, Any] = {"datasetId": dataset_id, "limit": page_size, "sort": "_id", "sortdir": 1}
+        for key, value in (("parentId", parent_id), ("childId", child_id), ("nodeAnnotationId", node_id)):
+            if value:
+                params[key] = value
+        read = 0
+        after: str | None = None
+        cursor_ok = True
+        while True:
+            page_params = dict(params)
+            if after is not None:
+                page_params.update({"afterId": after} if cursor_ok else {"offset": read})
+            page = self._request("GET", "annotation_connection", params=page_params)
+            if not isinstance(page, list):
+                raise NimbusAPIError("GET", "annotation_connection", None, "expected a JSON list")
+            if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
+                cursor_ok = False  # an older server ignores afterId and starts again: page by offset
+                self.pages_by_offset = True
+                continue
+            if page:
+                yield page
+            read += len(page)
+            if len(page) < page_size:
+                return
+            after = str(page[-1].get("_id", ""))
+
     def list_connections(
         self,
         dataset_id: str,
@@ -659,31 +772,9 @@ class NimbusClient:
         *,
         node_id: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Connections of a dataset, optionally only those of one parent and/or child, or those
-        with ``node_id`` at either end; paged with the ``afterId`` cursor in ``_id`` order (the
-        server's default order is not ``_id``, so it is asked for)."""
-        params: dict[str, Any] = {"datasetId": dataset_id, "limit": page_size, "sort": "_id", "sortdir": 1}
-        for key, value in (("parentId", parent_id), ("childId", child_id), ("nodeAnnotationId", node_id)):
-            if value:
-                params[key] = value
-        out: list[dict[str, Any]] = []
-        after: str | None = None
-        cursor_ok = True
-        while True:
-            page_params = dict(params)
-            if after is not None:
-                page_params.update({"afterId": after} if cursor_ok else {"offset": len(out)})
-            page = self._request("GET", "annotation_connection", params=page_params)
-            if not isinstance(page, list):
-                raise NimbusAPIError("GET", "annotation_connection", None, "expected a JSON list")
-            if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
-                cursor_ok = False  # an older server ignores afterId and starts again: page by offset
-                self.pages_by_offset = True
-                continue
-            out.extend(page)
-            if len(page) < page_size:
-                return out
-            after = str(page[-1].get("_id", ""))
+        """All connections :meth:`iter_connection_pages` yields, in one list."""
+        return [c for page in self.iter_connection_pages(dataset_id, parent_id, child_id, page_size, node_id=node_id)
+                for c in page]
 
     def create_connections(
         self, connections: Sequence[dict[str, Any]], chunk_size: int = MAX_CHUNK,
@@ -717,6 +808,12 @@ class NimbusClient:
     def post_interface(self, image: str, interface: dict[str, Any]) -> Any:
         """Publish the worker's UI description for the Docker image ``image``."""
         return self._request("POST", "worker_interface", params={"image": image}, json_body=interface)
+
+
+def _count(body: Any, endpoint: str) -> int:
+    if not isinstance(body, dict) or not isinstance(body.get("count"), int) or isinstance(body["count"], bool):
+        raise NimbusAPIError("GET", endpoint, None, "expected {count}")
+    return int(body["count"])
 
 
 def _checked_chunk(chunk_size: int) -> int:

@@ -133,7 +133,8 @@ class Selection:
             refine tags (refinements and marked annotations not counted): what a user can choose
             from when the refine tags match nothing.
         batch_untagged: Listed annotations inside the batch without any tag.
-        outside_batch: Listed annotations (of any tag) outside the batch.
+        outside_batch: Listed annotations (of any tag) outside the batch (none when the reading
+            was scoped to the batch: the job counts them on the server instead).
     """
 
     by_location: dict[Location, list[Original]]

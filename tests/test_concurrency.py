@@ -50,6 +50,7 @@ LAYERS = [{"channel": 0, "color": "#ffffff", "visible": True,
 CREATE = r"upenn_annotation/multiple"
 LIST = r"upenn_annotation"
 LINKS = r"annotation_connection/multiple"
+IDS = r"upenn_annotation/list/ids"
 
 
 # -- the dataset and the invariant --------------------------------------------------------------
@@ -296,7 +297,7 @@ def test_a_job_started_while_another_is_mid_upload(server, ckpt, tmp_path, lands
     lane = Interleaver(server)
     lane.hold("job2", "GET", LIST, until=lambda: lane.count("job1", "POST", CREATE) >= 1)
     if lands == "before job2 uploads":  # job2's re-reads (they filter by its output tags) wait for it
-        lane.hold("job2", "GET", LIST, nth=None, when=lambda r: "tags" in r.params,
+        lane.hold("job2", "POST", IDS, nth=None, when=lambda r: "tags" in r.body["filters"],
                   until=lambda: lane.answered("job1", "POST", CREATE) >= 1)
     else:
         lane.hold("job1", "POST", CREATE, until=lambda: lane.answered("job2", "POST", CREATE) >= 1)
@@ -496,10 +497,27 @@ def test_unordered_ids_two_jobs_forced_to_overlap(ckpt, tmp_path, seed):
 # -- many repetitions, in-process ---------------------------------------------------------------
 
 
+def force_plan(monkeypatch, queries: bool) -> None:
+    """Every job in this process reads its batch by location queries (list/ids + hydrate), or by
+    one listing of the dataset, whatever read_plan's cost model would choose."""
+    from sam2_refine import batch_reads
+    from sam2_refine.read_plan import AnnotationReadPlan
+
+    def plan(batch, sizes, count, costs):
+        if not queries:
+            return AnnotationReadPlan(None, 0.0)
+        return AnnotationReadPlan(tuple({"XY": xy, "Z": z, "Time": t}
+                                        for xy in batch[0] for z in batch[1] for t in batch[2]), 0.0)
+
+    monkeypatch.setattr(batch_reads, "plan_annotation_reads", plan)
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_random_interleavings_of_three_jobs(ckpt, seed):
+def test_random_interleavings_of_three_jobs(ckpt, seed, monkeypatch):
     """Three jobs (delete on for some, overlapping batches for some), every request delayed by a
-    seeded random time, ids unordered for half the seeds: always consistent."""
+    seeded random time, ids unordered for half the seeds, the batch read by location queries for
+    half of them and by one listing for the others: always consistent."""
+    force_plan(monkeypatch, queries=seed >= 6)
     rng = np.random.default_rng(seed)
     with NimbusTestServer(token=TOKEN, ordered_ids=bool(seed % 2), id_seed=seed) as server:
         data = make_data(server, n_xy=3, count=3, seed=seed)
@@ -526,11 +544,13 @@ def _requests_of_a_lone_job(ckpt, delete: bool) -> int:
         return outcome["solo"]["sent"]
 
 
-@pytest.mark.parametrize("delete", [False, True])
-def test_a_job_killed_between_any_two_requests(ckpt, delete):
+@pytest.mark.parametrize("delete,queries", [(False, False), (True, False), (True, True)],
+                         ids=["delete off", "delete on", "delete on, location queries"])
+def test_a_job_killed_between_any_two_requests(ckpt, delete, queries, monkeypatch):
     """For every n: job1 dies just before its n-th request while job2 runs alongside (random
     delays); then a re-run. In between nothing is lost and nothing is refined twice...
     after the re-run the dataset is complete and consistent."""
+    force_plan(monkeypatch, queries)
     total = _requests_of_a_lone_job(ckpt, delete)
     assert total > 10
     for n in range(1, total + 1):

@@ -81,7 +81,7 @@ def test_points_and_rectangles_replaced_like_polygons(server, ckpt, tmp_path):
         assert iou_with_disk(outline, disk) > 0.9, name
     assert set(a.values()) <= set(stored)  # nothing deleted without "Delete original annotations"
     listed = Counter(r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation"))
-    assert set(listed) == {"polygon", "blob", "rectangle", "point"}  # never "line"
+    assert set(listed) == {"polygon", "rectangle", "point"}  # never "line", nor "blob" (the server has none)
 
     # Again, now deleting: nothing is made twice; the three replaced originals go, their links move.
     posts = len(server.requests_to("POST", "upenn_annotation/multiple"))
@@ -118,4 +118,4 @@ def test_points_and_rectangles_are_untouched_by_default(server, ckpt, tmp_path):
     assert summary["selected"] == 1 and set(summary["replacements"]) == {a["polygon"]}
     remaining = {d["_id"] for d in server.annotations(ds.dataset_id)}
     assert {a["point"], a["rect"], a["line"], a["double"], a["outside"]} <= remaining
-    assert {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")} == {"polygon", "blob"}
+    assert {r.params.get("shape") for r in server.requests_to("GET", "upenn_annotation")} == {"polygon"}

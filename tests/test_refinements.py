@@ -55,20 +55,32 @@ def test_a_refinement_counts_only_at_its_originals_location() -> None:
     assert index.for_original(B, HERE) == []
 
 
-def test_rereads_take_about_a_tenth_of_the_time() -> None:
+def test_rereads_stay_within_their_share_of_the_job() -> None:
+    """Each location's re-read walks the dataset on the server: they are rationed to ``share`` of
+    the job's time so far (plus a grace), and over a job each document is read once."""
     now = [0.0]
+    hydrated: list[str] = []
 
-    class Lister:
-        def iter_annotation_pages(self, dataset_id, shape, tags=None):
-            now[0] += 0.5  # a listing that takes 0.5 s
-            yield [{"_id": B, MARKER_KEY: marker(A), "location": {"XY": 0, "Z": 0, "Time": 0}}]
+    class Reader:
+        scoped = True
 
-    watch = RefinementWatch(Lister(), "d", ("refined",), share=0.1, clock=lambda: now[0])
+        def at_location(self, location, tags, read_before):
+            now[0] += 0.5  # a reading that takes 0.5 s
+            doc = {"_id": B, MARKER_KEY: marker(A), "location": {"XY": 0, "Z": 0, "Time": 0}}
+            fresh = [] if B in read_before else [doc]
+            hydrated.extend(d["_id"] for d in fresh)
+            return [B], fresh
+
+    watch = RefinementWatch(Reader(), ("refined",), share=0.1, grace=0.0, clock=lambda: now[0])
+    now[0] = 5.0  # 5 s into the job: 0.5 s of re-reads allowed
     assert watch.due()
-    index = watch.read()
-    assert index is not None and index.survivor(A) == B
+    index = watch.read([HERE, THERE])  # the second location no longer fits: not read
+    assert index is not None and index.survivor(A) == B and watch.spent == 0.5
     assert not watch.due()
-    now[0] += 4.9
+    now[0] = 9.9
     assert not watch.due()
-    now[0] += 0.2
-    assert watch.due()  # 5 s = 0.5 s / 0.1 after the last listing ended
+    now[0] = 10.1  # 1.0 s allowed: 0.5 spent + 0.5 for one more
+    assert watch.due()
+    again = watch.read([HERE])  # B is not read again, and still counts
+    assert again is not None and again.survivor(A) == B
+    assert hydrated == [B]
