@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sam2_refine.messages import describe_value
+from sam2_refine.fields import describe_value
 
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 #: No axis of a dataset comes near this many positions; larger values are typing mistakes.

@@ -34,7 +34,8 @@ from sam2_refine.architectures import (
     recognise,
 )
 from sam2_refine.checkpoint_layout import LayoutError, read_layout
-from sam2_refine.sidecar import DefaultsCheck, Sidecar, SidecarError, read_sidecar, sidecar_path
+from sam2_refine.fields import check_tuned_defaults
+from sam2_refine.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path
 
 __all__ = [
     "CHECKPOINT_CONFIGS", "STOCK_CHECKPOINTS", "SUFFIXES", "UNTRAINED_MARKER", "CheckpointChoiceError",
@@ -67,6 +68,7 @@ CHECKPOINT_CONFIGS: dict[str, str] = {
     "sam2_hiera_base_plus.pt": "configs/sam2/sam2_hiera_b+.yaml",
     "sam2_hiera_large.pt": "configs/sam2/sam2_hiera_l.yaml",
 }
+#: The model the Model select offers first, when usable.
 DEFAULT_MODEL = "sam2.1_hiera_small.pt"
 _HASH_CHUNK = 16 * 1024 * 1024
 
@@ -171,14 +173,6 @@ def _label(name: str, recognised: Recognised, sidecar: Sidecar | None) -> str:
     return label
 
 
-def _check_defaults() -> DefaultsCheck:
-    """The settings' own rules for a sidecar's ``"defaults"`` (imported here: settings imports
-    this module)."""
-    from sam2_refine.settings import check_tuned_defaults
-
-    return check_tuned_defaults
-
-
 def inspect_model(path: Path) -> ModelEntry:
     """Recognise one checkpoint file and read its sidecar (no hashing).
 
@@ -209,7 +203,7 @@ def inspect_model(path: Path) -> ModelEntry:
         raise ModelUnusable(f"named like the stock {expected.label} checkpoint, but its weights are {arch.label} "
                             f"({arch.key}); give it another name to use it as {arch.label}")
     try:
-        sidecar = read_sidecar(sidecar_path(path), set(architectures()), _check_defaults())
+        sidecar = read_sidecar(sidecar_path(path), set(architectures()), check_tuned_defaults)
     except SidecarError as exc:
         raise ModelUnusable(str(exc)) from None
     if sidecar is not None and sidecar.config is not None and sidecar.config != arch.key:

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sam2_refine.checkpoints import ModelCatalogue, scan_models
-from sam2_refine.interface import FORM_FIELDS, build_interface, checkpoint_dir
+from sam2_refine.fields import FORM_FIELDS
+from sam2_refine.interface import build_interface, checkpoint_dir
 from sam2_refine.messages import sentences, server_failure, settings_failure
 from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
 from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm

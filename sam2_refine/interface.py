@@ -1,5 +1,9 @@
 """The worker's UI description (contract section 3) and the checkpoint list it offers.
 
+The fields' names, defaults and accepted values are :mod:`sam2_refine.fields`; this module lays
+them out as NimbusImage's form (type, tooltip, display order) with the checkpoint catalogue's
+models in the Model select.
+
 This module imports neither torch nor sam2: ``--request interface`` runs on a CPU queue with
 no GPU and no dataset, and must finish in about a second.
 """
@@ -11,56 +15,41 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sam2_refine.checkpoints import ModelCatalogue, list_candidates
+from sam2_refine.checkpoints import DEFAULT_MODEL, ModelCatalogue
+from sam2_refine.fields import (
+    BATCH_TIME,
+    BATCH_XY,
+    BATCH_Z,
+    DELETE_ORIGINALS,
+    KEEP_TAGS,
+    KEPT_TAG,
+    MIN_OVERLAP,
+    MIN_OVERLAP_DEFAULT,
+    MIN_OVERLAP_RANGE,
+    MODEL,
+    PADDING,
+    PADDING_DEFAULT,
+    PADDING_RANGE,
+    PROMPT,
+    PROMPT_DEFAULT,
+    PROMPT_ITEMS,
+    REFINE_POINTS,
+    REFINE_POINTS_DEFAULT,
+    REFINE_RECTANGLES,
+    REFINE_RECTANGLES_DEFAULT,
+    REFINE_TAGS,
+    RESOLUTION,
+    RESOLUTION_DEFAULT,
+    RESOLUTION_ITEMS,
+    SEPARATE,
+    SEPARATE_DEFAULT,
+    SMOOTHING,
+    SMOOTHING_DEFAULT,
+    SMOOTHING_RANGE,
+)
 from sam2_refine.worker_info import CHECKPOINT_DIR_ENV, DEFAULT_CHECKPOINT_DIR, INTERFACE_NAME
 
-# Field names: the keys of ``workerInterface`` in the compute parameters.
-NOTES = INTERFACE_NAME
-BATCH_XY = "Batch XY"
-BATCH_Z = "Batch Z"
-BATCH_TIME = "Batch Time"
-REFINE_TAGS = "Tag of objects to refine"
-MODEL = "Model"
-DELETE_ORIGINALS = "Delete original annotations"
-PADDING = "Padding"
-SMOOTHING = "Smoothing"
-
-# Fields added after the original ones (their defaults keep saved tools working as before).
-RESOLUTION = "Resolution"
-PROMPT = "Prompt"
-MIN_OVERLAP = "Minimum overlap with original"
-KEEP_TAGS = "Keep original tags"
-# Issue 13: points and rectangles as prompts, touching objects kept apart.
-REFINE_POINTS = "Refine point annotations"
-REFINE_RECTANGLES = "Refine rectangle annotations"
-SEPARATE = "Keep touching objects apart"
-# Issue 23: a tag that makes the originals the job kept easy to find in the app.
-KEPT_TAG = "Tag kept annotations"
-
-#: The fields a user sets in the tool's form (the other parameters NimbusImage fills in).
-FORM_FIELDS = frozenset({BATCH_XY, BATCH_Z, BATCH_TIME, REFINE_TAGS, MODEL, DELETE_ORIGINALS, PADDING, SMOOTHING,
-                         RESOLUTION, PROMPT, MIN_OVERLAP, KEEP_TAGS, REFINE_POINTS, REFINE_RECTANGLES, SEPARATE,
-                         KEPT_TAG})
-
-#: Resolution field item -> engine mode (sam2_refine.regions).
-RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
-RESOLUTION_DEFAULT = "Auto"
-#: Prompt field item -> engine prompt (sam2_refine.refine).
-PROMPT_ITEMS = {"Box": "box", "Box + shape": "box+shape", "Best of three by overlap": "best3"}
-PROMPT_DEFAULT = "Box"
-MIN_OVERLAP_RANGE = (0, 1)
-MIN_OVERLAP_DEFAULT = 0
-
-REFINE_POINTS_DEFAULT = False
-REFINE_RECTANGLES_DEFAULT = False
-#: On by default: measured in bench/bench_accuracy.py (README "Accuracy").
-SEPARATE_DEFAULT = True
-
-DEFAULT_MODEL = "sam2.1_hiera_small.pt"  # sam2_refine.checkpoints.DEFAULT_MODEL
-PADDING_RANGE = (-20, 20)
-PADDING_DEFAULT = 0
-SMOOTHING_RANGE = (0, 3)
-SMOOTHING_DEFAULT = 0.7
+NOTES = INTERFACE_NAME  # the notes entry at the top of the form (not a value the job reads)
 
 DESCRIPTION = (
     "This tool uses the SAM2 model to refine existing annotations into outlines that follow the "
@@ -74,12 +63,6 @@ DESCRIPTION = (
 def checkpoint_dir() -> Path:
     """Where the SAM2 checkpoints are: ``$SAM2_CHECKPOINT_DIR``, else ``/code/sam2/checkpoints``."""
     return Path(os.environ.get(CHECKPOINT_DIR_ENV) or DEFAULT_CHECKPOINT_DIR)
-
-
-def list_checkpoints(directory: Path) -> list[str]:
-    """The ``.pt`` / ``.pth`` files in ``directory``, sorted by name (empty if it does not exist).
-    Which of them are usable SAM2 checkpoints: :func:`sam2_refine.checkpoints.scan_models`."""
-    return list_candidates(directory)
 
 
 def default_model(models: list[str]) -> str | None:

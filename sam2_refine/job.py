@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 
-from sam2_refine import interface as ui
+from sam2_refine import fields
 from sam2_refine.batch_ranges import BatchRangeError, describe_positions
 from sam2_refine.batch_reads import BatchReader
 from sam2_refine.converge import ConvergeReport, RefinementWatch, ServerView, ViewBuilder, converge, read_view
@@ -124,9 +124,9 @@ def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
     """
     try:
         return Batch(
-            settings.batch_xy.resolve(ui.BATCH_XY, info.num_xy, settings.tile.xy),
-            settings.batch_z.resolve(ui.BATCH_Z, info.num_z, settings.tile.z),
-            settings.batch_time.resolve(ui.BATCH_TIME, info.num_time, settings.tile.time),
+            settings.batch_xy.resolve(fields.BATCH_XY, info.num_xy, settings.tile.xy),
+            settings.batch_z.resolve(fields.BATCH_Z, info.num_z, settings.tile.z),
+            settings.batch_time.resolve(fields.BATCH_TIME, info.num_time, settings.tile.time),
             (info.num_xy, info.num_z, info.num_time),
         )
     except BatchRangeError as exc:

@@ -1,4 +1,4 @@
-"""What the user reads: setting values described in words, and server failures explained.
+"""What the user reads: bad settings and server failures explained.
 
 NimbusImage shows an error or warning line as a notification: the ``error`` (or ``warning``)
 text is its message, ``info`` the smaller text under it. Every error line of this worker says
@@ -38,39 +38,6 @@ def sentence(text: str) -> str:
 def sentences(*parts: str | None) -> str:
     """The non-empty ``parts`` as sentences, joined by spaces (each ends in one full stop)."""
     return " ".join(sentence(p) for p in parts if p and p.strip())
-
-
-def describe_value(value: Any) -> str:
-    """A setting's value in words, for a message: ``the text "yes"``, ``the number 21``, ``a list
-    of 2 items``; never a Python repr."""
-    if value is None:
-        return "no value (null)"
-    if isinstance(value, bool):
-        return f"the value {'true' if value else 'false'}"
-    if isinstance(value, (int, float)):
-        return f"the number {value:g}" if isinstance(value, float) else f"the number {value}"
-    if isinstance(value, str):
-        shown = value if len(value) <= 40 else value[:37] + "..."
-        return f'the text "{shown}"' if shown.strip() else "an empty text"
-    if isinstance(value, (list, tuple)):
-        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
-    if isinstance(value, dict):
-        return "a group of named values (a JSON object)"
-    return f"a value of type {type(value).__name__}"
-
-
-def checkbox_problem(value: Any) -> tuple[str, str | None]:
-    """Why ``value`` is not a tick box's value (true or false), and what to do (None: the usual
-    advice), in words.
-
-    NimbusImage's form sends a tick box as true or false, and its own checks refuse text
-    (``src/utils/workerInterface.ts``, ``normalizeWorkerInterfaceValue``: "Deliberately strict:
-    Boolean("false") is true"); this worker is as strict, and says what to do."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-        return (f'it came as the text "{value.strip()}" instead of a tick box value (true or false, without '
-                "quotes), as a tool saved by another program may hold it",
-                "Tick or untick the box in the tool's settings and save the tool, then run it again")
-    return f"expected a tick box value (true or false), got {describe_value(value)}", None
 
 
 def settings_failure(field: str, message: str, advice: str | None = None, in_form: bool = True) -> Explained:

@@ -1,33 +1,31 @@
 """Compute parameters -> one validated, immutable :class:`RefineSettings`.
 
-Every input is checked here, before the job touches the server's data. Each bad value becomes
-a :class:`SettingError` naming the field and what it accepts; :func:`parse_settings` collects all
-of them so the user sees every problem at once.
+Every input is checked here, before the job touches the server's data, by the fields' own rules
+(:mod:`sam2_refine.fields`). Each bad value becomes a :class:`~sam2_refine.fields.SettingError`
+naming the field and what it accepts; :func:`parse_settings` collects all of them so the user sees
+every problem at once.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sam2_refine import interface as ui
+from sam2_refine import fields
 from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
 from sam2_refine.checkpoints import CheckpointChoiceError, ModelEntry, resolve_model
-from sam2_refine.messages import checkbox_problem, describe_value
-
-
-class SettingError(ValueError):
-    """One bad input. ``field`` is the interface field (or parameter) it concerns."""
-
-    def __init__(self, field: str, message: str, advice: str | None = None) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        #: What to do, when the usual advice (correct the field) does not fit.
-        self.advice = advice
+from sam2_refine.fields import (
+    SettingError,
+    check_bool,
+    check_checkbox,
+    check_int,
+    check_number,
+    check_select,
+    check_tags,
+    describe_value,
+)
 
 
 class SettingsErrors(ValueError):
@@ -101,9 +99,9 @@ class RefineSettings:
     resolution: str = "auto"
     prompt: str = "box"
     min_overlap: float = 0.0
-    refine_points: bool = ui.REFINE_POINTS_DEFAULT
-    refine_rectangles: bool = ui.REFINE_RECTANGLES_DEFAULT
-    separate: bool = ui.SEPARATE_DEFAULT
+    refine_points: bool = fields.REFINE_POINTS_DEFAULT
+    refine_rectangles: bool = fields.REFINE_RECTANGLES_DEFAULT
+    separate: bool = fields.SEPARATE_DEFAULT
     tool_id: str | None = None
     kept_tag: str | None = None
 
@@ -114,55 +112,14 @@ class RefineSettings:
             ("point",) if self.refine_points else ())
 
 
-def _number(field: str, value: Any, low: float, high: float, default: float) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return float(default)
-    if isinstance(value, bool):
-        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {describe_value(value)}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {describe_value(value)}") from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise SettingError(field, f"expected a number from {low:g} to {high:g}, got {describe_value(value)}")
-    return number
-
-
-def _tags(field: str, value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,) if value.strip() else ()
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise SettingError(field, f"expected a list of tag strings, got {describe_value(value)}")
-    return tuple(dict.fromkeys(t for t in value if t.strip()))
-
-
-def _bool(field: str, value: Any) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise SettingError(field, *checkbox_problem(value))
-    return value
-
-
-def _checkbox(field: str, value: Any, default: bool) -> bool:
-    """A checkbox: true or false; missing or null (a tool saved before the field existed) is
-    the field's default."""
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise SettingError(field, *checkbox_problem(value))
-    return value
-
-
 def _shape_settings(values: dict[str, Any], attempt: Any) -> dict[str, Any]:
     """The fields of issue 13, each checked on its own (see :func:`sam2_refine.interface.shape_fields`)."""
     return {
-        "refine_points": attempt(_checkbox, ui.REFINE_POINTS, values.get(ui.REFINE_POINTS), ui.REFINE_POINTS_DEFAULT),
-        "refine_rectangles": attempt(_checkbox, ui.REFINE_RECTANGLES, values.get(ui.REFINE_RECTANGLES),
-                                     ui.REFINE_RECTANGLES_DEFAULT),
-        "separate": attempt(_checkbox, ui.SEPARATE, values.get(ui.SEPARATE), ui.SEPARATE_DEFAULT),
+        "refine_points": attempt(check_checkbox, fields.REFINE_POINTS, values.get(fields.REFINE_POINTS),
+                                 fields.REFINE_POINTS_DEFAULT),
+        "refine_rectangles": attempt(check_checkbox, fields.REFINE_RECTANGLES, values.get(fields.REFINE_RECTANGLES),
+                                     fields.REFINE_RECTANGLES_DEFAULT),
+        "separate": attempt(check_checkbox, fields.SEPARATE, values.get(fields.SEPARATE), fields.SEPARATE_DEFAULT),
     }
 
 
@@ -185,79 +142,11 @@ def _kept_tag(field: str, value: Any, refine_tags: tuple[str, ...] | None,
     return tag
 
 
-def _int(field: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-        raise SettingError(field, f"expected a whole number, got {describe_value(value)}")
-    if value < minimum:
-        raise SettingError(field, f"expected a whole number >= {minimum}, got {describe_value(value)}")
-    return int(value)
-
-
-def _select(field: str, value: Any, items: dict[str, str], default: str) -> str:
-    """A select field's engine value; null / "" (a field a saved tool never had) = the default."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return items[default]
-    if not isinstance(value, str) or value not in items:
-        choices = ", ".join(f'"{k}"' for k in items)
-        raise SettingError(field, f"expected one of {choices}, got {describe_value(value)}")
-    return items[value]
-
-
 def _tile(value: Any) -> Location:
     if not isinstance(value, dict):
         raise SettingError("tile", f"expected the position the tool was started from ({{XY, Z, Time}}), got "
                                    f"{describe_value(value)}")
-    return Location(*(_int(f"tile.{k}", value.get(k, 0)) for k in ("XY", "Z", "Time")))
-
-
-# -- defaults a model's sidecar may set (sam2_refine.sidecar) -------------------------------------
-
-def _tuned_number(field: str, low: float, high: float) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        number = _number(field, value, low, high, 0)
-        return int(number) if number.is_integer() else number
-    return check
-
-
-def _tuned_select(field: str, items: Mapping[str, str]) -> Callable[[Any], str]:
-    def check(value: Any) -> str:
-        _select(field, value, dict(items), next(iter(items)))
-        return value
-    return check
-
-
-#: Fields a checkpoint's sidecar may give a default for (the value the model was tuned with),
-#: each checked by its field's own rule and returned as the field takes it.
-TUNABLE_FIELDS: dict[str, Callable[[Any], Any]] = {
-    ui.PADDING: _tuned_number(ui.PADDING, *ui.PADDING_RANGE),
-    ui.SMOOTHING: _tuned_number(ui.SMOOTHING, *ui.SMOOTHING_RANGE),
-    ui.RESOLUTION: _tuned_select(ui.RESOLUTION, ui.RESOLUTION_ITEMS),
-    ui.PROMPT: _tuned_select(ui.PROMPT, ui.PROMPT_ITEMS),
-    ui.MIN_OVERLAP: _tuned_number(ui.MIN_OVERLAP, *ui.MIN_OVERLAP_RANGE),
-}
-
-
-def check_tuned_defaults(defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """A sidecar's ``"defaults"``, checked: field name -> value as the field takes it.
-
-    Raises:
-        ValueError: every field that is not tunable or whose value its field would refuse.
-    """
-    problems, checked = [], {}
-    for name, value in defaults.items():
-        check = TUNABLE_FIELDS.get(name)
-        if check is None:
-            problems.append(f"{name!r} is not a field a model can set (one of: {', '.join(TUNABLE_FIELDS)})")
-        elif value is None or (isinstance(value, str) and not value.strip()):
-            problems.append(f"{name}: no value given")
-        else:
-            try:
-                checked[name] = check(value)
-            except SettingError as exc:
-                problems.append(str(exc))
-    if problems:
-        raise ValueError("; ".join(problems))
-    return checked
+    return Location(*(check_int(f"tile.{k}", value.get(k, 0)) for k in ("XY", "Z", "Time")))
 
 
 def with_tuned_defaults(values: Mapping[str, Any], model: ModelEntry | None) -> dict[str, Any]:
@@ -306,31 +195,33 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
         except BatchRangeError as exc:
             errors.append(SettingError(exc.field, exc.message))
         except CheckpointChoiceError as exc:
-            errors.append(SettingError(ui.MODEL, str(exc)))
+            errors.append(SettingError(fields.MODEL, str(exc)))
         return None
 
     dataset = dataset_id or params.get("datasetId")
     if not isinstance(dataset, str) or not dataset.strip():
         errors.append(SettingError("datasetId", "no dataset id given (--datasetId)"))
-    model = attempt(resolve_model, checkpoint_dir, values.get(ui.MODEL))
+    model = attempt(resolve_model, checkpoint_dir, values.get(fields.MODEL))
     values = with_tuned_defaults(values, model)
-    padding = attempt(_number, ui.PADDING, values.get(ui.PADDING), *ui.PADDING_RANGE, ui.PADDING_DEFAULT)
-    smoothing = attempt(_number, ui.SMOOTHING, values.get(ui.SMOOTHING), *ui.SMOOTHING_RANGE,
-                        ui.SMOOTHING_DEFAULT)
-    refine_tags = attempt(_tags, ui.REFINE_TAGS, values.get(ui.REFINE_TAGS))
-    delete = attempt(_bool, ui.DELETE_ORIGINALS, values.get(ui.DELETE_ORIGINALS))
-    batches = [attempt(parse_batch, name, values.get(name)) for name in (ui.BATCH_XY, ui.BATCH_Z, ui.BATCH_TIME)]
+    padding = attempt(check_number, fields.PADDING, values.get(fields.PADDING), *fields.PADDING_RANGE,
+                      fields.PADDING_DEFAULT)
+    smoothing = attempt(check_number, fields.SMOOTHING, values.get(fields.SMOOTHING), *fields.SMOOTHING_RANGE,
+                        fields.SMOOTHING_DEFAULT)
+    refine_tags = attempt(check_tags, fields.REFINE_TAGS, values.get(fields.REFINE_TAGS))
+    delete = attempt(check_bool, fields.DELETE_ORIGINALS, values.get(fields.DELETE_ORIGINALS))
+    batches = [attempt(parse_batch, name, values.get(name))
+               for name in (fields.BATCH_XY, fields.BATCH_Z, fields.BATCH_TIME)]
     tile = attempt(_tile, params.get("tile", params.get("assignment")))
-    channel = attempt(_int, "channel", params.get("channel", 0))
-    output_tags = attempt(_tags, "tags", params.get("tags"))
-    keep_tags = attempt(_bool, ui.KEEP_TAGS, values.get(ui.KEEP_TAGS))
-    resolution = attempt(_select, ui.RESOLUTION, values.get(ui.RESOLUTION), ui.RESOLUTION_ITEMS,
-                         ui.RESOLUTION_DEFAULT)
-    prompt = attempt(_select, ui.PROMPT, values.get(ui.PROMPT), ui.PROMPT_ITEMS, ui.PROMPT_DEFAULT)
-    min_overlap = attempt(_number, ui.MIN_OVERLAP, values.get(ui.MIN_OVERLAP), *ui.MIN_OVERLAP_RANGE,
-                          ui.MIN_OVERLAP_DEFAULT)
+    channel = attempt(check_int, "channel", params.get("channel", 0))
+    output_tags = attempt(check_tags, "tags", params.get("tags"))
+    keep_tags = attempt(check_bool, fields.KEEP_TAGS, values.get(fields.KEEP_TAGS))
+    resolution = attempt(check_select, fields.RESOLUTION, values.get(fields.RESOLUTION), fields.RESOLUTION_ITEMS,
+                         fields.RESOLUTION_DEFAULT)
+    prompt = attempt(check_select, fields.PROMPT, values.get(fields.PROMPT), fields.PROMPT_ITEMS, fields.PROMPT_DEFAULT)
+    min_overlap = attempt(check_number, fields.MIN_OVERLAP, values.get(fields.MIN_OVERLAP), *fields.MIN_OVERLAP_RANGE,
+                          fields.MIN_OVERLAP_DEFAULT)
     shape_settings = _shape_settings(values, attempt)
-    kept_tag = attempt(_kept_tag, ui.KEPT_TAG, values.get(ui.KEPT_TAG), refine_tags, output_tags)
+    kept_tag = attempt(_kept_tag, fields.KEPT_TAG, values.get(fields.KEPT_TAG), refine_tags, output_tags)
     if errors:
         raise SettingsErrors(errors)
     return RefineSettings(

@@ -17,7 +17,7 @@ fast). ``config`` names one of sam2's packaged configs (``sam2.1_hiera_s``, opti
 ``.yaml``; never a path or a YAML of one's own) and must agree with the architecture the
 weights show. ``defaults`` gives values for this worker's own fields that the model was tuned
 with; each is checked by the same rules as the field itself (the checker is passed in by the
-caller: :func:`sam2_refine.settings.check_tuned_defaults`).
+caller: :func:`sam2_refine.fields.check_tuned_defaults`).
 
 A sidecar that breaks any rule makes its checkpoint unavailable, with the reason; it never
 stops the worker. No torch here.

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import TOKEN
 from sam2_refine import cli, job
-from sam2_refine import interface as ui
+from sam2_refine import fields as ui
 from sam2_refine.markers import original_of
 from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
 from sam2_refine.report import Reporter

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sam2_refine import interface as ui
-from sam2_refine.interface import build_interface, checkpoint_dir, default_model, list_checkpoints
+from sam2_refine.checkpoints import list_candidates
+from sam2_refine.interface import build_interface, checkpoint_dir, default_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +165,7 @@ def test_model_items_are_a_copy() -> None:
 def test_model_items_from_a_directory_are_sorted(tmp_path: Path) -> None:
     for name in ("sam2.1_hiera_tiny.pt", "sam2.1_hiera_base_plus.pt", "sam2.1_hiera_small.pt"):
         (tmp_path / name).write_bytes(b"")
-    spec = build_interface(list_checkpoints(tmp_path))["Model"]
+    spec = build_interface(list_candidates(tmp_path))["Model"]
     assert spec["items"] == sorted(spec["items"]) == MODELS
     assert spec["default"] == "sam2.1_hiera_small.pt"
 
@@ -192,15 +193,15 @@ def test_list_checkpoints_only_pt_files_sorted(tmp_path: Path) -> None:
     for name in ("b.pt", "a.pt", "c.txt", "d.pt.bak", "e.PT.txt", "sam2.1_hiera_tiny.pt"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "dir.pt").mkdir()  # a directory is not a checkpoint
-    assert list_checkpoints(tmp_path) == ["a.pt", "b.pt", "sam2.1_hiera_tiny.pt"]
+    assert list_candidates(tmp_path) == ["a.pt", "b.pt", "sam2.1_hiera_tiny.pt"]
 
 
 def test_list_checkpoints_missing_or_empty_dir(tmp_path: Path) -> None:
-    assert list_checkpoints(tmp_path / "nope") == []
-    assert list_checkpoints(tmp_path) == []
+    assert list_candidates(tmp_path / "nope") == []
+    assert list_candidates(tmp_path) == []
     file_path = tmp_path / "file"
     file_path.write_text("x")
-    assert list_checkpoints(file_path) == []
+    assert list_candidates(file_path) == []
 
 
 def test_checkpoint_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import requests
 
 from conftest import TOKEN
 from sam2_refine import cli
-from sam2_refine.messages import cause_text, describe_value, sentence, sentences, server_failure
+from sam2_refine.fields import describe_value
+from sam2_refine.messages import cause_text, sentence, sentences, server_failure
 from sam2_refine.nimbus_client import NimbusAPIError
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.testing.stand_in import KnownMaskPredictor

@@ -14,7 +14,8 @@ import pytest
 from sam2_refine import checkpoints as ckpts
 from sam2_refine import interface as ui
 from sam2_refine.checkpoints import CheckpointChoiceError, resolve_model, scan_models
-from sam2_refine.settings import SettingsErrors, check_tuned_defaults, parse_settings
+from sam2_refine.fields import check_tuned_defaults
+from sam2_refine.settings import SettingsErrors, parse_settings
 from sam2_refine.testing.checkpoints import write_layout_checkpoint
 
 SMALL = "sam2.1_hiera_small.pt"
