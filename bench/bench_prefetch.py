@@ -48,7 +48,8 @@ from sam2_refine import job, prefetch  # noqa: E402
 from sam2_refine.imaging import default_layers  # noqa: E402
 from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
 from sam2_refine.report import Reporter  # noqa: E402
-from sam2_refine.settings import Location, parse_settings  # noqa: E402
+from sam2_refine.annotations import Location  # noqa: E402
+from sam2_refine.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import grid_scene, rough_octagons  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 from sam2_refine.testing.stand_in import ZeroCostPredictor  # noqa: E402

@@ -464,7 +464,7 @@ def check(device: Device, plan: Plan, checkpoint: Path | None, out_dir: Path) ->
     from sam2_refine.job import load_location_image
     from sam2_refine.nimbus_client import NimbusClient
     from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, choose_device
-    from sam2_refine.settings import Location
+    from sam2_refine.annotations import Location
     from sam2_refine.testing.checkpoints import make_untrained_checkpoint
     from sam2_refine.testing.nimbus_server import NimbusTestServer
 

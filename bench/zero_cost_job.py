@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     from sam2_refine.imaging import default_layers
     from sam2_refine.nimbus_client import NimbusClient
     from sam2_refine.outline_pool import OutlinePool
-    from sam2_refine.refine import Refined, refine_location
+    from sam2_refine.annotations import Refined
+    from sam2_refine.refine import refine_location
     from sam2_refine.report import Reporter
     from sam2_refine.selection import to_original
-    from sam2_refine.settings import Location, parse_settings
+    from sam2_refine.annotations import Location
+    from sam2_refine.settings import parse_settings
     from sam2_refine.testing.checkpoints import write_layout_checkpoint
     from sam2_refine.testing.nimbus_server import NimbusTestServer
     from sam2_refine.testing.stand_in import ZeroCostPredictor

@@ -33,7 +33,7 @@ from sam2_refine.read_plan import (
     read_connections_per_annotation,
 )
 from sam2_refine.selection import annotation_location
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)
 

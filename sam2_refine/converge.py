@@ -51,7 +51,7 @@ from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, P
 from sam2_refine.refinements import Refinement, RefinementIndex, Unreadable
 from sam2_refine.replace import Ledger
 from sam2_refine.selection import annotation_location
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)
 

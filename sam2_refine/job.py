@@ -53,11 +53,14 @@ from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, DegradedFrameError
 from sam2_refine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.predictor import BoxPredictor
 from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
-from sam2_refine.refine import STEP_DECODE, STEP_EMBED, GeometryOptions, Kept, refine_location
+from sam2_refine.refine import STEP_DECODE, STEP_EMBED, GeometryOptions, refine_location
+from sam2_refine.annotations import Kept
 from sam2_refine.replace import Ledger, pending_upload, upload
 from sam2_refine.report import Heartbeat, ProgressSpan, Reporter
-from sam2_refine.selection import Original, Selection, select
-from sam2_refine.settings import Location, RefineSettings
+from sam2_refine.annotations import Original
+from sam2_refine.selection import Selection, select
+from sam2_refine.annotations import Location
+from sam2_refine.settings import RefineSettings
 
 log = logging.getLogger(__name__)
 

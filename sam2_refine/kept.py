@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Location
 
 AXES = ("XY", "Z", "Time")
 #: Positions the warning names one by one; the rest are counted together.

@@ -38,7 +38,7 @@ import numpy as np
 
 from sam2_refine.imaging import Layer
 from sam2_refine.nimbus_client import DatasetInfo, NimbusClient
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ from sam2_refine.logits import GridPatch, grid_window, upsample_window
 from sam2_refine.outline_pool import OutlinePool
 from sam2_refine.predictor import BoxPredictor, Decoded
 from sam2_refine.regions import CROPS, choose_mode, plan_regions
-from sam2_refine.selection import POINT, Original
+from sam2_refine.annotations import POINT, Kept, Original, Outcome, Refined
 from sam2_refine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
 
 #: Frames with more pixels than this are always refined in object crops: a whole-frame RGB
@@ -139,31 +139,6 @@ class GeometryOptions:
     exclusive_points: bool = True
     group_tags: tuple[str, ...] = ()
 
-
-@dataclass(frozen=True)
-class Refined:
-    """A refined shape for one original.
-
-    Attributes:
-        original_id: The original annotation's id.
-        polygon: The new outline, frame coordinates (x = column, y = row).
-        score: The model's quality estimate of the mask.
-    """
-
-    original_id: str
-    polygon: Polygon
-    score: float
-
-
-@dataclass(frozen=True)
-class Kept:
-    """An original that is not refined (and must never be deleted), with the reason."""
-
-    original_id: str
-    reason: str
-
-
-Outcome = Refined | Kept
 
 #: Chooses an object's component in a mask over a window of the frame (None: no match).
 Chooser = Callable[[np.ndarray, Window], "np.ndarray | None"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sam2_refine.markers import Mark
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Location
 
 
 @dataclass(frozen=True)

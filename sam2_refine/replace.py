@@ -26,8 +26,8 @@ from sam2_refine.geometry import polygon_coordinates
 from sam2_refine.kept import kept_by_position, summary_by_position
 from sam2_refine.markers import MARKER_KEY, marker
 from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
-from sam2_refine.refine import Kept, Outcome, Refined
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Kept, Outcome, Refined
+from sam2_refine.annotations import Location
 
 
 @dataclass

@@ -29,34 +29,7 @@ from sam2_refine.geometry import (
 )
 from sam2_refine.markers import read_mark
 from sam2_refine.refinements import RefinementIndex, Unreadable
-from sam2_refine.settings import Location
-
-#: Original kinds: what the annotation gives the model as a prompt.
-POLYGON, RECTANGLE, POINT = "polygon", "rectangle", "point"
-
-
-@dataclass(frozen=True)
-class Original:
-    """One annotation to refine.
-
-    Attributes:
-        id: The annotation's ``_id``.
-        location: Its (XY, Z, Time), 0-based.
-        tags: Its own tags.
-        shape: The area it outlines, made valid (a polygon or rectangle), or its ``Point``
-            (a point); None when ``problem`` is set.
-        problem: Why it cannot be refined, or None.
-        doc: The server's document, as fetched.
-        kind: :data:`POLYGON` (also blobs), :data:`RECTANGLE` or :data:`POINT`.
-    """
-
-    id: str
-    location: Location
-    tags: tuple[str, ...]
-    shape: BaseGeometry | None
-    problem: str | None
-    doc: dict[str, Any]
-    kind: str = POLYGON
+from sam2_refine.annotations import POINT, POLYGON, RECTANGLE, Location, Original
 
 
 def annotation_location(doc: dict[str, Any]) -> Location | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sam2_refine import fields
+from sam2_refine.annotations import Location
 from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
 from sam2_refine.checkpoints import CheckpointChoiceError, ModelEntry, resolve_model
 from sam2_refine.fields import (
@@ -34,22 +35,6 @@ class SettingsErrors(ValueError):
     def __init__(self, errors: list[SettingError]) -> None:
         super().__init__("; ".join(str(e) for e in errors))
         self.errors = errors
-
-
-@dataclass(frozen=True)
-class Location:
-    """A position in the dataset, 0-based: XY position, Z slice, Time point."""
-
-    xy: int
-    z: int
-    time: int
-
-    def as_json(self) -> dict[str, int]:
-        return {"XY": self.xy, "Z": self.z, "Time": self.time}
-
-    def describe(self) -> str:
-        """1-based, as the UI shows positions."""
-        return f"XY {self.xy + 1}, Z {self.z + 1}, Time {self.time + 1}"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from sam2_refine import job
 from sam2_refine.geometry import Window, frame_window, mask_iou, rasterize
 from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
 from sam2_refine.predictor import Decoded
-from sam2_refine.refine import GeometryOptions, Kept, Refined, refine_location, shape_logits, shape_on_grid
+from sam2_refine.refine import GeometryOptions, refine_location, shape_logits, shape_on_grid
+from sam2_refine.annotations import Kept, Refined
 from sam2_refine.regions import CROPS, MIN_CROP, WHOLE, choose_mode, plan_regions
 from sam2_refine.report import Reporter
 from sam2_refine.selection import to_original

@@ -17,7 +17,8 @@ from sam2_refine import job
 from sam2_refine.batch_reads import BatchReader
 from sam2_refine.nimbus_client import NimbusClient, RetryPolicy, ServerLacksEndpoint
 from sam2_refine.report import Reporter
-from sam2_refine.settings import Location, parse_settings
+from sam2_refine.annotations import Location
+from sam2_refine.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc
 from sam2_refine.testing.interleave import Interleaver
 from sam2_refine.testing.nimbus_server import NimbusTestServer, RecordedRequest

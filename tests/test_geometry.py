@@ -17,8 +17,10 @@ from shapely.geometry import Polygon
 
 from sam2_refine.geometry import frame_window, mask_iou, polygon_coordinates, rasterize
 from sam2_refine.predictor import Decoded
-from sam2_refine.refine import GeometryOptions, Kept, Outcome, Refined, refine_location
-from sam2_refine.selection import Original, to_original
+from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.annotations import Kept, Outcome, Refined
+from sam2_refine.annotations import Original
+from sam2_refine.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, rough_polygon
 from sam2_refine.testing.stand_in import LOGIT, KnownMaskPredictor
 

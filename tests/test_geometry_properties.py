@@ -19,7 +19,8 @@ from sam2_refine.geometry import (
     rasterize,
     simplify_keeping_area,
 )
-from sam2_refine.refine import GeometryOptions, Kept, Refined, refine_location
+from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.annotations import Kept, Refined
 from sam2_refine.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, outline, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor

@@ -39,7 +39,8 @@ from sam2_refine.outline_pool import (
     usable_cores,
     workers_from_env,
 )
-from sam2_refine.refine import GeometryOptions, Kept, Refined, refine_location
+from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.annotations import Kept, Refined
 from sam2_refine.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, dense_scene, grid_scene, rough_octagons, rough_polygon
 from sam2_refine.testing.nimbus_server import NimbusTestServer

@@ -13,7 +13,8 @@ import pytest
 
 from sam2_refine import point_choice as pc
 from sam2_refine.geometry import frame_window, mask_iou, rasterize
-from sam2_refine.refine import GeometryOptions, Kept, Refined, refine_location
+from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.annotations import Kept, Refined
 from sam2_refine.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, dense_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor

@@ -22,7 +22,8 @@ from sam2_refine import job, prefetch
 from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy
 from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes, parse_bytes
 from sam2_refine.report import Reporter
-from sam2_refine.settings import Location, parse_settings
+from sam2_refine.annotations import Location
+from sam2_refine.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import ZeroCostPredictor
 

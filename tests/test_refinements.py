@@ -8,7 +8,7 @@ import pytest
 from sam2_refine.converge import RefinementWatch
 from sam2_refine.markers import MARKER_KEY, Mark, marker, read_mark
 from sam2_refine.refinements import RefinementIndex
-from sam2_refine.settings import Location
+from sam2_refine.annotations import Location
 
 A, B, C = "a" * 24, "b" * 24, "c" * 24
 HERE, THERE = Location(0, 0, 0), Location(1, 0, 0)

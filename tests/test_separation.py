@@ -14,7 +14,8 @@ import shapely
 from shapely.geometry import box
 
 from sam2_refine.geometry import Window, frame_window, mask_iou, rasterize
-from sam2_refine.refine import GeometryOptions, Kept, Refined, refine_location
+from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.annotations import Kept, Refined
 from sam2_refine.selection import to_original
 from sam2_refine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
 from sam2_refine.testing.datasets import annotation_doc, dense_scene, rough_polygon

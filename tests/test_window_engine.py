@@ -35,14 +35,14 @@ from sam2_refine.refine import (  # noqa: E402
     GeometryOptions,
     LargerWindow,
     ObjectMask,
-    Refined,
     _box_object,
     _Prompt,
     refine_location,
 )
+from sam2_refine.annotations import Refined  # noqa: E402
 from sam2_refine.report import Reporter  # noqa: E402
 from sam2_refine.sam2_model import Sam2BoxPredictor  # noqa: E402
-from sam2_refine.selection import Original  # noqa: E402
+from sam2_refine.annotations import Original  # noqa: E402
 from sam2_refine.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import annotation_doc, grid_scene, rough_octagons  # noqa: E402
 from sam2_refine.testing.stand_in import KnownMaskPredictor  # noqa: E402
