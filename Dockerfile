@@ -78,8 +78,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     SAM2_CHECKPOINT_DIR=/code/sam2/checkpoints
 
-# Fail the build, not the first job, when a library is missing from the final image.
-RUN python3 -c "import sam2_refine, sam2, torch, torchvision, cv2, shapely, skimage, tifffile, girder_client"
+# Fail the build, not the first job, when a library or a layer of the package is missing from the final image.
+RUN python3 -c "import sam2_refine.cli, sam2_refine.job.compute, sam2_refine.model.sam2_model, sam2_refine.model.fast_decoder, sam2, torch, torchvision, cv2, shapely, skimage, tifffile, girder_client"
 
 # Read by the NimbusImage server to list and route the worker: they must equal
 # sam2_refine.worker_info.docker_labels(gpu=True) (tests/test_packaging.py checks it).

@@ -53,12 +53,12 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sam2_refine import job  # noqa: E402
-from sam2_refine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates  # noqa: E402
-from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
-from sam2_refine.refine import BY_AREA, BY_SCORE  # noqa: E402
-from sam2_refine.report import Reporter  # noqa: E402
-from sam2_refine.settings import parse_settings  # noqa: E402
+from sam2_refine.job import compute as job  # noqa: E402
+from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates  # noqa: E402
+from sam2_refine.nimbus.client import NimbusClient  # noqa: E402
+from sam2_refine.engine.location import BY_AREA, BY_SCORE  # noqa: E402
+from sam2_refine.nimbus.progress import Reporter  # noqa: E402
+from sam2_refine.job.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import cell_scene, dense_scene, rough_polygon  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 from sam2_refine.testing.checkpoints import write_layout_checkpoint  # noqa: E402
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         if args.checkpoint:
-            from sam2_refine.sam2_model import Sam2BoxPredictor
+            from sam2_refine.model.sam2_model import Sam2BoxPredictor
 
             real, untrained = Sam2BoxPredictor.load(args.checkpoint)
             checkpoint_dir, model = args.checkpoint.parent, args.checkpoint.name

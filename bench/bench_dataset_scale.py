@@ -60,9 +60,9 @@ import atexit, json, os, runpy, sys, time, types
 class CheckpointError(RuntimeError):
     pass
 
-fake = types.ModuleType("sam2_refine.sam2_model")
+fake = types.ModuleType("sam2_refine.model.sam2_model")
 fake.CheckpointError = CheckpointError
-sys.modules["sam2_refine.sam2_model"] = fake
+sys.modules["sam2_refine.model.sam2_model"] = fake
 
 import sam2_refine.cli as cli
 from sam2_refine import converge
@@ -222,7 +222,7 @@ def time_all(args: argparse.Namespace, ckpt: Path, work: Path) -> None:
 def costs(args: argparse.Namespace, ckpt: Path, work: Path) -> None:
     """The constants of read_plan.ReadCosts, measured against the test server: one request, a
     list/ids walk per annotation, an annotation and a connection shipped and read."""
-    from sam2_refine.nimbus_client import NimbusClient
+    from sam2_refine.nimbus.client import NimbusClient
 
     n = 200_000
     frame, outlines = scene(100)

@@ -47,11 +47,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sam2_refine.fast_decoder import FastBoxDecoder  # noqa: E402
-from sam2_refine.geometry import Window  # noqa: E402
-from sam2_refine.logits import cells_for_windows  # noqa: E402
-from sam2_refine.refine import first_margin  # noqa: E402
-from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, neighbourhood_cells  # noqa: E402
+from sam2_refine.model.fast_decoder import FastBoxDecoder  # noqa: E402
+from sam2_refine.engine.geometry import Window  # noqa: E402
+from sam2_refine.model.logits import cells_for_windows  # noqa: E402
+from sam2_refine.engine.location import first_margin  # noqa: E402
+from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor, neighbourhood_cells  # noqa: E402
 from sam2_refine.testing.checkpoints import make_untrained_checkpoint  # noqa: E402
 
 #: The last commit before window-local decoding: its FastBoxDecoder is "before".
@@ -81,11 +81,14 @@ def load_average() -> list[float]:
 
 def baseline_decoder(revision: str) -> type:
     """FastBoxDecoder as it was at ``revision`` (from git)."""
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:sam2_refine/fast_decoder.py"],
-                            capture_output=True, text=True, check=True).stdout
+    for path in ("sam2_refine/model/fast_decoder.py", "sam2_refine/fast_decoder.py"):  # (moved in issue 24)
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
     module = types.ModuleType("fast_decoder_baseline")
     sys.modules[module.__name__] = module
-    exec(compile(source, f"{revision}:sam2_refine/fast_decoder.py", "exec"), module.__dict__)  # noqa: S102
+    exec(compile(shown.stdout, f"{revision}:{path}", "exec"), module.__dict__)  # noqa: S102
     return module.FastBoxDecoder
 
 

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from sam2_refine.nimbus_client import DegradedFrameError, NimbusClient
+from sam2_refine.nimbus.client import DegradedFrameError, NimbusClient
 from sam2_refine.testing.large_image_double import encode_region
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 

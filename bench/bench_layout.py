@@ -34,9 +34,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from sam2_refine.architectures import recognise  # noqa: E402
-from sam2_refine.checkpoint_layout import read_layout  # noqa: E402
-from sam2_refine.checkpoints import file_sha256, scan_models  # noqa: E402
+from sam2_refine.model.architectures import recognise  # noqa: E402
+from sam2_refine.model.checkpoint_layout import read_layout  # noqa: E402
+from sam2_refine.model.checkpoints import file_sha256, scan_models  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 from sam2_refine.testing.sam2_layouts import build_model  # noqa: E402
 

@@ -18,7 +18,7 @@ per location, locations) it measures, in one process:
   fetch every location's frames through that policy's prefetcher and nothing else (**I/O
   alone**). Policies: one location ahead over one connection (what the worker did before the
   byte budget), the default budget over one connection (depth alone), and the defaults
-  (:data:`sam2_refine.prefetch.DEFAULT_BUDGET_BYTES`, :data:`~sam2_refine.prefetch.DEFAULT_CONNECTIONS`).
+  (:data:`sam2_refine.job.prefetch.DEFAULT_BUDGET_BYTES`, :data:`~sam2_refine.job.prefetch.DEFAULT_CONNECTIONS`).
 
 Every job runs ``--repeats`` times (policies interleaved) and the fastest run is kept. It
 prints wall / max(I/O serial, compute) (1.0: the job costs only its larger part) and
@@ -44,12 +44,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sam2_refine import job, prefetch  # noqa: E402
-from sam2_refine.imaging import default_layers  # noqa: E402
-from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
-from sam2_refine.report import Reporter  # noqa: E402
+from sam2_refine.job import compute as job  # noqa: E402
+from sam2_refine.job import prefetch  # noqa: E402
+from sam2_refine.engine.imaging import default_layers  # noqa: E402
+from sam2_refine.nimbus.client import NimbusClient  # noqa: E402
+from sam2_refine.nimbus.progress import Reporter  # noqa: E402
 from sam2_refine.annotations import Location  # noqa: E402
-from sam2_refine.settings import parse_settings  # noqa: E402
+from sam2_refine.job.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import grid_scene, rough_octagons  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 from sam2_refine.testing.stand_in import ZeroCostPredictor  # noqa: E402

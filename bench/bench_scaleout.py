@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sam2_refine.markers import original_of  # noqa: E402
+from sam2_refine.job.markers import original_of  # noqa: E402
 from sam2_refine.testing.datasets import grid_scene, rough_octagons  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 
@@ -56,7 +56,7 @@ import sam2_refine.cli as cli
 from realistic_masks import MaskOracle, RealisticBoxPredictor
 
 def load(path):
-    from sam2_refine.sam2_model import Sam2BoxPredictor
+    from sam2_refine.model.sam2_model import Sam2BoxPredictor
     predictor, untrained = Sam2BoxPredictor.load(path)
     return RealisticBoxPredictor(predictor, MaskOracle()), untrained
 

@@ -59,13 +59,13 @@ from per_box_loop import run_per_box_loop  # noqa: E402
 from realistic_masks import MaskOracle, RealisticBoxPredictor, RealisticImagePredictor  # noqa: E402
 from speed_scenes import FULL, QUICK, Config, build_dataset, job_parameters  # noqa: E402
 
-from sam2_refine import job  # noqa: E402
-from sam2_refine.imaging import default_layers  # noqa: E402
-from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
-from sam2_refine.regions import choose_mode  # noqa: E402
-from sam2_refine.report import Reporter  # noqa: E402
-from sam2_refine.sam2_model import Sam2BoxPredictor  # noqa: E402
-from sam2_refine.settings import parse_settings  # noqa: E402
+from sam2_refine.job import compute as job  # noqa: E402
+from sam2_refine.engine.imaging import default_layers  # noqa: E402
+from sam2_refine.nimbus.client import NimbusClient  # noqa: E402
+from sam2_refine.engine.regions import choose_mode  # noqa: E402
+from sam2_refine.nimbus.progress import Reporter  # noqa: E402
+from sam2_refine.model.sam2_model import Sam2BoxPredictor  # noqa: E402
+from sam2_refine.job.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.checkpoints import make_untrained_checkpoint  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
 
@@ -142,8 +142,8 @@ def remove_tagged(server: NimbusTestServer, dataset_id: str, tag: str) -> None:
 
 def first_windows(boxes: np.ndarray, height: int, width: int, grid_hw: tuple[int, int] | None) -> np.ndarray | None:
     """The windows (pixels) the engine asks the model for on its first pass over each box."""
-    from sam2_refine.geometry import Window
-    from sam2_refine.refine import GROWTH_PAID, first_margin
+    from sam2_refine.engine.geometry import Window
+    from sam2_refine.engine.location import GROWTH_PAID, first_margin
 
     if grid_hw is None:
         return None
@@ -206,9 +206,9 @@ def timed_less_oracle(oracle: MaskOracle, fn, *args, **kwargs) -> tuple[float, f
 def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool) -> dict:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    from sam2_refine.geometry import polygon_from_ring, prompt_box
+    from sam2_refine.engine.geometry import polygon_from_ring, prompt_box
 
-    from sam2_refine import refine
+    from sam2_refine.engine import location as refine
 
     row: dict = {"config": cfg.name, "size": cfg.size, "objects": cfg.objects, "locations": cfg.locations}
     oracle = MaskOracle()
@@ -310,9 +310,9 @@ def dense_separation(size: int = 2048, objects: int = 1000) -> dict:
     """The separation step on a dense field of touching nuclei whose masks spill 4 px into their
     neighbours (the known-mask stand-in on the truth: no model), at ``size`` x ``size`` with
     ``objects`` nuclei: the step's own time, and the rest of the engine's time around it."""
-    from sam2_refine import refine
-    from sam2_refine.refine import GeometryOptions, refine_location
-    from sam2_refine.selection import to_original
+    from sam2_refine.engine import location as refine
+    from sam2_refine.engine.location import GeometryOptions, refine_location
+    from sam2_refine.job.selection import to_original
     from sam2_refine.testing.datasets import dense_scene
     from sam2_refine.testing.stand_in import KnownMaskPredictor
 

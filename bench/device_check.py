@@ -13,7 +13,7 @@ With CUDA it:
 
 1. builds SAM2.1 tiny with random weights (:mod:`sam2_refine.testing.checkpoints`; or loads
    ``--checkpoint``) twice from the same file: once on the GPU as the worker chooses
-   (:func:`sam2_refine.sam2_model.choose_device`: bfloat16 autocast and TF32 on compute
+   (:func:`sam2_refine.model.sam2_model.choose_device`: bfloat16 autocast and TF32 on compute
    capability >= 8), once on the CPU in float32;
 2. runs the same compute job of the local NimbusImage test server (synthetic cells, default
    fields) through the real job path, ``job.run_compute`` over HTTP, on each: the GPU run, a
@@ -253,10 +253,10 @@ def build_dataset(server: Any, plan: Plan) -> Any:
 def run_job(server: Any, ds: Any, checkpoint: Path, predictor: Any, device: Device) -> dict[str, Any]:
     """``job.run_compute`` with default fields; returns its outcome, time and peak memory.
     Its refinements are removed afterwards, so that the next run refines the same originals."""
-    from sam2_refine import job
-    from sam2_refine.nimbus_client import NimbusClient
-    from sam2_refine.report import Reporter
-    from sam2_refine.settings import parse_settings
+    from sam2_refine.job import compute as job
+    from sam2_refine.nimbus.client import NimbusClient
+    from sam2_refine.nimbus.progress import Reporter
+    from sam2_refine.job.settings import parse_settings
 
     params = {"workerInterface": {"Model": checkpoint.name, "Tag of objects to refine": ["rough"],
                                   "Batch XY": "all", "Batch Z": "all", "Batch Time": "all"},
@@ -291,7 +291,7 @@ def time_model(predictor: Any, reference: Any, image: Any, plan: Plan, device: D
     ``reference`` (the CPU float32 predictor) embeds the same image once, so that the
     decoders' masks on the device can be compared with the reference's for the same prompts.
     """
-    from sam2_refine.sam2_model import inference_mode
+    from sam2_refine.model.sam2_model import inference_mode
 
     out: dict[str, Any] = {"encoder": {}, "decode": {}, "sam2_decoder": {}, "fast_decoder": {}}
     device.reset_peak()
@@ -309,7 +309,7 @@ def time_model(predictor: Any, reference: Any, image: Any, plan: Plan, device: D
     features = predictor._predictor._features  # what Sam2BoxPredictor.decode gives sam2's decoder
     fast = None
     try:
-        from sam2_refine.fast_decoder import FastBoxDecoder
+        from sam2_refine.model.fast_decoder import FastBoxDecoder
 
         fast = FastBoxDecoder(model)
         with inference_mode(choice):
@@ -460,10 +460,10 @@ def markdown(result: dict[str, Any]) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 def check(device: Device, plan: Plan, checkpoint: Path | None, out_dir: Path) -> dict[str, Any]:
-    from sam2_refine.imaging import default_layers
-    from sam2_refine.job import load_location_image
-    from sam2_refine.nimbus_client import NimbusClient
-    from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, choose_device
+    from sam2_refine.engine.imaging import default_layers
+    from sam2_refine.job.compute import load_location_image
+    from sam2_refine.nimbus.client import NimbusClient
+    from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor, choose_device
     from sam2_refine.annotations import Location
     from sam2_refine.testing.checkpoints import make_untrained_checkpoint
     from sam2_refine.testing.nimbus_server import NimbusTestServer

@@ -22,8 +22,8 @@ import numpy as np
 from shapely.geometry import Polygon
 from skimage.measure import find_contours
 
-from sam2_refine.imaging import merge_layers
-from sam2_refine.nimbus_client import NimbusClient
+from sam2_refine.engine.imaging import merge_layers
+from sam2_refine.nimbus.client import NimbusClient
 
 
 def run_per_box_loop(client: NimbusClient, dataset_id: str, sam2_image_predictor: Any, layers: list,

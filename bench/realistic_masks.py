@@ -24,7 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sam2_refine.predictor import from_whole_grid
+from sam2_refine.model.predictor import from_whole_grid
 
 LOGIT = 8.0
 GRID = 256
@@ -79,7 +79,7 @@ class MaskOracle:
 
 
 class RealisticBoxPredictor:
-    """A :class:`~sam2_refine.predictor.BoxPredictor` (variants b and c) that runs the real model
+    """A :class:`~sam2_refine.model.predictor.BoxPredictor` (variants b and c) that runs the real model
     and returns the oracle's logits in place of the model's."""
 
     def __init__(self, predictor: Any, oracle: MaskOracle) -> None:

@@ -2,7 +2,7 @@
 
 What a GPU host sees when the model costs next to nothing (:class:`ZeroCostPredictor`: valid
 masks on SAM2's 256 x 256 grid, cut to the engine's windows as on CUDA): the job is the work
-around the model, and the outline pool (:mod:`sam2_refine.outline_pool`) spreads its
+around the model, and the outline pool (:mod:`sam2_refine.engine.outline_pool`) spreads its
 per-object part over the cores. ``bench_speed.py --zero-cost`` runs this script once per
 setting in a child process whose CPU affinity (every thread: the job's, the in-process test
 server's, the outline workers') is that setting's cores::
@@ -52,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import shapely
 
-    from sam2_refine import job
-    from sam2_refine.imaging import default_layers
-    from sam2_refine.nimbus_client import NimbusClient
-    from sam2_refine.outline_pool import OutlinePool
+    from sam2_refine.job import compute as job
+    from sam2_refine.engine.imaging import default_layers
+    from sam2_refine.nimbus.client import NimbusClient
+    from sam2_refine.engine.outline_pool import OutlinePool
     from sam2_refine.annotations import Refined
-    from sam2_refine.refine import refine_location
-    from sam2_refine.report import Reporter
-    from sam2_refine.selection import to_original
+    from sam2_refine.engine.location import refine_location
+    from sam2_refine.nimbus.progress import Reporter
+    from sam2_refine.job.selection import to_original
     from sam2_refine.annotations import Location
-    from sam2_refine.settings import parse_settings
+    from sam2_refine.job.settings import parse_settings
     from sam2_refine.testing.checkpoints import write_layout_checkpoint
     from sam2_refine.testing.nimbus_server import NimbusTestServer
     from sam2_refine.testing.stand_in import ZeroCostPredictor

@@ -16,14 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sam2_refine.checkpoints import ModelCatalogue, scan_models
+from sam2_refine.model.checkpoints import ModelCatalogue, scan_models
 from sam2_refine.fields import FORM_FIELDS
 from sam2_refine.interface import build_interface, checkpoint_dir
 from sam2_refine.messages import sentences, server_failure, settings_failure
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
-from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
-from sam2_refine.report import Reporter
-from sam2_refine.settings import SettingsErrors, parse_settings
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
+from sam2_refine.job.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import SettingsErrors, parse_settings
 from sam2_refine.worker_info import DEFAULT_IMAGE_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -109,7 +109,7 @@ def warn_about_checkpoints(models: ModelCatalogue, reporter: Reporter) -> None:
 
 
 def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, reporter: Reporter) -> int:
-    from sam2_refine import job  # the engine; torch is imported only when the model loads
+    from sam2_refine.job import compute as job  # the engine; torch is imported only when the model loads
 
     try:
         settings = parse_settings(params, dataset_id, checkpoint_dir())
@@ -132,7 +132,7 @@ def _load_sam2(checkpoint: Path, on_step: Callable[[str], None] | None = None): 
     step("importing SAM2")
     import sam2.build_sam  # noqa: F401 - Hydra and the model zoo
 
-    from sam2_refine.sam2_model import Sam2BoxPredictor
+    from sam2_refine.model.sam2_model import Sam2BoxPredictor
 
     return Sam2BoxPredictor.load(checkpoint, on_step=step)
 

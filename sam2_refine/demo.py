@@ -6,7 +6,7 @@
    two-channel fluorescence field with rough nucleus annotations and the ground truth);
 2. finds a SAM2 checkpoint: ``$SAM2_CHECKPOINT_DIR``, else ``checkpoints/`` in the repository,
    else it downloads ``sam2.1_hiera_tiny.pt`` there (sha256 checked). Any usable SAM2 checkpoint
-   counts (recognised from its weights, :mod:`sam2_refine.checkpoints`), the smallest first.
+   counts (recognised from its weights, :mod:`sam2_refine.model.checkpoints`), the smallest first.
    When none can be had (offline), it says so plainly and runs with an UNTRAINED model (random
    weights, made here), which is an honest check of the pipeline: nearly every mask is rejected;
 3. runs the real ``entrypoint.py --request compute`` against the server, as NimbusImage would;
@@ -37,9 +37,9 @@ import cv2
 import numpy as np
 import tifffile
 
-from sam2_refine.checkpoints import ModelEntry, scan_models
-from sam2_refine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
-from sam2_refine.imaging import merge_layers, parse_layers
+from sam2_refine.model.checkpoints import ModelEntry, scan_models
+from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
+from sam2_refine.engine.imaging import merge_layers, parse_layers
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.worker_info import CHECKPOINT_DIR_ENV
 
@@ -256,10 +256,10 @@ def _account(after: list[dict], originals: dict[str, dict], account: dict[str, A
 def _run_stand_in(server: NimbusTestServer, checkpoint_dir: Path, model: str, example: tuple, rgb: np.ndarray,
                   out: Path) -> dict[str, Any]:
     """The same job through the same engine, with the stand-in segmenter instead of SAM2."""
-    from sam2_refine import job
-    from sam2_refine.nimbus_client import NimbusClient
-    from sam2_refine.report import Reporter
-    from sam2_refine.settings import parse_settings
+    from sam2_refine.job import compute as job
+    from sam2_refine.nimbus.client import NimbusClient
+    from sam2_refine.nimbus.progress import Reporter
+    from sam2_refine.job.settings import parse_settings
     from sam2_refine.testing.stand_in import ModelResolutionPredictor
 
     channels, truth, annotations, layers = example

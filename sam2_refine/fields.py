@@ -6,8 +6,8 @@ these strings never change. The rules here check one value of one field; a bad v
 (:func:`describe_value`), never a Python repr. The same rules check the defaults a checkpoint's
 sidecar gives (:func:`check_tuned_defaults`), so a model cannot set a value the form would refuse.
 
-Used by the settings parser (:mod:`sam2_refine.settings`), the UI description
-(:mod:`sam2_refine.interface`) and the checkpoint catalogue (:mod:`sam2_refine.checkpoints`).
+Used by the settings parser (:mod:`sam2_refine.job.settings`), the UI description
+(:mod:`sam2_refine.interface`) and the checkpoint catalogue (:mod:`sam2_refine.model.checkpoints`).
 Imports nothing of the package.
 """
 
@@ -44,10 +44,10 @@ FORM_FIELDS = frozenset({BATCH_XY, BATCH_Z, BATCH_TIME, REFINE_TAGS, MODEL, DELE
                          RESOLUTION, PROMPT, MIN_OVERLAP, KEEP_TAGS, REFINE_POINTS, REFINE_RECTANGLES, SEPARATE,
                          KEPT_TAG})
 
-#: Resolution field item -> engine mode (sam2_refine.regions).
+#: Resolution field item -> engine mode (sam2_refine.engine.regions).
 RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
 RESOLUTION_DEFAULT = "Auto"
-#: Prompt field item -> engine prompt (sam2_refine.refine).
+#: Prompt field item -> engine prompt (sam2_refine.engine.location).
 PROMPT_ITEMS = {"Box": "box", "Box + shape": "box+shape", "Best of three by overlap": "best3"}
 PROMPT_DEFAULT = "Box"
 MIN_OVERLAP_RANGE = (0, 1)
@@ -174,7 +174,7 @@ def check_select(field: str, value: Any, items: dict[str, str], default: str) ->
     return items[value]
 
 
-# -- defaults a model's sidecar may set (sam2_refine.sidecar) ---------------------------------
+# -- defaults a model's sidecar may set (sam2_refine.model.sidecar) ---------------------------------
 
 def _tuned_number(field: str, low: float, high: float) -> Callable[[Any], float]:
     def check(value: Any) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sam2_refine.checkpoints import DEFAULT_MODEL, ModelCatalogue
+from sam2_refine.model.checkpoints import DEFAULT_MODEL, ModelCatalogue
 from sam2_refine.fields import (
     BATCH_TIME,
     BATCH_XY,
@@ -124,7 +124,7 @@ def build_interface(models: Sequence[str] | ModelCatalogue) -> dict[str, Any]:
     """The UI description: field name -> field spec, in display order.
 
     Args:
-        models: The checkpoint directory's models (:func:`sam2_refine.checkpoints.scan_models`),
+        models: The checkpoint directory's models (:func:`sam2_refine.model.checkpoints.scan_models`),
             or plain item strings for the Model select.
     """
     return _follow_default_model({

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.geometry import Window, frame_window, mask_iou, rasterize
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.predictor import Decoded
-from sam2_refine.refine import GeometryOptions, refine_location, shape_logits, shape_on_grid
+from sam2_refine.job import compute as job
+from sam2_refine.engine.geometry import Window, frame_window, mask_iou, rasterize
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.model.predictor import Decoded
+from sam2_refine.engine.location import GeometryOptions, refine_location, shape_logits, shape_on_grid
 from sam2_refine.annotations import Kept, Refined
-from sam2_refine.regions import CROPS, MIN_CROP, WHOLE, choose_mode, plan_regions
-from sam2_refine.report import Reporter
-from sam2_refine.selection import to_original
-from sam2_refine.settings import parse_settings
+from sam2_refine.engine.regions import CROPS, MIN_CROP, WHOLE, choose_mode, plan_regions
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.selection import to_original
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor, ModelResolutionPredictor
 
@@ -287,7 +287,7 @@ def test_saved_tools_without_the_new_fields_keep_the_original_behaviour(ckpt):
 @pytest.mark.slow
 def test_real_sam2_takes_shape_prompts_and_three_masks(checkpoint_dir):
     """The real model (random weights) through every prompt mode: shapes and flow, not quality."""
-    from sam2_refine.sam2_model import Sam2BoxPredictor
+    from sam2_refine.model.sam2_model import Sam2BoxPredictor
 
     predictor, untrained = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt")
     assert untrained
@@ -317,8 +317,8 @@ def test_real_sam2_takes_shape_prompts_and_three_masks(checkpoint_dir):
 def test_frames_too_large_for_a_whole_frame_copy_are_refined_in_crops(monkeypatch):
     """A 20000 x 20000 frame cannot be merged into one RGB float copy (4.8 GB): beyond the pixel
     budget the engine uses object crops whatever the Resolution field says, and merges only them."""
-    from sam2_refine import refine
-    from sam2_refine.imaging import LocationImage, default_layers
+    from sam2_refine.engine import location as refine
+    from sam2_refine.engine.imaging import LocationImage, default_layers
 
     monkeypatch.setattr(refine, "MAX_WHOLE_FRAME_PIXELS", 1000 * 1000)
     scene = cell_scene(1200, 1200, 12, radius=(9.0, 12.0), seed=8, noise=False)
@@ -339,7 +339,7 @@ def test_frames_too_large_for_a_whole_frame_copy_are_refined_in_crops(monkeypatc
 def test_regions_larger_than_the_model_input_are_merged_shrunk():
     """A model that squeezes its input to input_size gets the region already shrunk (cheaper to
     merge) and the region's size; a stand-in without input_size gets full resolution."""
-    from sam2_refine.imaging import LocationImage, default_layers
+    from sam2_refine.engine.imaging import LocationImage, default_layers
 
     scene = cell_scene(300, 300, 6, radius=(12.0, 16.0), seed=2, noise=False)
     image = LocationImage({0: scene.channels[0]}, default_layers(1))
@@ -369,8 +369,8 @@ def test_regions_larger_than_the_model_input_are_merged_shrunk():
 def test_real_sam2_shrunk_region_equals_full_region(checkpoint_dir):
     """Sam2BoxPredictor resizes to 1024 with area averaging itself: handing it the region already
     shrunk (with region_hw) must give the same masks for the same boxes."""
-    from sam2_refine.imaging import ArrayImage
-    from sam2_refine.sam2_model import Sam2BoxPredictor
+    from sam2_refine.engine.imaging import ArrayImage
+    from sam2_refine.model.sam2_model import Sam2BoxPredictor
 
     predictor, _ = Sam2BoxPredictor.load(checkpoint_dir / "sam2.1_hiera_tiny.pt")
     rgb = np.random.default_rng(1).random((2500, 2100, 3)).astype(np.float32)

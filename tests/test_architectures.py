@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_refine.architectures import NotASam2Checkpoint, architectures, expected_weights, recognise
-from sam2_refine.checkpoint_layout import read_layout
-from sam2_refine.checkpoints import ModelUnusable, inspect_model, scan_models
-from sam2_refine.fast_decoder import FastBoxDecoder
-from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor
+from sam2_refine.model.architectures import NotASam2Checkpoint, architectures, expected_weights, recognise
+from sam2_refine.model.checkpoint_layout import read_layout
+from sam2_refine.model.checkpoints import ModelUnusable, inspect_model, scan_models
+from sam2_refine.model.fast_decoder import FastBoxDecoder
+from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor
 from sam2_refine.testing.checkpoints import layout_weights, save_checkpoint, sharpen_decoder, write_layout_checkpoint
 from sam2_refine.testing.sam2_layouts import ARCHITECTURES, build_model, weight_shapes
 
@@ -253,7 +253,7 @@ def test_fast_decoder_equals_sam2s_for_every_architecture(built: Built) -> None:
 def test_unsupported_decoder_falls_back_with_a_log_line(built: Built, caplog: pytest.LogCaptureFixture,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(built.model.sam_mask_decoder, "use_high_res_features", False)
-    with caplog.at_level(logging.INFO, logger="sam2_refine.sam2_model"):
+    with caplog.at_level(logging.INFO, logger="sam2_refine.model.sam2_model"):
         predictor = Sam2BoxPredictor(built.model, CPU)
     assert predictor.decoder_name == "sam2's MaskDecoder"
     assert any("using sam2's mask decoder: FastBoxDecoder does not support this model" in r.getMessage()

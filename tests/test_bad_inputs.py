@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import cli, job
+from sam2_refine import cli
+from sam2_refine.job import compute as job
 from sam2_refine import fields as ui
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job.markers import original_of
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 
 H, W = 128, 192
@@ -259,7 +260,7 @@ def test_catalogue_single_pixel_object(server, ckpt, tmp_path):
     code, _, summary = run(server, ds, ckpt, tmp_path, predictor=KnownMaskPredictor(labels=labels))
     assert code == 0
     new = assert_refined(server, ds, summary, bad)
-    from sam2_refine.geometry import polygon_from_ring, ring_from_coordinates
+    from sam2_refine.engine.geometry import polygon_from_ring, ring_from_coordinates
     shape = polygon_from_ring(ring_from_coordinates(new["coordinates"]))
     assert shape.is_valid and 0 < shape.area <= 2.0 and shape.contains(shape.centroid)
     assert abs(shape.centroid.x - 60) < 0.6 and abs(shape.centroid.y - 50) < 0.6

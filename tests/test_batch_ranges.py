@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
+from sam2_refine.job.batch_ranges import AxisSelection, BatchRangeError, parse_batch
 
 FIELD = "Batch XY"
 

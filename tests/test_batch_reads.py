@@ -13,12 +13,12 @@ import pytest
 import requests
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.batch_reads import BatchReader
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy, ServerLacksEndpoint
-from sam2_refine.report import Reporter
+from sam2_refine.job import compute as job
+from sam2_refine.job.batch_reads import BatchReader
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy, ServerLacksEndpoint
+from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.annotations import Location
-from sam2_refine.settings import parse_settings
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc
 from sam2_refine.testing.interleave import Interleaver
 from sam2_refine.testing.nimbus_server import NimbusTestServer, RecordedRequest
@@ -161,7 +161,7 @@ def test_an_older_server_is_read_as_before_and_said_once(server, ckpt, caplog):
     server.has_list_ids = False
     data = make_data(server, n_xy=2, count=3)
     others(server, data, 300, xy=2)
-    with caplog.at_level(logging.WARNING, logger="sam2_refine.batch_reads"):
+    with caplog.at_level(logging.WARNING, logger="sam2_refine.job.batch_reads"):
         code, lines = run(server, data, ckpt, delete=True)
     assert code == 0, lines
     said = [r for r in caplog.records if "has no upenn_annotation" in r.getMessage()]

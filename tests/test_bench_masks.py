@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from realistic_masks import GRID, MaskOracle, RealisticBoxPredictor  # noqa: E402
 
-from sam2_refine.logits import upsample_window  # noqa: E402
-from sam2_refine.predictor import Decoded  # noqa: E402
+from sam2_refine.model.logits import upsample_window  # noqa: E402
+from sam2_refine.model.predictor import Decoded  # noqa: E402
 
 
 def two_disks(height: int = 600, width: int = 800) -> tuple[np.ndarray, np.ndarray]:

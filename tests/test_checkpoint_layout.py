@@ -1,4 +1,4 @@
-"""The torch-free layout reader (sam2_refine.checkpoint_layout) against files torch writes.
+"""The torch-free layout reader (sam2_refine.model.checkpoint_layout) against files torch writes.
 
 Every file here is written by torch itself (or is a torch file cut short or altered); the
 reader's answer is compared with what ``torch.load(weights_only=True, mmap=True)`` makes of the
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam2_refine.checkpoint_layout import LayoutError, TensorInfo, read_layout
+from sam2_refine.model.checkpoint_layout import LayoutError, TensorInfo, read_layout
 
 
 def shapes_of(tree) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN, run_worker
-from sam2_refine.checkpoints import scan_models
+from sam2_refine.model.checkpoints import scan_models
 from sam2_refine.interface import build_interface
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 

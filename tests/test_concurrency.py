@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TOKEN, WorkerRun
-from sam2_refine import job
-from sam2_refine.markers import MARKER_KEY, original_of
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job import compute as job
+from sam2_refine.job.markers import MARKER_KEY, original_of
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.interleave import Interleaver
 from sam2_refine.testing.nimbus_server import NimbusTestServer, RecordedRequest
@@ -500,8 +500,8 @@ def test_unordered_ids_two_jobs_forced_to_overlap(ckpt, tmp_path, seed):
 def force_plan(monkeypatch, queries: bool) -> None:
     """Every job in this process reads its batch by location queries (list/ids + hydrate), or by
     one listing of the dataset, whatever read_plan's cost model would choose."""
-    from sam2_refine import batch_reads
-    from sam2_refine.read_plan import AnnotationReadPlan
+    from sam2_refine.job import batch_reads
+    from sam2_refine.job.read_plan import AnnotationReadPlan
 
     def plan(batch, sizes, count, costs):
         if not queries:
@@ -620,7 +620,7 @@ def test_quarter_batches_and_a_shared_batch_give_what_one_job_gives(ckpt, tmp_pa
 def test_a_server_paging_by_offset_is_reported(server, ckpt, monkeypatch):
     """Convergence rests on listings that show whatever existed throughout them (the afterId
     cursor); a server that pages by offset is named in a warning (here: pages of 2 annotations)."""
-    from sam2_refine.nimbus_client import NimbusClient as Client
+    from sam2_refine.nimbus.client import NimbusClient as Client
 
     server.cursor_paging = False
     data = make_data(server, n_xy=1, count=3)
@@ -642,7 +642,7 @@ def test_a_rerun_removes_connections_a_worker_left_on_deleted_originals(server, 
     """A worker that trusted the server's bulk delete to remove the originals' connections (this
     one before, or one stopped between deleting and removing them) left them pointing at deleted
     originals; the next run over the batch removes them, and only them."""
-    from sam2_refine import converge
+    from sam2_refine.job import converge
 
     data = make_data(server)
     with monkeypatch.context() as patch:

@@ -110,7 +110,7 @@ def test_the_cpu_device_helpers_time_without_cuda_calls():
 @pytest.mark.slow
 def test_sam2_decoder_stays_the_cuda_path(checkpoint_dir):
     """Until CUDA has been measured, a CUDA choice never uses FastBoxDecoder."""
-    from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model
+    from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model
 
     model = build_model(checkpoint_dir / "sam2.1_hiera_tiny.pt", DeviceChoice("cpu", False, False))
     for choice in (DeviceChoice("cuda", True, True), DeviceChoice("cuda", False, False)):

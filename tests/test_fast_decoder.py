@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_refine.fast_decoder import FastBoxDecoder, UnsupportedModelError
-from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model
+from sam2_refine.model.fast_decoder import FastBoxDecoder, UnsupportedModelError
+from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model
 from sam2_refine.testing.checkpoints import sharpen_decoder
 
 CPU = DeviceChoice("cpu", bfloat16=False, tf32=False)
@@ -316,7 +316,7 @@ def test_predictor_boxes_and_points_in_one_prompt(setup: Setup) -> None:
 
 
 def test_prompt_points_are_checked() -> None:
-    from sam2_refine.sam2_model import model_prompt_points
+    from sam2_refine.model.sam2_model import model_prompt_points
 
     with pytest.raises(ValueError, match="boxes or points"):
         model_prompt_points(None, None, None, (100, 100), 1024)

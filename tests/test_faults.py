@@ -35,11 +35,11 @@ from typing import Any
 import pytest
 
 from conftest import REPO, TOKEN, WorkerRun
-from sam2_refine import job
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job import compute as job
+from sam2_refine.job.markers import original_of
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 from test_cli_e2e import BIG, LAYERS, SMALL, ann, params, pixels
@@ -56,14 +56,14 @@ def _real(name):
     # Anything but CheckpointError: load the real module (torch) after all.
     if name.startswith("__"):
         raise AttributeError(name)
-    sys.modules.pop("sam2_refine.sam2_model", None)
+    sys.modules.pop("sam2_refine.model.sam2_model", None)
     import importlib
-    return getattr(importlib.import_module("sam2_refine.sam2_model"), name)
+    return getattr(importlib.import_module("sam2_refine.model.sam2_model"), name)
 
-fake = types.ModuleType("sam2_refine.sam2_model")
+fake = types.ModuleType("sam2_refine.model.sam2_model")
 fake.CheckpointError = CheckpointError
 fake.__getattr__ = _real
-sys.modules["sam2_refine.sam2_model"] = fake
+sys.modules["sam2_refine.model.sam2_model"] = fake
 
 import sam2_refine.cli as cli
 from sam2_refine.testing.stand_in import KnownMaskPredictor

@@ -14,8 +14,8 @@ import pytest
 import tifffile
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.frame_decoding import (
+from sam2_refine.job import compute as job
+from sam2_refine.nimbus.frames import (
     FrameDecodeError,
     FrameSpec,
     as_plane,
@@ -23,9 +23,9 @@ from sam2_refine.frame_decoding import (
     read_tiff_plane,
     unpickle_array,
 )
-from sam2_refine.nimbus_client import DegradedFrameError, NimbusAPIError, NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.nimbus.client import DegradedFrameError, NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.large_image_double import encode_region
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 from test_cli_e2e import BIG, LAYERS, SMALL, ann, params, pixels

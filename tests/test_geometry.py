@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon
 
-from sam2_refine.geometry import frame_window, mask_iou, polygon_coordinates, rasterize
-from sam2_refine.predictor import Decoded
-from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_coordinates, rasterize
+from sam2_refine.model.predictor import Decoded
+from sam2_refine.engine.location import GeometryOptions, refine_location
 from sam2_refine.annotations import Kept, Outcome, Refined
 from sam2_refine.annotations import Original
-from sam2_refine.selection import to_original
+from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, rough_polygon
 from sam2_refine.testing.stand_in import LOGIT, KnownMaskPredictor
 
@@ -547,7 +547,7 @@ def test_coarse_grid_still_gives_close_valid_polygons() -> None:
 
 
 def test_same_point_is_allclose_for_outline_points():
-    from sam2_refine.geometry import _same_point
+    from sam2_refine.engine.geometry import _same_point
 
     rng = np.random.default_rng(0)
     for _ in range(2000):

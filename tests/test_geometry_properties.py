@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import Point, Polygon, box as shapely_box
 
-from sam2_refine.geometry import (
+from sam2_refine.engine.geometry import (
     AnnotationProblem,
     frame_polygon,
     frame_window,
@@ -19,9 +19,9 @@ from sam2_refine.geometry import (
     rasterize,
     simplify_keeping_area,
 )
-from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.engine.location import GeometryOptions, refine_location
 from sam2_refine.annotations import Kept, Refined
-from sam2_refine.selection import to_original
+from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, outline, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sam2_refine.imaging import (Layer, LayerError, contrast_limits, default_layers, frame_range, js_round,
+from sam2_refine.engine.imaging import (Layer, LayerError, contrast_limits, default_layers, frame_range, js_round,
                                  merge_layers, parse_colour, parse_layers, percent_of_range)
 
 H, W = 4, 101
@@ -392,7 +392,7 @@ def test_a_non_finite_contrast_point_is_refused(point: float) -> None:
 
 def test_percentile_points_are_taken_over_the_whole_frame() -> None:
     """A window of a frame is merged with the frame's points, not its own min and max."""
-    from sam2_refine.imaging import LocationImage
+    from sam2_refine.engine.imaging import LocationImage
 
     plane = np.zeros((50, 60), np.uint16)
     plane[:, 30:] = 1000
@@ -404,7 +404,7 @@ def test_percentile_points_are_taken_over_the_whole_frame() -> None:
 
 
 def test_location_image_windows_are_merged_as_the_whole_frame_is():
-    from sam2_refine.imaging import LocationImage
+    from sam2_refine.engine.imaging import LocationImage
 
     rng = np.random.default_rng(5)
     planes = {0: rng.integers(0, 60000, size=(300, 400)).astype(np.uint16),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sam2_refine import interface as ui
-from sam2_refine.checkpoints import list_candidates
+from sam2_refine.model.checkpoints import list_candidates
 from sam2_refine.interface import build_interface, checkpoint_dir, default_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,12 +14,12 @@ import time
 import numpy as np
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.predictor import Decoded
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job import compute as job
+from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.model.predictor import Decoded
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

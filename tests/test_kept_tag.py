@@ -2,7 +2,7 @@
 
 - the local server's ``PUT upenn_annotation/multiple`` does what NimbusImage's plugin does
   (``server/api/annotation.py`` and ``models/annotation.py``, ``updateMultiple``);
-- the client's tag update, and :mod:`sam2_refine.kept` (positions, grouping, tagging);
+- the client's tag update, and :mod:`sam2_refine.job.kept` (positions, grouping, tagging);
 - jobs in-process over real HTTP with the known-mask stand-in: the "Annotations kept" warning
   counts by position and reason (ids only in the summary file); "Tag kept annotations" tags every
   kept original and changes nothing else of it (the server's stored document compared), is
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.kept import kept_by_position, kept_text, new_tags, position_text, update_tags
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
+from sam2_refine.job import compute as job
+from sam2_refine.job.kept import kept_by_position, kept_text, new_tags, position_text, update_tags
+from sam2_refine.job.markers import original_of
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.annotations import Location
-from sam2_refine.settings import parse_settings
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

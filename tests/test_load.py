@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job import compute as job
+from sam2_refine.job.markers import original_of
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, grid_scene, rough_octagons
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.testing.stand_in import KnownMaskPredictor
@@ -61,7 +61,7 @@ def reset_peak_rss() -> bool:
 
 
 def test_25000_annotations_in_one_job(tmp_path: Path, monkeypatch):
-    import sam2_refine.sam2_model  # noqa: F401 - torch is imported by every job; not counted as growth
+    import sam2_refine.model.sam2_model  # noqa: F401 - torch is imported by every job; not counted as growth
 
     from sam2_refine.testing.checkpoints import write_layout_checkpoint
 

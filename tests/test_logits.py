@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam2_refine.logits import upsample_window
+from sam2_refine.model.logits import upsample_window
 
 
 def reference(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_windows_outside_raise(rows: tuple[int, int], cols: tuple[int, int]) -> 
 def test_grid_window_is_exactly_the_cells_read() -> None:
     """grid_window names the cells upsample_window reads: a patch of exactly those cells gives
     the same values, one cell less on any side is refused."""
-    from sam2_refine.logits import GridPatch, grid_window
+    from sam2_refine.model.logits import GridPatch, grid_window
 
     rng = np.random.default_rng(9)
     grid = grid_of(256, 256, seed=9)
@@ -138,7 +138,7 @@ def test_grid_window_is_exactly_the_cells_read() -> None:
 
 
 def test_cells_for_windows_clips_to_the_region() -> None:
-    from sam2_refine.logits import cells_for_windows, crop_to_cells, grid_window
+    from sam2_refine.model.logits import cells_for_windows, crop_to_cells, grid_window
 
     windows = np.array([[-10, -10, 20, 30], [990, 1000, 2000, 2000], [100, 200, 101, 201]])
     cells = cells_for_windows(windows, (256, 256), (1024, 1024))

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from sam2_refine import checkpoints as ckpts
+from sam2_refine.model import checkpoints as ckpts
 from sam2_refine import interface as ui
-from sam2_refine.checkpoints import CheckpointChoiceError, resolve_model, scan_models
+from sam2_refine.model.checkpoints import CheckpointChoiceError, resolve_model, scan_models
 from sam2_refine.fields import check_tuned_defaults
-from sam2_refine.settings import SettingsErrors, parse_settings
+from sam2_refine.job.settings import SettingsErrors, parse_settings
 from sam2_refine.testing.checkpoints import write_layout_checkpoint
 
 SMALL = "sam2.1_hiera_small.pt"
@@ -219,8 +219,8 @@ def test_resolution_only_ever_opens_a_listed_file(directory: Path, monkeypatch: 
 
 def test_the_readme_example_sidecar_is_valid() -> None:
     """The example an operator copies from the README passes every rule."""
-    from sam2_refine.architectures import architectures
-    from sam2_refine.sidecar import parse_sidecar
+    from sam2_refine.model.architectures import architectures
+    from sam2_refine.model.sidecar import parse_sidecar
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("**The sidecar**"):]

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import TOKEN
-from sam2_refine.nimbus_client import (
+from sam2_refine.nimbus.client import (
     MAX_CHUNK,
     NimbusAPIError,
     NimbusClient,
@@ -22,7 +22,7 @@ from sam2_refine.nimbus_client import (
     Timeouts,
     frame_map_from_tiles,
 )
-from sam2_refine.report import Reporter
+from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import Polygon
 
-from sam2_refine.geometry import douglas_peucker, on_precision_grid, outline_from_logits
+from sam2_refine.engine.geometry import douglas_peucker, on_precision_grid, outline_from_logits
 
 PROPS = settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -33,7 +33,7 @@ def traced(seed: int, size: int = 40, sigma: float = 3.0) -> Polygon:
     """An outline traced as the engine traces one: smooth random logits, largest component."""
     from scipy import ndimage
 
-    from sam2_refine.geometry import select_component
+    from sam2_refine.engine.geometry import select_component
 
     rng = np.random.default_rng(seed)
     logits = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma) * 50 + 0.3

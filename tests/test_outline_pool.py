@@ -1,6 +1,6 @@
 """Outline work in parallel (issue 15, item 2): the outline pool and the engine on it.
 
-The pool (:mod:`sam2_refine.outline_pool`) runs the engine's per-object work in worker
+The pool (:mod:`sam2_refine.engine.outline_pool`) runs the engine's per-object work in worker
 processes. What must hold, whatever the number of workers: the outlines, reasons and scores are
 exactly those the engine makes on its own thread (compared as WKB, on scenes that take every
 path: separation with early and late outlines, padding kept apart, the quality gate, points,
@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import shapely
 
-from sam2_refine import refine
-from sam2_refine.outline_pool import (
+from sam2_refine.engine import location as refine
+from sam2_refine.engine.outline_pool import (
     MAX_WORKERS,
     WORKERS_ENV,
     OutlinePool,
@@ -39,9 +39,9 @@ from sam2_refine.outline_pool import (
     usable_cores,
     workers_from_env,
 )
-from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.engine.location import GeometryOptions, refine_location
 from sam2_refine.annotations import Kept, Refined
-from sam2_refine.selection import to_original
+from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, dense_scene, grid_scene, rough_octagons, rough_polygon
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.testing.stand_in import KnownMaskPredictor
@@ -57,14 +57,14 @@ from test_faults import LiveRun, cli_argv, cli_env, error_text, job_params
     ("0", "cuda", 0), ("3", "cpu", 3), (" 2 ", "cpu", 2), (str(MAX_WORKERS), "cpu", MAX_WORKERS),
 ])
 def test_workers_follow_the_environment_else_the_device(monkeypatch, value, device, expected):
-    monkeypatch.setattr("sam2_refine.outline_pool.usable_cores", lambda: 6)
+    monkeypatch.setattr("sam2_refine.engine.outline_pool.usable_cores", lambda: 6)
     environ = {} if value is None else {WORKERS_ENV: value}
     assert workers_from_env(device, environ) == expected
 
 
 @pytest.mark.parametrize("value", ["-1", "two", "1.5", str(MAX_WORKERS + 1)])
 def test_a_malformed_worker_count_is_logged_and_the_default_used(monkeypatch, caplog, value):
-    monkeypatch.setattr("sam2_refine.outline_pool.usable_cores", lambda: 4)
+    monkeypatch.setattr("sam2_refine.engine.outline_pool.usable_cores", lambda: 4)
     assert workers_from_env("cuda", {WORKERS_ENV: value}) == 4
     assert workers_from_env("cpu", {WORKERS_ENV: value}) == 0
     assert WORKERS_ENV in caplog.text and repr(value) in caplog.text
@@ -86,7 +86,7 @@ def test_a_containers_cpu_quota_bounds_the_cores(cpu_max, v1, expected):
 
 
 def test_usable_cores_are_within_affinity_and_quota(monkeypatch):
-    monkeypatch.setattr("sam2_refine.outline_pool._read",
+    monkeypatch.setattr("sam2_refine.engine.outline_pool._read",
                         lambda path: "200000 100000" if path.endswith("cpu.max") else None)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
     assert usable_cores() == 2
@@ -268,7 +268,7 @@ def test_a_bug_in_the_outline_work_fails_the_location_instead_of_losing_objects(
     def broken(*args: Any) -> list:
         raise RuntimeError("a bug in tracing")
 
-    monkeypatch.setattr("sam2_refine.refine.trace_objects", broken)
+    monkeypatch.setattr("sam2_refine.engine.location.trace_objects", broken)
     with pytest.raises(RuntimeError, match="a bug in tracing"):
         refine_location(predictor, _image(scene), originals, options, pool=OutlinePool(0))
 
@@ -374,10 +374,10 @@ def test_a_job_whose_outline_workers_die_fails_and_deletes_nothing(tmp_path):
     exit status 1; every original stays, none is deleted."""
     import io
 
-    from sam2_refine import job
-    from sam2_refine.nimbus_client import NimbusClient
-    from sam2_refine.report import Reporter
-    from sam2_refine.settings import parse_settings
+    from sam2_refine.job import compute as job
+    from sam2_refine.nimbus.client import NimbusClient
+    from sam2_refine.nimbus.progress import Reporter
+    from sam2_refine.job.settings import parse_settings
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

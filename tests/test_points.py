@@ -1,6 +1,6 @@
 """Points and rectangles as prompts (issue 13, items 1 and 4) in the engine, and the point rule.
 
-The point rule (:mod:`sam2_refine.point_choice`) is tested as pure functions; the engine with the
+The point rule (:mod:`sam2_refine.engine.point_choice`) is tested as pure functions; the engine with the
 known-mask stand-in, which answers a point with three masks (a part, the object, the object with
 what it touches) and whose own score prefers the wrong (largest) one for objects whose label is
 a multiple of 3.
@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam2_refine import point_choice as pc
-from sam2_refine.geometry import frame_window, mask_iou, rasterize
-from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.engine import point_choice as pc
+from sam2_refine.engine.geometry import frame_window, mask_iou, rasterize
+from sam2_refine.engine.location import GeometryOptions, refine_location
 from sam2_refine.annotations import Kept, Refined
-from sam2_refine.selection import to_original
+from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, dense_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

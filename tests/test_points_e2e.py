@@ -16,8 +16,8 @@ from collections import Counter
 
 import numpy as np
 
-from sam2_refine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
-from sam2_refine.markers import original_of
+from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
+from sam2_refine.job.markers import original_of
 from test_bad_inputs import DISKS, H, LAYER, W, disk_pixels, doc, octagon
 from test_faults import run_cli
 from test_cli_e2e import params

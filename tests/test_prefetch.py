@@ -1,4 +1,4 @@
-"""Frames ahead (sam2_refine.prefetch): depth by a byte budget, several locations in flight,
+"""Frames ahead (sam2_refine.job.prefetch): depth by a byte budget, several locations in flight,
 order, each location taken once, failures per location, one HTTP session per thread.
 
 The unit tests drive :class:`FramePrefetcher` with a fake client and fetch function; the job
@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import job, prefetch
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy
-from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes, parse_bytes
-from sam2_refine.report import Reporter
+from sam2_refine.job import compute as job
+from sam2_refine.job import prefetch
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.job.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes, parse_bytes
+from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.annotations import Location
-from sam2_refine.settings import parse_settings
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import ZeroCostPredictor
 
@@ -62,8 +63,8 @@ def test_malformed_policy_values_fall_back_to_the_defaults(env, caplog):
 
 
 def test_location_bytes_follow_the_metadata_dtype():
-    from sam2_refine.imaging import Layer
-    from sam2_refine.nimbus_client import DatasetInfo
+    from sam2_refine.engine.imaging import Layer
+    from sam2_refine.nimbus.client import DatasetInfo
 
     frames = np.zeros((3, 1, 1, 1), dtype=np.int64)
     layers = [Layer(c, (1.0, 1.0, 1.0), "percentile", 0, 100) for c in (0, 2, 2)]  # channels 0 and 2

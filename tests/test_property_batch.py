@@ -1,4 +1,4 @@
-"""Property tests of the Batch XY / Z / Time fields (sam2_refine.batch_ranges).
+"""Property tests of the Batch XY / Z / Time fields (sam2_refine.job.batch_ranges).
 
 - any list of 1-based positions and ranges, rendered as text the way a user types it, parses
   back to exactly those 0-based positions;
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
+from sam2_refine.job.batch_ranges import AxisSelection, BatchRangeError, parse_batch
 
 FIELD = "Batch XY"
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,10 +1,10 @@
-"""The choice between per-location queries and one listing (sam2_refine/read_plan.py)."""
+"""The choice between per-location queries and one listing (sam2_refine/job/read_plan.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from sam2_refine.read_plan import ReadCosts, plan_annotation_reads, read_connections_per_annotation
+from sam2_refine.job.read_plan import ReadCosts, plan_annotation_reads, read_connections_per_annotation
 
 COSTS = ReadCosts()
 

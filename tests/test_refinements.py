@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sam2_refine.converge import RefinementWatch
-from sam2_refine.markers import MARKER_KEY, Mark, marker, read_mark
-from sam2_refine.refinements import RefinementIndex
+from sam2_refine.job.converge import RefinementWatch
+from sam2_refine.job.markers import MARKER_KEY, Mark, marker, read_mark
+from sam2_refine.job.refinements import RefinementIndex
 from sam2_refine.annotations import Location
 
 A, B, C = "a" * 24, "b" * 24, "c" * 24

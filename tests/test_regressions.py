@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import cli, job
-from sam2_refine.batch_ranges import BatchRangeError, parse_batch
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine import cli
+from sam2_refine.job import compute as job
+from sam2_refine.job.batch_ranges import BatchRangeError, parse_batch
+from sam2_refine.job.markers import original_of
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

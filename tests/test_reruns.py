@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN, run_worker
-from sam2_refine import job
-from sam2_refine.markers import original_of
-from sam2_refine.nimbus_client import NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job import compute as job
+from sam2_refine.job.markers import original_of
+from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 from test_cli_e2e import BIG, LAYERS, ann, params, pixels

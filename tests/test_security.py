@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TOKEN, WorkerRun, run_worker
-from sam2_refine import cli, job
-from sam2_refine.checkpoints import CheckpointChoiceError, resolve_checkpoint
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, RetryPolicy
-from sam2_refine.report import Reporter
-from sam2_refine.settings import SettingsErrors, parse_settings
+from sam2_refine import cli
+from sam2_refine.job import compute as job
+from sam2_refine.model.checkpoints import CheckpointChoiceError, resolve_checkpoint
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import SettingsErrors, parse_settings
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 from test_cli_e2e import BIG, LAYERS, SMALL, ann, params, pixels
@@ -309,7 +310,7 @@ def test_a_malicious_checkpoint_runs_no_code(tmp_path):
     torch's weights_only load refuses it too (should a file change after it was recognised)."""
     import torch
 
-    from sam2_refine.sam2_model import CheckpointError, Sam2BoxPredictor, inspect_checkpoint, load_state_dict
+    from sam2_refine.model.sam2_model import CheckpointError, Sam2BoxPredictor, inspect_checkpoint, load_state_dict
     from sam2_refine.testing.checkpoints import write_layout_checkpoint
 
     # Control: loaded unsafely, this payload does run (so the test below means something).

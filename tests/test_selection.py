@@ -8,7 +8,7 @@ import pytest
 from shapely.geometry import Point, Polygon
 
 from sam2_refine.annotations import POINT, POLYGON, RECTANGLE, Original
-from sam2_refine.selection import has_any_tag, select, to_original
+from sam2_refine.job.selection import has_any_tag, select, to_original
 from sam2_refine.annotations import Location
 
 SQUARE = [{"x": 10.0, "y": 10.0}, {"x": 20.0, "y": 10.0}, {"x": 20.0, "y": 20.0}, {"x": 10.0, "y": 20.0}]

@@ -1,6 +1,6 @@
 """Touching objects kept apart (issue 13, item 3): the pure separation step and the engine with it.
 
-Unit tests of :mod:`sam2_refine.separation` (who wins a contested pixel, ties, groups, the cost
+Unit tests of :mod:`sam2_refine.engine.separation` (who wins a contested pixel, ties, groups, the cost
 bound of the neighbour search), and the engine on a dense field whose masks spill into their
 neighbours (the known-mask stand-in with ``spill``): overlap below 0.5 % of the outlines' area
 with the option, mean IoU to the truth not lower than without it.
@@ -13,11 +13,11 @@ import pytest
 import shapely
 from shapely.geometry import box
 
-from sam2_refine.geometry import Window, frame_window, mask_iou, rasterize
-from sam2_refine.refine import GeometryOptions, refine_location
+from sam2_refine.engine.geometry import Window, frame_window, mask_iou, rasterize
+from sam2_refine.engine.location import GeometryOptions, refine_location
 from sam2_refine.annotations import Kept, Refined
-from sam2_refine.selection import to_original
-from sam2_refine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
+from sam2_refine.job.selection import to_original
+from sam2_refine.engine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
 from sam2_refine.testing.datasets import annotation_doc, dense_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

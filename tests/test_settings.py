@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sam2_refine.annotations import Location
-from sam2_refine.settings import RefineSettings, SettingsErrors, parse_settings
+from sam2_refine.job.settings import RefineSettings, SettingsErrors, parse_settings
 
 TINY = "sam2.1_hiera_tiny.pt"
 SMALL = "sam2.1_hiera_small.pt"

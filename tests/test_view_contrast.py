@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from conftest import TOKEN
-from sam2_refine import job
-from sam2_refine.imaging import Layer, LayerError, LocationImage, merge_layers, parse_layers, view_contrast
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient
-from sam2_refine.report import Reporter
-from sam2_refine.settings import parse_settings
+from sam2_refine.job import compute as job
+from sam2_refine.engine.imaging import Layer, LayerError, LocationImage, merge_layers, parse_layers, view_contrast
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon
 from sam2_refine.testing.stand_in import KnownMaskPredictor
-from sam2_refine.views import ViewLayers, choose_view, holds_tool, rank_views
+from sam2_refine.nimbus.views import ViewLayers, choose_view, holds_tool, rank_views
 
 H, W = 4, 101
 WHITE = (1.0, 1.0, 1.0)

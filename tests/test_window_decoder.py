@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_refine.checkpoints import CHECKPOINT_CONFIGS
-from sam2_refine.fast_decoder import FastBoxDecoder
-from sam2_refine.logits import cells_for_windows, upsample_window
-from sam2_refine.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model, neighbourhood_cells
+from sam2_refine.model.checkpoints import CHECKPOINT_CONFIGS
+from sam2_refine.model.fast_decoder import FastBoxDecoder
+from sam2_refine.model.logits import cells_for_windows, upsample_window
+from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor, build_model, neighbourhood_cells
 from sam2_refine.testing.checkpoints import sharpen_decoder
 
 CPU = DeviceChoice("cpu", bfloat16=False, tf32=False)

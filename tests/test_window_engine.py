@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from realistic_masks import MaskOracle  # noqa: E402
 
-from sam2_refine import job  # noqa: E402
-from sam2_refine.geometry import Window, frame_window  # noqa: E402
-from sam2_refine.logits import GridPatch  # noqa: E402
-from sam2_refine.nimbus_client import NimbusClient  # noqa: E402
-from sam2_refine.predictor import Decoded, from_whole_grid  # noqa: E402
-from sam2_refine.refine import (  # noqa: E402
+from sam2_refine.job import compute as job  # noqa: E402
+from sam2_refine.engine.geometry import Window, frame_window  # noqa: E402
+from sam2_refine.model.logits import GridPatch  # noqa: E402
+from sam2_refine.nimbus.client import NimbusClient  # noqa: E402
+from sam2_refine.model.predictor import Decoded, from_whole_grid  # noqa: E402
+from sam2_refine.engine.location import (  # noqa: E402
     BEST_OF_THREE,
     GeometryOptions,
     LargerWindow,
@@ -40,10 +40,10 @@ from sam2_refine.refine import (  # noqa: E402
     refine_location,
 )
 from sam2_refine.annotations import Refined  # noqa: E402
-from sam2_refine.report import Reporter  # noqa: E402
-from sam2_refine.sam2_model import Sam2BoxPredictor  # noqa: E402
+from sam2_refine.nimbus.progress import Reporter  # noqa: E402
+from sam2_refine.model.sam2_model import Sam2BoxPredictor  # noqa: E402
 from sam2_refine.annotations import Original  # noqa: E402
-from sam2_refine.settings import parse_settings  # noqa: E402
+from sam2_refine.job.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import annotation_doc, grid_scene, rough_octagons  # noqa: E402
 from sam2_refine.testing.stand_in import KnownMaskPredictor  # noqa: E402
 

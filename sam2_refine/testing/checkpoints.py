@@ -7,7 +7,7 @@
   weight is a zero broadcast to its shape (one 4-byte storage for all), so even SAM2.1 large
   is a file of a few hundred kB that ``torch.load`` and sam2 load like any other.
 
-Both carry :data:`~sam2_refine.architectures.UNTRAINED_MARKER`, and the worker announces such
+Both carry :data:`~sam2_refine.model.architectures.UNTRAINED_MARKER`, and the worker announces such
 a checkpoint with a warning on every job: an untrained model never runs silently.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from sam2_refine.architectures import UNTRAINED_MARKER, architectures, expected_weights
-from sam2_refine.checkpoints import STOCK_CHECKPOINTS
+from sam2_refine.model.architectures import UNTRAINED_MARKER, architectures, expected_weights
+from sam2_refine.model.checkpoints import STOCK_CHECKPOINTS
 
 
 def architecture_key(name: str) -> str:

@@ -1,4 +1,4 @@
-"""Writes ``sam2_refine/sam2_layouts.json``: the weights sam2's packaged configs build.
+"""Writes ``sam2_refine/model/sam2_layouts.json``: the weights sam2's packaged configs build.
 
 ``python -m sam2_refine.testing.sam2_layouts`` builds each of the eight SAM2 architectures
 (SAM 2.0 and 2.1 x tiny, small, base_plus, large) with sam2's own ``build_sam2`` (random
@@ -30,7 +30,7 @@ ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "sam2.1_hiera_b+": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "2.1", "base_plus"),
     "sam2.1_hiera_l": ("configs/sam2.1/sam2.1_hiera_l.yaml", "2.1", "large"),
 }
-TARGET = Path(__file__).resolve().parents[1] / "sam2_layouts.json"
+TARGET = Path(__file__).resolve().parents[1] / "model" / "sam2_layouts.json"
 _NUMBERED = re.compile(r"^(.*?\.)(\d+)(\..*)$")
 
 

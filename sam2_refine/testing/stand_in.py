@@ -1,6 +1,6 @@
 """Stand-in predictors with known answers, for geometry, accuracy and load tests.
 
-They satisfy :class:`sam2_refine.predictor.BoxPredictor`, so the engine runs them exactly as it
+They satisfy :class:`sam2_refine.model.predictor.BoxPredictor`, so the engine runs them exactly as it
 runs SAM2.
 
 - :class:`KnownMaskPredictor` returns, for each box, the bright object of the embedded image
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from sam2_refine.logits import cells_for_windows
-from sam2_refine.predictor import Decoded, from_whole_grid
+from sam2_refine.model.logits import cells_for_windows
+from sam2_refine.model.predictor import Decoded, from_whole_grid
 
 #: Logit magnitude of a known mask: inside +LOGIT, outside -LOGIT.
 LOGIT = 8.0

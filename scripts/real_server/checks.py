@@ -1,7 +1,7 @@
 """The checks, over snapshots of what the server holds (pure: no I/O).
 
 A refinement is an annotation whose ``sam2Refine.originalId`` names the original it replaces
-(the worker's documented mark, ``sam2_refine/markers.py``; read here on its own so that the
+(the worker's documented mark, ``sam2_refine/job/markers.py``; read here on its own so that the
 check does not depend on the worker's code). Annotation and connection documents are the
 server's JSON (``_id``, ``parentId``, ``childId``).
 """

@@ -70,14 +70,14 @@ if mode == "stand-in":
     def _real(name):
         if name.startswith("__"):
             raise AttributeError(name)
-        sys.modules.pop("sam2_refine.sam2_model", None)
+        sys.modules.pop("sam2_refine.model.sam2_model", None)
         import importlib
-        return getattr(importlib.import_module("sam2_refine.sam2_model"), name)
+        return getattr(importlib.import_module("sam2_refine.model.sam2_model"), name)
 
-    fake = types.ModuleType("sam2_refine.sam2_model")
+    fake = types.ModuleType("sam2_refine.model.sam2_model")
     fake.CheckpointError = CheckpointError
     fake.__getattr__ = _real
-    sys.modules["sam2_refine.sam2_model"] = fake
+    sys.modules["sam2_refine.model.sam2_model"] = fake
     import sam2_refine.cli as cli
     if not hasattr(cli, "_load_sam2"):
         print(json.dumps({"error": "the check cannot swap in its stand-in: sam2_refine.cli has no _load_sam2"}))
@@ -92,7 +92,7 @@ if mode == "stand-in":
     cli._load_sam2 = load
 
 if mode == "probe":
-    from sam2_refine.nimbus_client import NimbusClient
+    from sam2_refine.nimbus.client import NimbusClient
     api, item, frames = worker_argv[0], worker_argv[1], [int(f) for f in worker_argv[2].split(",")]
     with NimbusClient(api, os.environ["CHECK_TOKEN"]) as client:
         for frame in frames:
@@ -228,7 +228,7 @@ def trained_models(python: Path, tree: Path, directory: Path) -> list[str]:
     """Trained SAM2 checkpoints in ``directory``, as the worker itself recognises them."""
     if not directory.is_dir():
         return []
-    code = ("import sys, json\nfrom pathlib import Path\nfrom sam2_refine.checkpoints import scan_models\n"
+    code = ("import sys, json\nfrom pathlib import Path\nfrom sam2_refine.model.checkpoints import scan_models\n"
             "print(json.dumps([m.name for m in scan_models(Path(sys.argv[1])).models if not m.untrained]))")
     return json.loads(helper(python, tree, code, str(directory)))
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sam2_refine.checkpoint_layout import FLOAT_DTYPES, CheckpointLayout, TensorInfo, describe
+from sam2_refine.model.checkpoint_layout import FLOAT_DTYPES, CheckpointLayout, TensorInfo, describe
 
 LAYOUTS_FILE = Path(__file__).with_name("sam2_layouts.json")
 #: Where a state dict may sit in a checkpoint: sam2's own ``{"model": ...}`` (its release files

@@ -1,6 +1,6 @@
 """The refinements a dataset holds, grouped by the original they refine (pure; no I/O).
 
-A refinement is an annotation carrying this worker's mark (:mod:`sam2_refine.markers`). Several
+A refinement is an annotation carrying this worker's mark (:mod:`sam2_refine.job.markers`). Several
 jobs refining the same original at the same time can each leave one; every job must then agree,
 from what the server shows it and nothing else, on which one stays. The rule is the smallest
 annotation id of the group: ids are totally ordered strings, every job reads the same ones, and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sam2_refine.markers import Mark
+from sam2_refine.job.markers import Mark
 from sam2_refine.annotations import Location
 
 

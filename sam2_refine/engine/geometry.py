@@ -6,7 +6,7 @@ pixel coordinates, ``x`` = column, ``y`` = row, the centre of pixel (row r, colu
 [-0.5, H - 0.5]. Point arrays are (K, 2) float64 in (x, y) order; masks and logit arrays are
 (rows, columns).
 
-A rough annotation becomes a refined polygon in four steps (see :mod:`sam2_refine.refine`):
+A rough annotation becomes a refined polygon in four steps (see :mod:`sam2_refine.engine.location`):
 :func:`ring_from_coordinates` and :func:`polygon_from_ring` check and clean the original,
 :func:`prompt_box` gives the box prompt, and after the model has spoken,
 :func:`select_component`, :func:`outline_from_logits` and :func:`finish_polygon` turn its mask

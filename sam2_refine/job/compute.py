@@ -2,14 +2,14 @@
 
 settings (already parsed) -> dataset layout and batch positions -> layers -> annotations ->
 selection -> model -> per location: frames, merged image, refinement -> upload -> convergence
-with other jobs and confirmed deletions (:mod:`sam2_refine.converge`) -> summary. Progress lines
-cover the whole job; every original ends up in the :class:`~sam2_refine.replace.Ledger`, refined
+with other jobs and confirmed deletions (:mod:`sam2_refine.job.converge`) -> summary. Progress lines
+cover the whole job; every original ends up in the :class:`~sam2_refine.job.replace.Ledger`, refined
 or kept with a reason.
 
 Other jobs may refine the same originals at the same time. The refinements on the server are
 read again before each location and before each upload chunk, and what another job already
 made is not made again (this narrows the window); whatever still overlaps is brought to one
-refinement per original by :func:`~sam2_refine.converge.converge`, which does not depend on
+refinement per original by :func:`~sam2_refine.job.converge.converge`, which does not depend on
 timing.
 
 Exit status: 0 when the job finished (some originals may be kept, with warnings); 1 when it
@@ -34,10 +34,10 @@ from typing import Any
 
 
 from sam2_refine import fields
-from sam2_refine.batch_ranges import BatchRangeError, describe_positions
-from sam2_refine.batch_reads import BatchReader
-from sam2_refine.converge import ConvergeReport, RefinementWatch, ServerView, ViewBuilder, converge, read_view
-from sam2_refine.imaging import Layer, LayerError, LocationImage, parse_layers
+from sam2_refine.job.batch_ranges import BatchRangeError, describe_positions
+from sam2_refine.job.batch_reads import BatchReader
+from sam2_refine.job.converge import ConvergeReport, RefinementWatch, ServerView, ViewBuilder, converge, read_view
+from sam2_refine.engine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.messages import (
     Explained,
     cause_text,
@@ -47,20 +47,20 @@ from sam2_refine.messages import (
     server_failure,
     settings_failure,
 )
-from sam2_refine.interrupt import EXIT_INTERRUPTED, JobInterrupted
-from sam2_refine.kept import TagReport, kept_by_position, kept_text, update_tags
-from sam2_refine.nimbus_client import MAX_CHUNK, DatasetInfo, DegradedFrameError, NimbusAPIError, NimbusClient
-from sam2_refine.outline_pool import OutlinePool, workers_from_env
-from sam2_refine.predictor import BoxPredictor
-from sam2_refine.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
-from sam2_refine.refine import STEP_DECODE, STEP_EMBED, GeometryOptions, refine_location
+from sam2_refine.job.interrupt import EXIT_INTERRUPTED, JobInterrupted
+from sam2_refine.job.kept import TagReport, kept_by_position, kept_text, update_tags
+from sam2_refine.nimbus.client import MAX_CHUNK, DatasetInfo, DegradedFrameError, NimbusAPIError, NimbusClient
+from sam2_refine.engine.outline_pool import OutlinePool, workers_from_env
+from sam2_refine.model.predictor import BoxPredictor
+from sam2_refine.job.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
+from sam2_refine.engine.location import STEP_DECODE, STEP_EMBED, GeometryOptions, refine_location
 from sam2_refine.annotations import Kept
-from sam2_refine.replace import Ledger, pending_upload, upload
-from sam2_refine.report import Heartbeat, ProgressSpan, Reporter
+from sam2_refine.job.replace import Ledger, pending_upload, upload
+from sam2_refine.nimbus.progress import Heartbeat, ProgressSpan, Reporter
 from sam2_refine.annotations import Original
-from sam2_refine.selection import Selection, select
+from sam2_refine.job.selection import Selection, select
 from sam2_refine.annotations import Location
-from sam2_refine.settings import RefineSettings
+from sam2_refine.job.settings import RefineSettings
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def fetch_annotations(reader: BatchReader, settings: RefineSettings) -> Iterator
 
     Polygons are read without a tag filter, which is applied later: the reading holds both the
     candidates (any of the refine tags) and every refinement made by an earlier run, whatever
-    output tags that run used (see :mod:`sam2_refine.markers`; refinements are polygons, and only
+    output tags that run used (see :mod:`sam2_refine.job.markers`; refinements are polygons, and only
     count at their original's location, so all of them are at the batch's locations). Filtering
     by tags on the server would miss refinements tagged differently and refine their originals
     twice. The server's schema has no ``blob`` shape (the app's blob tool makes polygons), so
@@ -206,7 +206,7 @@ def run_compute(
     """Run one compute job; returns the exit status (see the module docstring).
 
     ``outline_pool``: where the engine's outline work runs (kept open: the caller's); default:
-    a pool of :func:`~sam2_refine.outline_pool.workers_from_env` worker processes for the
+    a pool of :func:`~sam2_refine.engine.outline_pool.workers_from_env` worker processes for the
     model's device, started once the model is loaded and stopped with the job."""
     ledger = Ledger()
     try:
@@ -559,7 +559,7 @@ def _load_model(settings: RefineSettings, reporter: Reporter, load_predictor: Pr
     try:
         predictor, untrained = _call_loader(load_predictor, settings.checkpoint, step)
     except Exception as exc:
-        model_module = sys.modules.get("sam2_refine.sam2_model")  # (imported by the loader, with torch)
+        model_module = sys.modules.get("sam2_refine.model.sam2_model")  # (imported by the loader, with torch)
         if model_module is None or not isinstance(exc, model_module.CheckpointError):
             raise
         raise JobFailed("The SAM2 model could not be loaded.",
@@ -735,7 +735,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
 
 def _tag_kept(settings: RefineSettings, client: NimbusClient, reporter: Reporter, ledger: Ledger) -> TagReport:
     """The kept tag added to every kept original, taken from refined originals that are still on
-    the server (see :mod:`sam2_refine.kept`)."""
+    the server (see :mod:`sam2_refine.job.kept`)."""
     tag = settings.kept_tag
     assert tag is not None
     keep = sorted({i for ids in ledger.kept_by_reason().values() for i in ids})
@@ -756,7 +756,7 @@ EMBED_SHARE, DECODE_SHARE, TRACE_SHARE = 0.3, 0.45, 0.25
 
 def _location_steps(span: ProgressSpan, before: int, count: int, total: int, where: str,
                     ) -> Callable[[str, int, int], None]:
-    """The engine's steps within one location (:func:`~sam2_refine.refine.refine_location`'s
+    """The engine's steps within one location (:func:`~sam2_refine.engine.location.refine_location`'s
     ``on_step``) as progress lines: the location's share of the bar (``count`` of the job's
     ``total`` originals, after ``before``) filled as its regions are embedded, its objects
     decoded and their outlines traced (:data:`EMBED_SHARE`, :data:`DECODE_SHARE`,

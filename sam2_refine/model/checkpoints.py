@@ -1,8 +1,8 @@
 """The SAM2 checkpoints in the checkpoint directory, and the check of a Model field value.
 
 Every ``.pt`` / ``.pth`` file in the directory is recognised from its weights
-(:mod:`sam2_refine.checkpoint_layout`, :mod:`sam2_refine.architectures`), whatever its name,
-with its optional sidecar (:mod:`sam2_refine.sidecar`). :func:`scan_models` sorts them into
+(:mod:`sam2_refine.model.checkpoint_layout`, :mod:`sam2_refine.model.architectures`), whatever its name,
+with its optional sidecar (:mod:`sam2_refine.model.sidecar`). :func:`scan_models` sorts them into
 the usable ones, each with a readable label, and the unusable ones, each with the reason.
 :func:`resolve_model` checks one Model field value for a compute job, before the server is
 touched: it names a usable checkpoint of the directory (and its sidecar's sha256, when given,
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sam2_refine.architectures import (
+from sam2_refine.model.architectures import (
     UNTRAINED_MARKER,
     Architecture,
     NotASam2Checkpoint,
@@ -33,9 +33,9 @@ from sam2_refine.architectures import (
     architectures,
     recognise,
 )
-from sam2_refine.checkpoint_layout import LayoutError, read_layout
+from sam2_refine.model.checkpoint_layout import LayoutError, read_layout
 from sam2_refine.fields import check_tuned_defaults
-from sam2_refine.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path
+from sam2_refine.model.sidecar import Sidecar, SidecarError, read_sidecar, sidecar_path
 
 __all__ = [
     "CHECKPOINT_CONFIGS", "STOCK_CHECKPOINTS", "SUFFIXES", "UNTRAINED_MARKER", "CheckpointChoiceError",

@@ -2,7 +2,7 @@
 
 The handler raises :class:`JobInterrupted` in the main thread; the job catches it, reports what
 it had done (created, deleted) and exits 143. Nothing is deleted that was not replaced, and a
-re-run finishes the job without duplicating what was made (see :mod:`sam2_refine.markers`).
+re-run finishes the job without duplicating what was made (see :mod:`sam2_refine.job.markers`).
 """
 
 from __future__ import annotations

@@ -3,16 +3,16 @@
 For each original annotation the outcome is either :class:`Refined` (a clean polygon) or
 :class:`Kept` (with the reason it was not refined). Nothing here talks to the server.
 
-The frame is embedded whole or in object crops (:mod:`sam2_refine.regions`). Polygons and
+The frame is embedded whole or in object crops (:mod:`sam2_refine.engine.regions`). Polygons and
 rectangles prompt with their box (optionally with the original outline as mask logits, or asking
 for three masks and keeping the one that agrees best with the original). Points prompt with the
 point and ask for three masks; which one is kept is decided once the whole location is decoded
-(:mod:`sam2_refine.point_choice`): the best-scored mask of a size plausible for the point's
+(:mod:`sam2_refine.engine.point_choice`): the best-scored mask of a size plausible for the point's
 tags, among those that hold no other point of the same tags. A location is refined in stages:
 
 1. **Object masks** (per region, while its embedding is current): each mask's low-resolution
    logits are upsampled only in a window around the object
-   (:func:`sam2_refine.logits.upsample_window`) and the component that matches the original
+   (:func:`sam2_refine.model.logits.upsample_window`) and the component that matches the original
    is chosen (:func:`object_mask`): first the prompt box plus a margin; if the chosen component
    reaches a window edge, the window grows until it does not (or the mask is rejected as far
    larger than the original). The result is kept cropped to the component's bounding box.
@@ -22,7 +22,7 @@ tags, among those that hold no other point of the same tags. A location is refin
    decodes those prompts again for it, on the calling thread.
 2. **Points' choice** among their three candidates, by the expected area of their tag.
 3. **Separation** (option): objects of the same tags whose windows meet give up the pixels
-   their neighbours claim more strongly (:mod:`sam2_refine.separation`).
+   their neighbours claim more strongly (:mod:`sam2_refine.engine.separation`).
 4. **Tracing** (:func:`trace`): the outline at the logits' sub-pixel zero crossing, simplified,
    padded, clipped to the frame; then the quality gate.
 
@@ -31,7 +31,7 @@ Memory therefore grows with the objects' size, not with N x frame size.
 Where the work runs: the model (embedding, decoding, the decodings of larger windows) and
 separation run on the calling thread; the per-object work of stages 1 and 4 (:func:`find_objects`,
 :func:`trace_objects`: pure functions of picklable arguments, a chunk of objects each) runs on an
-:class:`~sam2_refine.outline_pool.OutlinePool`: inline by default (the CPU job), on worker
+:class:`~sam2_refine.engine.outline_pool.OutlinePool`: inline by default (the CPU job), on worker
 processes on a GPU host, where box prompts' outlines are traced while the next batch is decoded
 (:class:`_EarlyTraces`). The outcomes are the same either way (``tests/test_outline_pool.py``).
 """
@@ -50,8 +50,8 @@ from shapely import affinity
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
-from sam2_refine import point_choice
-from sam2_refine.geometry import (
+from sam2_refine.engine import point_choice
+from sam2_refine.engine.geometry import (
     AnnotationProblem,
     Window,
     fill_holes,
@@ -65,13 +65,13 @@ from sam2_refine.geometry import (
     select_component,
     touches_edges,
 )
-from sam2_refine.imaging import ArrayImage, LocationImage
-from sam2_refine.logits import GridPatch, grid_window, upsample_window
-from sam2_refine.outline_pool import OutlinePool
-from sam2_refine.predictor import BoxPredictor, Decoded
-from sam2_refine.regions import CROPS, choose_mode, plan_regions
+from sam2_refine.engine.imaging import ArrayImage, LocationImage
+from sam2_refine.model.logits import GridPatch, grid_window, upsample_window
+from sam2_refine.engine.outline_pool import OutlinePool
+from sam2_refine.model.predictor import BoxPredictor, Decoded
+from sam2_refine.engine.regions import CROPS, choose_mode, plan_regions
 from sam2_refine.annotations import POINT, Kept, Original, Outcome, Refined
-from sam2_refine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
+from sam2_refine.engine.separation import Claim, keep_padded_apart, neighbour_pairs, separate
 
 #: Frames with more pixels than this are always refined in object crops: a whole-frame RGB
 #: float copy of 16384 x 16384 pixels alone is 3.2 GB (a 20000 x 20000 frame: 4.8 GB).
@@ -96,7 +96,7 @@ MAX_NEGATIVES = 8
 GROWTH_PAID = 4.0
 
 BOX, BOX_AND_SHAPE, BEST_OF_THREE = "box", "box+shape", "best3"
-#: Point mask choice (:mod:`sam2_refine.point_choice`): plausible size then score (the rule),
+#: Point mask choice (:mod:`sam2_refine.engine.point_choice`): plausible size then score (the rule),
 #: BIIGLE's closest to the expected area, or the model's score alone (both for measuring).
 BY_SIZE_AND_SCORE, BY_AREA, BY_SCORE = "both", "area", "score"
 
@@ -108,22 +108,22 @@ class GeometryOptions:
     Attributes:
         smoothing: Simplification tolerance in pixels (0 = none).
         padding: Buffer distance in pixels (negative shrinks).
-        resolution: ``"whole"`` frame, object ``"crops"``, or ``"auto"`` (see :mod:`sam2_refine.regions`).
+        resolution: ``"whole"`` frame, object ``"crops"``, or ``"auto"`` (see :mod:`sam2_refine.engine.regions`).
         prompt: For polygons and rectangles: ``"box"``; ``"box+shape"`` (the original outline
             also given as mask logits); ``"best3"`` (three masks per box, the one that overlaps
             the original most is kept). Points always prompt with the point and three masks.
         min_overlap: Quality gate: a refined shape whose IoU with its original (polygon or
             rectangle) is below this is not used (0 = off; points have no area to compare).
-        separate: Keep touching objects apart (:mod:`sam2_refine.separation`).
+        separate: Keep touching objects apart (:mod:`sam2_refine.engine.separation`).
         point_choice: :data:`BY_SIZE_AND_SCORE` (the two-pass rule of
-            :mod:`sam2_refine.point_choice`), or, for measuring it, :data:`BY_AREA` (BIIGLE's
+            :mod:`sam2_refine.engine.point_choice`), or, for measuring it, :data:`BY_AREA` (BIIGLE's
             second pass) or :data:`BY_SCORE` (the model's score alone).
         negative_points: Give the other points (same tags) that fall inside a point's candidate
             masks as negative points, in a second decoding of that point (off: measured worse
             than ``exclusive_points``, and half the points of a dense field decoded twice; kept
             for measuring real models).
         exclusive_points: Set aside a point's candidates that hold other points of its group
-            (:func:`sam2_refine.point_choice.without_merges`).
+            (:func:`sam2_refine.engine.point_choice.without_merges`).
         group_tags: Objects are grouped by the ones of these tags they carry (all their tags
             when empty): points' expected areas and separation are per group.
     """
@@ -980,7 +980,7 @@ def _trace_all(prompts: Sequence[_Prompt], options: GeometryOptions, work: _Loca
                on_traced: Callable[[int, int], None] | None = None) -> None:
     """Stage 4: polygons (in the pool, :func:`trace_objects`) and the quality gate. With
     separation and a positive Padding, the outlines are traced unpadded first, then padded
-    without growing into each other (:func:`sam2_refine.separation.keep_padded_apart`, here:
+    without growing into each other (:func:`sam2_refine.engine.separation.keep_padded_apart`, here:
     it needs them all)."""
     gate = f"its overlap with the original is below the minimum ({options.min_overlap:g})"
     traced = [p for p in prompts if p.original.id in work.masks]
@@ -1089,18 +1089,18 @@ def refine_location(
 ) -> list[Outcome]:
     """Refine every original of one location (see the module docstring for the stages).
 
-    The frame is split into regions (:func:`sam2_refine.regions.plan_regions`); each region is
+    The frame is split into regions (:func:`sam2_refine.engine.regions.plan_regions`); each region is
     embedded once and its prompts are decoded in batches of at most ``predictor.max_batch``
     (box prompts and point prompts in separate batches).
 
     Args:
         predictor: The model (its embedding is replaced).
         image: The merged frame: float32 (H, W, 3) RGB in [0, 1], or a
-            :class:`~sam2_refine.imaging.LocationImage` that merges only the windows embedded.
+            :class:`~sam2_refine.engine.imaging.LocationImage` that merges only the windows embedded.
         originals: Annotations at this location.
         options: Resolution, prompt, smoothing, padding, quality gate, separation, points.
         on_progress: Called with the number of originals decoded so far (after each batch).
-        pool: Where the outline work runs (:mod:`sam2_refine.outline_pool`); default: on this
+        pool: Where the outline work runs (:mod:`sam2_refine.engine.outline_pool`); default: on this
             thread. The outlines are the same either way.
         on_step: Called as ``on_step(step, done, total)`` at each step (:data:`STEP_EMBED`,
             :data:`STEP_DECODE`, :data:`STEP_TRACE`), for a progress bar that moves within a

@@ -16,7 +16,7 @@ Guarantees (tests/test_prefetch.py):
   from the tile metadata) never exceeds the budget, except for the single location ahead;
 - a fetch's failure is raised by :meth:`take` for that location only (the job keeps that
   location's originals, "its image could not be read"); later locations are unaffected;
-- every worker thread has its own client (:meth:`~sam2_refine.nimbus_client.NimbusClient.clone`:
+- every worker thread has its own client (:meth:`~sam2_refine.nimbus.client.NimbusClient.clone`:
   a requests session is not shared between threads); all are closed on exit, after the
   threads have stopped.
 
@@ -36,8 +36,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from sam2_refine.imaging import Layer
-from sam2_refine.nimbus_client import DatasetInfo, NimbusClient
+from sam2_refine.engine.imaging import Layer
+from sam2_refine.nimbus.client import DatasetInfo, NimbusClient
 from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class FramePrefetcher(Generic[T]):
         client: The job's client; each worker thread uses its own :meth:`NimbusClient.clone`.
         locations: The locations to fetch, in the order they will be taken.
         fetch: ``fetch(client, location)`` -> the location's frames (e.g. a
-            :class:`~sam2_refine.imaging.LocationImage`); runs in a worker thread.
+            :class:`~sam2_refine.engine.imaging.LocationImage`); runs in a worker thread.
         nbytes: Bytes one location's frames hold (:func:`location_bytes`).
         policy: Budget and connections.
 

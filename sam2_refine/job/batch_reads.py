@@ -4,13 +4,13 @@ A job refines the annotations at its batch's locations, and a refinement only co
 original's location, so every reading a job needs (selection, the re-reads while it runs,
 convergence with other jobs) is about those locations: :class:`BatchReader` reads them with
 ``list/ids`` + ``hydrate`` per location filter, or with one cursor listing where that is cheaper
-(:mod:`sam2_refine.read_plan`), and never keeps a listing of the whole dataset.
+(:mod:`sam2_refine.job.read_plan`), and never keeps a listing of the whole dataset.
 
 Older servers (no ``upenn_annotation/list/ids`` or ``hydrate``: 404 or 405) are read as they
 always were: the dataset's annotations of each shape with the ``afterId`` cursor, filtered to the
 batch here. The reader says so once in the log.
 
-What convergence rests on (see :mod:`sam2_refine.converge`): a reading shows every annotation
+What convergence rests on (see :mod:`sam2_refine.job.converge`): a reading shows every annotation
 that existed at the batch's locations for the whole time it was being read. ``list/ids`` is one
 aggregation over the ``{datasetId, _id}`` index: an annotation present throughout it is in its
 answer; ``hydrate`` then returns those still present. An annotation deleted between the two is
@@ -24,15 +24,15 @@ import logging
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
-from sam2_refine.nimbus_client import NimbusAPIError, NimbusClient, ServerLacksEndpoint
-from sam2_refine.read_plan import (
+from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, ServerLacksEndpoint
+from sam2_refine.job.read_plan import (
     DEFAULT_COSTS,
     AnnotationReadPlan,
     ReadCosts,
     plan_annotation_reads,
     read_connections_per_annotation,
 )
-from sam2_refine.selection import annotation_location
+from sam2_refine.job.selection import annotation_location
 from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ outline grow only into pixels that no neighbour's unpadded outline covers.
 
 Cost: each object is compared only with the objects whose windows meet its own (a sweep over
 the windows' columns), on the intersection of the two windows; no array larger than an
-object's window is made. Coordinates: windows are :class:`~sam2_refine.geometry.Window` in frame
+object's window is made. Coordinates: windows are :class:`~sam2_refine.engine.geometry.Window` in frame
 pixels (rows = y, columns = x); anchors are (x, y).
 """
 
@@ -41,7 +41,7 @@ import shapely
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
-from sam2_refine.geometry import Window, largest_polygon, on_precision_grid
+from sam2_refine.engine.geometry import Window, largest_polygon, on_precision_grid
 
 #: Weight of the nearer-original term: decides exact ties of the logits only.
 TIE = 1e-4

@@ -1,9 +1,9 @@
-"""SAM2 behind the :class:`~sam2_refine.predictor.BoxPredictor` protocol.
+"""SAM2 behind the :class:`~sam2_refine.model.predictor.BoxPredictor` protocol.
 
 The only module that imports torch and sam2. It
 
 - builds the model once per job with sam2's own ``build_sam2`` for the architecture the
-  checkpoint's weights show (:mod:`sam2_refine.checkpoints`: SAM 2.0 or 2.1, any size, any file
+  checkpoint's weights show (:mod:`sam2_refine.model.checkpoints`: SAM 2.0 or 2.1, any size, any file
   name), then loads the weights strictly (no missing or unexpected weight); never without a
   checkpoint: a missing, corrupt or unusable one raises :class:`CheckpointError`. Checkpoints
   are read with ``torch.load(..., weights_only=True, mmap=True)``;
@@ -14,7 +14,7 @@ The only module that imports torch and sam2. It
   straight through the prompt encoder and mask decoder, returning the 256x256 low-resolution
   logits (or, asked for windows, only the cells each prompt's window needs). It does not
   upsample masks to the frame: the engine does that only around each object
-  (:mod:`sam2_refine.logits`).
+  (:mod:`sam2_refine.model.logits`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import cv2
 import numpy as np
 import torch
 
-from sam2_refine.architectures import UNTRAINED_MARKER
-from sam2_refine.checkpoints import ModelEntry, ModelUnusable, inspect_model
-from sam2_refine.logits import cells_for_windows
-from sam2_refine.predictor import Decoded, from_whole_grid
+from sam2_refine.model.architectures import UNTRAINED_MARKER
+from sam2_refine.model.checkpoints import ModelEntry, ModelUnusable, inspect_model
+from sam2_refine.model.logits import cells_for_windows
+from sam2_refine.model.predictor import Decoded, from_whole_grid
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Sam2BoxPredictor:
         name: For messages, e.g. ``"sam2.1_hiera_tiny.pt, SAM2.1 tiny"``.
         max_batch: Prompts per decoder call.
         fast_decoder: On the CPU, decode prompts without mask input with
-            :class:`~sam2_refine.fast_decoder.FastBoxDecoder` (sam2's decoder's output, faster);
+            :class:`~sam2_refine.model.fast_decoder.FastBoxDecoder` (sam2's decoder's output, faster);
             sam2's decoder otherwise, and where the model's decoder is not supported.
         local_statistics: For windowed decoding with the fast decoder only: count the
             dynamic-multimask rule's stability and the masks' areas in each prompt's
@@ -275,11 +275,11 @@ class Sam2BoxPredictor:
         self._predictor = SAM2ImagePredictor(model)
         self.input_size = int(model.image_size)
         self._image_hw: tuple[int, int] | None = None
-        # --- fast decoder (sam2_refine.fast_decoder), CPU only: what it is built and verified for
+        # --- fast decoder (sam2_refine.model.fast_decoder), CPU only: what it is built and verified for
         self._fast = None
         self._fast_ready = False
         if fast_decoder and choice.device == "cpu":
-            from sam2_refine.fast_decoder import FastBoxDecoder, UnsupportedModelError
+            from sam2_refine.model.fast_decoder import FastBoxDecoder, UnsupportedModelError
 
             try:
                 self._fast = FastBoxDecoder(model)
@@ -298,7 +298,7 @@ class Sam2BoxPredictor:
         if self._fast is None:
             return "sam2's MaskDecoder"
         rule = "rule near each box" if self.local_statistics else "sam2's rule over the whole grid"
-        return f"FastBoxDecoder (sam2_refine.fast_decoder), windowed, {rule}"
+        return f"FastBoxDecoder (sam2_refine.model.fast_decoder), windowed, {rule}"
 
     @classmethod
     def load(cls, checkpoint: Path, choice: DeviceChoice | None = None, max_batch: int = 64,
@@ -341,7 +341,7 @@ class Sam2BoxPredictor:
             # --- fast decoder: per-image precomputation
             self._fast_ready = False
             if self._fast is not None:
-                from sam2_refine.fast_decoder import UnsupportedModelError
+                from sam2_refine.model.fast_decoder import UnsupportedModelError
 
                 feats = self._predictor._features
                 try:
@@ -356,7 +356,7 @@ class Sam2BoxPredictor:
                multimask: bool = False, *, points: np.ndarray | None = None,
                point_labels: np.ndarray | None = None, windows: np.ndarray | None = None,
                areas: bool = False) -> Decoded:
-        """Decode box and/or point prompts; see :meth:`sam2_refine.predictor.BoxPredictor.decode`.
+        """Decode box and/or point prompts; see :meth:`sam2_refine.model.predictor.BoxPredictor.decode`.
 
         Boxes go to the prompt encoder as two corner points (labels 2 and 3), followed by the
         points, and the encoder appends one padding point (label -1), as sam2's predictor does.

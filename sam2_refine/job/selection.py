@@ -7,7 +7,7 @@ Annotations arrive as the server's JSON documents. Each one is turned into an
 Three kinds of original (:attr:`Original.kind`), by the document's ``shape``: polygons (and
 blobs) outline an area; rectangles too (the convex hull of their corners: any order, possibly
 rotated); points mark an object without outlining it (their ``shape`` is a shapely ``Point``).
-Which shapes a job lists at all is the job's choice (:func:`sam2_refine.job.fetch_annotations`).
+Which shapes a job lists at all is the job's choice (:func:`sam2_refine.job.compute.fetch_annotations`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 from shapely.geometry import Point
 
-from sam2_refine.geometry import (
+from sam2_refine.engine.geometry import (
     AnnotationProblem,
     point_from_coordinates,
     polygon_from_ring,
     rectangle_from_coordinates,
     ring_from_coordinates,
 )
-from sam2_refine.markers import read_mark
-from sam2_refine.refinements import RefinementIndex, Unreadable
+from sam2_refine.job.markers import read_mark
+from sam2_refine.job.refinements import RefinementIndex, Unreadable
 from sam2_refine.annotations import POINT, POLYGON, RECTANGLE, Location, Original
 
 
@@ -100,7 +100,7 @@ class Selection:
         duplicates: Ids listed more than once by the server (refined once).
         without_id: How many documents had no ``_id`` (they cannot be refined or deleted).
         index: Every refinement on the server (made by an earlier or a concurrent job; see
-            :mod:`sam2_refine.markers`) and every annotation with an unreadable mark. Neither
+            :mod:`sam2_refine.job.markers`) and every annotation with an unreadable mark. Neither
             is ever an original.
         batch_tags: Tag -> how many listed annotations inside the batch carry it, whatever the
             refine tags (refinements and marked annotations not counted): what a user can choose

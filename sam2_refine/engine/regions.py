@@ -15,7 +15,7 @@ keep their pixels:
   relative to it (median object under 32 px once the frame is squeezed to 1024), else the
   whole frame.
 
-Coordinates are frame pixels (x = column, y = row); windows are :class:`~sam2_refine.geometry.Window`.
+Coordinates are frame pixels (x = column, y = row); windows are :class:`~sam2_refine.engine.geometry.Window`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam2_refine.geometry import Window
+from sam2_refine.engine.geometry import Window
 
 WHOLE, CROPS, AUTO = "whole", "crops", "auto"
 MODEL_INPUT = 1024

@@ -5,7 +5,7 @@ dataset split into overlapping runs). They never talk to each other; each reache
 decision from what the server shows it, and each step below is safe to interrupt at any
 request (a killed job leaves nothing that a later run does not finish):
 
-1. **Survivor.** Of the refinements of one original (:mod:`sam2_refine.refinements`), the one
+1. **Survivor.** Of the refinements of one original (:mod:`sam2_refine.job.refinements`), the one
    with the smallest id stays. Every job computes the same one from any listing that holds it,
    and no job ever removes it (none sees a smaller one). Ids need not follow creation time.
 2. **Duplicates.** Every other refinement of the group is removed, after its connections have
@@ -45,12 +45,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam2_refine.batch_reads import BatchReader
-from sam2_refine.markers import Mark, read_mark
-from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
-from sam2_refine.refinements import Refinement, RefinementIndex, Unreadable
-from sam2_refine.replace import Ledger
-from sam2_refine.selection import annotation_location
+from sam2_refine.job.batch_reads import BatchReader
+from sam2_refine.job.markers import Mark, read_mark
+from sam2_refine.nimbus.client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
+from sam2_refine.job.refinements import Refinement, RefinementIndex, Unreadable
+from sam2_refine.job.replace import Ledger
+from sam2_refine.job.selection import annotation_location
 from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)

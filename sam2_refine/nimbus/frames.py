@@ -1,6 +1,6 @@
 """Turning a frame's bytes from the server into its exact pixels, and checking them.
 
-Pure functions (no HTTP): :mod:`sam2_refine.nimbus_client` fetches the bytes and calls these.
+Pure functions (no HTTP): :mod:`sam2_refine.nimbus.client` fetches the bytes and calls these.
 
 The encodings a NimbusImage server (girder_large_image's ``item/{id}/tiles/region``) offers,
 and what each keeps of a frame (read in large_image's ``girder-5`` branch):

@@ -28,7 +28,7 @@ points in a second decoding; measured on touching objects, that did worse and de
 points a second time: README "Accuracy".)
 
 The quality checks that replace the original-shape gate of outlined annotations (a point has no
-outline to compare with): a mask must contain the point (:mod:`sam2_refine.refine`), must not
+outline to compare with): a mask must contain the point (:mod:`sam2_refine.engine.location`), must not
 cover more than :data:`MAX_FRAME_FRACTION` of the frame, and, where the group has an expected
 area, must lie within ``[MIN_RATIO, MAX_RATIO]`` times it (:func:`area_problem`).
 

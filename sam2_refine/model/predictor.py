@@ -1,6 +1,6 @@
 """What the engine needs from a segmentation model: embed an image, decode box and point prompts.
 
-The real implementation is :class:`sam2_refine.sam2_model.Sam2BoxPredictor`; tests use stand-ins
+The real implementation is :class:`sam2_refine.model.sam2_model.Sam2BoxPredictor`; tests use stand-ins
 (:mod:`sam2_refine.testing.stand_in`) that satisfy the same protocol. No torch here.
 """
 
@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sam2_refine.logits import GridPatch, cells_for_windows, crop_to_cells
+from sam2_refine.model.logits import GridPatch, cells_for_windows, crop_to_cells
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Decoded:
         logits: float32 (N, C, h, w) mask logits on a grid that covers the whole embedded image
             (stretched: grid row i spans image rows [i*H/h, (i+1)*H/h)). Positive = object.
             Upsampling to the image is bilinear with ``align_corners=False``
-            (:func:`sam2_refine.logits.upsample_window`). When ``windows`` is set: N arrays
+            (:func:`sam2_refine.model.logits.upsample_window`). When ``windows`` is set: N arrays
             (C, rows_k, cols_k), prompt k's logits in its window of the grid only.
         scores: float32 (N, C) the model's own quality estimate of each mask.
         windows: None (the logits cover the whole grid), or int (N, 4) ``(top, left, bottom,
@@ -77,7 +77,7 @@ class BoxPredictor(Protocol):
     #: logit_grid: tuple[int, int]
 
     #: Optional: ``"cuda"`` or ``"cpu"``, where the model runs (absent: the CPU). It decides how
-    #: many processes the job gives the outline work by default (:mod:`sam2_refine.outline_pool`).
+    #: many processes the job gives the outline work by default (:mod:`sam2_refine.engine.outline_pool`).
     #: device: str
 
     #: Side of the square the model resizes every image to (SAM2: 1024), or None when the
@@ -111,7 +111,7 @@ class BoxPredictor(Protocol):
             windows: Optional int (N, 4) ``(top, left, bottom, right)`` pixels of the embedded
                 image (half-open): the caller needs prompt k's logits only to upsample these
                 pixels. The answer may then hold only the grid cells they need
-                (:func:`sam2_refine.logits.cells_for_windows`; ``Decoded.windows``), and must
+                (:func:`sam2_refine.model.logits.cells_for_windows`; ``Decoded.windows``), and must
                 not depend on the windows otherwise. Only given to predictors with ``logit_grid``.
             areas: Also give each mask's positive area over the whole grid (``Decoded.areas``).
         """

@@ -10,7 +10,7 @@ dataset and the tool, not the view), so :func:`choose_view` picks the view the u
 likely has on screen: among the views of the dataset, the user's own first, then the others
 they can read, each group most recently opened first (``lastViewed``, which the app sets when
 a view is opened); the first of these whose configuration holds the tool that launched the job,
-else the first. The override itself is applied by :func:`sam2_refine.imaging.parse_layers`.
+else the first. The override itself is applied by :func:`sam2_refine.engine.imaging.parse_layers`.
 """
 
 from __future__ import annotations

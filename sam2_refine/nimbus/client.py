@@ -33,7 +33,7 @@ Pixels
     allow-listed unpickler (numpy's array-rebuilding globals only), else ``TILED`` (a tiled TIFF,
     exact for 8 and 16 bits), else ``TIFF`` (exact for 8 bits only). Each frame is checked
     against the tile metadata (dtype, size); one that arrives degraded is refused
-    (:class:`DegradedFrameError`), never refined. See :mod:`sam2_refine.frame_decoding`.
+    (:class:`DegradedFrameError`), never refined. See :mod:`sam2_refine.nimbus.frames`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from sam2_refine.frame_decoding import (
+from sam2_refine.nimbus.frames import (
     FrameDecodeError,
     FrameSpec,
     as_plane,
@@ -59,8 +59,8 @@ from sam2_refine.frame_decoding import (
     read_tiff_plane,
     unpickle_array,
 )
-from sam2_refine.report import scrub
-from sam2_refine.views import ViewLayers, choose_view, rank_views
+from sam2_refine.nimbus.progress import scrub
+from sam2_refine.nimbus.views import ViewLayers, choose_view, rank_views
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ DEFAULT_PAGE_SIZE = 5000
 #: Ids per ``upenn_annotation/hydrate`` request.
 HYDRATE_CHUNK = 5000
 
-#: How frames are asked for, most exact first (see :mod:`sam2_refine.frame_decoding`).
+#: How frames are asked for, most exact first (see :mod:`sam2_refine.nimbus.frames`).
 FRAME_ENCODINGS = ("pickle:5", "TILED", "TIFF")
 _ENCODING_PARAMS: dict[str, dict[str, str]] = {
     "pickle:5": {"encoding": "pickle:5"},
@@ -448,7 +448,7 @@ class NimbusClient:
         """One frame's exact pixels, in the frame's own dtype, checked against ``expected``.
 
         The encodings of :data:`FRAME_ENCODINGS` are tried in order (see
-        :mod:`sam2_refine.frame_decoding` for what each keeps): one the server cannot serve
+        :mod:`sam2_refine.nimbus.frames` for what each keeps): one the server cannot serve
         (HTTP 400 or 500, a body that does not decode) or that arrives unlike ``expected``
         (an 8-bit TIFF of a 16-bit frame) is followed by the next. Once an encoding other than
         the first has worked, this client (and its clones made afterwards) start from it.
@@ -515,7 +515,7 @@ class NimbusClient:
 
     def get_layers(self, dataset_id: str, tool_id: str | None = None) -> ViewLayers:
         """The layer settings of the dataset view the user most likely sees (the choice:
-        :mod:`sam2_refine.views`): its configuration's layers and the view's own contrasts
+        :mod:`sam2_refine.nimbus.views`): its configuration's layers and the view's own contrasts
         (``layerContrasts``); empty when the dataset has no view.
 
         Args:
@@ -690,7 +690,7 @@ class NimbusClient:
 
     def delete_annotations(self, ids: Sequence[str], chunk_size: int = MAX_CHUNK) -> int:
         """Delete annotations by id. NimbusImage's bulk delete LEAVES their connections on the
-        server (see :mod:`sam2_refine.converge`, which removes them itself).
+        server (see :mod:`sam2_refine.job.converge`, which removes them itself).
 
         Returns:
             How many ids were sent for deletion (all of them, or an exception is raised).

@@ -1,6 +1,6 @@
 """Outline work on all cores: a bounded pool of worker processes for the engine's per-object work.
 
-The engine (:mod:`sam2_refine.refine`) hands the work it does per object outside the model
+The engine (:mod:`sam2_refine.engine.location`) hands the work it does per object outside the model
 (finding each mask's object: upsampling in a window, choosing the component; tracing,
 simplifying, padding and validating outlines) to an :class:`OutlinePool` as tasks: pure
 functions of picklable arguments, a chunk of objects each. The model stays on the calling
@@ -27,7 +27,7 @@ objects (and the engine keeps at most that many decoded batches waiting for thei
 calling thread and returns its finished future. The engine runs the same tasks either way, so
 its results do not depend on the pool (``tests/test_outline_pool.py``).
 
-An exception raised by a task (a bug, not an object's :class:`~sam2_refine.geometry.AnnotationProblem`,
+An exception raised by a task (a bug, not an object's :class:`~sam2_refine.engine.geometry.AnnotationProblem`,
 which the tasks turn into that object's reason) is raised again by the future's ``result()``
 on the calling thread, and so fails the job; a worker that dies does the same
 (``BrokenProcessPool``).
@@ -175,7 +175,7 @@ def _ready() -> int:
 
 #: What the forkserver imports once, so that each worker forked from it has them: the script
 #: (where it has a path; its functions may be tasks) and the engine.
-PRELOAD = ["__main__", "sam2_refine.refine"]
+PRELOAD = ["__main__", "sam2_refine.engine.location"]
 
 
 def _context(method: str | None) -> multiprocessing.context.BaseContext:

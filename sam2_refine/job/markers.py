@@ -12,7 +12,7 @@ run, or another job running at the same time, finds these marks and:
 - may then delete that original (when asked), since its replacement exists on the server;
 - never treats a refined annotation (or an annotation with an unreadable mark) as an original;
 - keeps one refinement per original when several jobs made one each (see
-  :mod:`sam2_refine.converge`).
+  :mod:`sam2_refine.job.converge`).
 
 Deleting the refined annotation removes the mark, so the original can be refined again.
 """

@@ -6,14 +6,14 @@ creation of a replacement:
 
 - a refined shape is uploaded as a new polygon annotation (the tool's channel and tags, the
   original's location and dataset) marked with the id of its original
-  (:mod:`sam2_refine.markers`), so a later run, or another job running at the same time, can
+  (:mod:`sam2_refine.job.markers`), so a later run, or another job running at the same time, can
   find it;
 - an original that an earlier run (or another running job) already refined is not refined
   again: its existing refinement counts as its replacement;
 - the server's answer must confirm each document of a chunk (one ``_id`` per document, in order);
 - any upload failure stops the upload and deletes nothing at all;
 - which refinement of an original stays when several jobs made one, and the deletion of the
-  originals, are :mod:`sam2_refine.converge`'s.
+  originals, are :mod:`sam2_refine.job.converge`'s.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam2_refine.geometry import polygon_coordinates
-from sam2_refine.kept import kept_by_position, summary_by_position
-from sam2_refine.markers import MARKER_KEY, marker
-from sam2_refine.nimbus_client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
+from sam2_refine.engine.geometry import polygon_coordinates
+from sam2_refine.job.kept import kept_by_position, summary_by_position
+from sam2_refine.job.markers import MARKER_KEY, marker
+from sam2_refine.nimbus.client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
 from sam2_refine.annotations import Kept, Outcome, Refined
 from sam2_refine.annotations import Location
 
@@ -54,7 +54,7 @@ class Ledger:
         duplicates_removed: original id -> refinements of it this job removed as duplicates.
         not_trusted: annotations with a sam2Refine mark this worker does not trust (left alone).
         kept_tag_before: originals that carried the job's kept tag when listed (see
-            :mod:`sam2_refine.kept`).
+            :mod:`sam2_refine.job.kept`).
         kept_tagging: what tagging the kept originals did (``TagReport.as_json``), or None.
     """
 

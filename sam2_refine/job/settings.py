@@ -15,8 +15,8 @@ from typing import Any
 
 from sam2_refine import fields
 from sam2_refine.annotations import Location
-from sam2_refine.batch_ranges import AxisSelection, BatchRangeError, parse_batch
-from sam2_refine.checkpoints import CheckpointChoiceError, ModelEntry, resolve_model
+from sam2_refine.job.batch_ranges import AxisSelection, BatchRangeError, parse_batch
+from sam2_refine.model.checkpoints import CheckpointChoiceError, ModelEntry, resolve_model
 from sam2_refine.fields import (
     SettingError,
     check_bool,
@@ -55,14 +55,14 @@ class RefineSettings:
         channel: Channel assigned to the new annotations.
         output_tags: Tags of the new annotations (may be empty).
         keep_original_tags: Add each original's own tags to its refined annotation.
-        resolution: ``"auto"``, ``"whole"`` or ``"crops"`` (sam2_refine.regions).
-        prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.refine).
+        resolution: ``"auto"``, ``"whole"`` or ``"crops"`` (sam2_refine.engine.regions).
+        prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.engine.location).
         min_overlap: Minimum IoU of a refined shape with its original, in [0, 1]; 0 = off.
         refine_points: Also refine point annotations (prompted with the point).
         refine_rectangles: Also refine rectangle annotations (prompted with their box).
         separate: Keep the refined outlines of touching objects (same tags, same location) apart.
         tool_id: The id of the tool that launched the job (compute parameter ``id``), or None;
-            it tells which dataset view's layers to use (sam2_refine.views).
+            it tells which dataset view's layers to use (sam2_refine.nimbus.views).
         kept_tag: A tag added to every original the job keeps (so the app's tag filter finds
             them), or None (off).
     """
