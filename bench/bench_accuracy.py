@@ -56,7 +56,7 @@ sys.path.insert(0, str(REPO))
 from sam2_refine.job import compute as job  # noqa: E402
 from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates  # noqa: E402
 from sam2_refine.nimbus.client import NimbusClient  # noqa: E402
-from sam2_refine.engine.location import BY_AREA, BY_SCORE  # noqa: E402
+from sam2_refine.engine.options import BY_AREA, BY_SCORE  # noqa: E402
 from sam2_refine.nimbus.progress import Reporter  # noqa: E402
 from sam2_refine.job.settings import parse_settings  # noqa: E402
 from sam2_refine.testing.datasets import cell_scene, dense_scene, rough_polygon  # noqa: E402

@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from sam2_refine.model.fast_decoder import FastBoxDecoder  # noqa: E402
 from sam2_refine.engine.geometry import Window  # noqa: E402
 from sam2_refine.model.logits import cells_for_windows  # noqa: E402
-from sam2_refine.engine.location import first_margin  # noqa: E402
+from sam2_refine.engine.objects import first_margin  # noqa: E402
 from sam2_refine.model.sam2_model import DeviceChoice, Sam2BoxPredictor, neighbourhood_cells  # noqa: E402
 from sam2_refine.testing.checkpoints import make_untrained_checkpoint  # noqa: E402
 

@@ -143,7 +143,8 @@ def remove_tagged(server: NimbusTestServer, dataset_id: str, tag: str) -> None:
 def first_windows(boxes: np.ndarray, height: int, width: int, grid_hw: tuple[int, int] | None) -> np.ndarray | None:
     """The windows (pixels) the engine asks the model for on its first pass over each box."""
     from sam2_refine.engine.geometry import Window
-    from sam2_refine.engine.location import GROWTH_PAID, first_margin
+    from sam2_refine.engine.decoding import GROWTH_PAID
+    from sam2_refine.engine.objects import first_margin
 
     if grid_hw is None:
         return None
@@ -209,6 +210,7 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
     from sam2_refine.engine.geometry import polygon_from_ring, prompt_box
 
     from sam2_refine.engine import location as refine
+    from sam2_refine.engine import prompts
 
     row: dict = {"config": cfg.name, "size": cfg.size, "objects": cfg.objects, "locations": cfg.locations}
     oracle = MaskOracle()
@@ -259,8 +261,8 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
         row["b_outside_model_s"] = runs_b[best] - model_b[best]
         row["b_separation_s"] = separations[best]
         # the default Resolution (Auto): object crops where objects are small, one encoder pass each
-        mode_boxes = boxes if clicks is None else np.concatenate(  # the engine's view of a point (refine.py)
-            [clicks - refine.POINT_SIZE_FOR_AUTO / 2, clicks + refine.POINT_SIZE_FOR_AUTO / 2], axis=1)
+        mode_boxes = boxes if clicks is None else np.concatenate(  # the engine's view of a point (engine/prompts.py)
+            [clicks - prompts.POINT_SIZE_FOR_AUTO / 2, clicks + prompts.POINT_SIZE_FOR_AUTO / 2], axis=1)
         row["auto_mode"] = choose_mode(mode_boxes, cfg.size, cfg.size, "auto")
         if row["auto_mode"] == "crops":
             row["b_auto_s"], _, row["b_auto_created"] = timed_less_oracle(
@@ -311,7 +313,8 @@ def dense_separation(size: int = 2048, objects: int = 1000) -> dict:
     neighbours (the known-mask stand-in on the truth: no model), at ``size`` x ``size`` with
     ``objects`` nuclei: the step's own time, and the rest of the engine's time around it."""
     from sam2_refine.engine import location as refine
-    from sam2_refine.engine.location import GeometryOptions, refine_location
+    from sam2_refine.engine.options import GeometryOptions
+    from sam2_refine.engine.location import refine_location
     from sam2_refine.job.selection import to_original
     from sam2_refine.testing.datasets import dense_scene
     from sam2_refine.testing.stand_in import KnownMaskPredictor

@@ -47,7 +47,7 @@ FORM_FIELDS = frozenset({BATCH_XY, BATCH_Z, BATCH_TIME, REFINE_TAGS, MODEL, DELE
 #: Resolution field item -> engine mode (sam2_refine.engine.regions).
 RESOLUTION_ITEMS = {"Auto": "auto", "Whole frame": "whole", "Object crops": "crops"}
 RESOLUTION_DEFAULT = "Auto"
-#: Prompt field item -> engine prompt (sam2_refine.engine.location).
+#: Prompt field item -> engine prompt (sam2_refine.engine.options).
 PROMPT_ITEMS = {"Box": "box", "Box + shape": "box+shape", "Best of three by overlap": "best3"}
 PROMPT_DEFAULT = "Box"
 MIN_OVERLAP_RANGE = (0, 1)

@@ -13,7 +13,9 @@ from sam2_refine.job import compute as job
 from sam2_refine.engine.geometry import Window, frame_window, mask_iou, rasterize
 from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
 from sam2_refine.model.predictor import Decoded
-from sam2_refine.engine.location import GeometryOptions, refine_location, shape_logits, shape_on_grid
+from sam2_refine.engine.options import GeometryOptions
+from sam2_refine.engine.location import refine_location
+from sam2_refine.engine.prompts import shape_logits, shape_on_grid
 from sam2_refine.annotations import Kept, Refined
 from sam2_refine.engine.regions import CROPS, MIN_CROP, WHOLE, choose_mode, plan_regions
 from sam2_refine.nimbus.progress import Reporter
@@ -317,10 +319,10 @@ def test_real_sam2_takes_shape_prompts_and_three_masks(checkpoint_dir):
 def test_frames_too_large_for_a_whole_frame_copy_are_refined_in_crops(monkeypatch):
     """A 20000 x 20000 frame cannot be merged into one RGB float copy (4.8 GB): beyond the pixel
     budget the engine uses object crops whatever the Resolution field says, and merges only them."""
-    from sam2_refine.engine import location as refine
+    from sam2_refine.engine import prompts
     from sam2_refine.engine.imaging import LocationImage, default_layers
 
-    monkeypatch.setattr(refine, "MAX_WHOLE_FRAME_PIXELS", 1000 * 1000)
+    monkeypatch.setattr(prompts, "MAX_WHOLE_FRAME_PIXELS", 1000 * 1000)
     scene = cell_scene(1200, 1200, 12, radius=(9.0, 12.0), seed=8, noise=False)
     image = LocationImage({0: scene.channels[0]}, default_layers(1))
     embedded = []

@@ -17,7 +17,8 @@ from shapely.geometry import Polygon
 
 from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_coordinates, rasterize
 from sam2_refine.model.predictor import Decoded
-from sam2_refine.engine.location import GeometryOptions, refine_location
+from sam2_refine.engine.options import GeometryOptions
+from sam2_refine.engine.location import refine_location
 from sam2_refine.annotations import Kept, Outcome, Refined
 from sam2_refine.annotations import Original
 from sam2_refine.job.selection import to_original

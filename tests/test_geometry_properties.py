@@ -19,7 +19,8 @@ from sam2_refine.engine.geometry import (
     rasterize,
     simplify_keeping_area,
 )
-from sam2_refine.engine.location import GeometryOptions, refine_location
+from sam2_refine.engine.options import GeometryOptions
+from sam2_refine.engine.location import refine_location
 from sam2_refine.annotations import Kept, Refined
 from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, outline, rough_polygon

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import shapely
 
-from sam2_refine.engine import location as refine
+from sam2_refine.engine import objects
 from sam2_refine.engine.outline_pool import (
     MAX_WORKERS,
     WORKERS_ENV,
@@ -39,7 +39,8 @@ from sam2_refine.engine.outline_pool import (
     usable_cores,
     workers_from_env,
 )
-from sam2_refine.engine.location import GeometryOptions, refine_location
+from sam2_refine.engine.options import GeometryOptions
+from sam2_refine.engine.location import refine_location
 from sam2_refine.annotations import Kept, Refined
 from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, dense_scene, grid_scene, rough_octagons, rough_polygon
@@ -231,14 +232,14 @@ def test_the_engine_makes_the_same_outlines_on_worker_processes(pool, name, monk
     originals = originals if originals is not None else _rod_originals(scene)
     image = _image(scene)
     grown = []  # windows outgrown on this thread (the inline run), each answered by a larger decoding
-    real_object_mask = refine.object_mask
+    real_object_mask = objects.object_mask
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         found = real_object_mask(*args, **kwargs)
-        grown.append(isinstance(found, refine.LargerWindow))
+        grown.append(isinstance(found, objects.LargerWindow))
         return found
 
-    monkeypatch.setattr(refine, "object_mask", counting)
+    monkeypatch.setattr(objects, "object_mask", counting)
 
     def run(on: OutlinePool) -> tuple[list, KnownMaskPredictor]:
         predictor = KnownMaskPredictor(labels=scene.labels, grid=(256, 256), **extra)
@@ -268,7 +269,7 @@ def test_a_bug_in_the_outline_work_fails_the_location_instead_of_losing_objects(
     def broken(*args: Any) -> list:
         raise RuntimeError("a bug in tracing")
 
-    monkeypatch.setattr("sam2_refine.engine.location.trace_objects", broken)
+    monkeypatch.setattr("sam2_refine.engine.outlines.trace_objects", broken)
     with pytest.raises(RuntimeError, match="a bug in tracing"):
         refine_location(predictor, _image(scene), originals, options, pool=OutlinePool(0))
 

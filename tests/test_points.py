@@ -13,7 +13,8 @@ import pytest
 
 from sam2_refine.engine import point_choice as pc
 from sam2_refine.engine.geometry import frame_window, mask_iou, rasterize
-from sam2_refine.engine.location import GeometryOptions, refine_location
+from sam2_refine.engine.options import GeometryOptions
+from sam2_refine.engine.location import refine_location
 from sam2_refine.annotations import Kept, Refined
 from sam2_refine.job.selection import to_original
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, dense_scene, rough_polygon

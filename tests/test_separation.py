@@ -14,7 +14,8 @@ import shapely
 from shapely.geometry import box
 
 from sam2_refine.engine.geometry import Window, frame_window, mask_iou, rasterize
-from sam2_refine.engine.location import GeometryOptions, refine_location
+from sam2_refine.engine.options import GeometryOptions
+from sam2_refine.engine.location import refine_location
 from sam2_refine.annotations import Kept, Refined
 from sam2_refine.job.selection import to_original
 from sam2_refine.engine.separation import Claim, keep_padded_apart, neighbour_pairs, separate

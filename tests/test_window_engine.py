@@ -30,15 +30,10 @@ from sam2_refine.engine.geometry import Window, frame_window  # noqa: E402
 from sam2_refine.model.logits import GridPatch  # noqa: E402
 from sam2_refine.nimbus.client import NimbusClient  # noqa: E402
 from sam2_refine.model.predictor import Decoded, from_whole_grid  # noqa: E402
-from sam2_refine.engine.location import (  # noqa: E402
-    BEST_OF_THREE,
-    GeometryOptions,
-    LargerWindow,
-    ObjectMask,
-    _box_object,
-    _Prompt,
-    refine_location,
-)
+from sam2_refine.engine.options import BEST_OF_THREE, GeometryOptions  # noqa: E402
+from sam2_refine.engine.objects import LargerWindow, ObjectMask, _box_object  # noqa: E402
+from sam2_refine.engine.prompts import Prompt  # noqa: E402
+from sam2_refine.engine.location import refine_location  # noqa: E402
 from sam2_refine.annotations import Refined  # noqa: E402
 from sam2_refine.nimbus.progress import Reporter  # noqa: E402
 from sam2_refine.model.sam2_model import Sam2BoxPredictor  # noqa: E402
@@ -192,7 +187,7 @@ def test_tracing_asks_for_a_larger_window_and_the_engine_re_decodes() -> None:
     # the pure step: a patch holding only the first window's cells
     windowed.embed(frame)
     first = real(np.array([[113.0, 118.0, 143.0, 138.0]]), windows=np.array([[110, 105, 147, 152]]))
-    prompt = _Prompt(_original(shape), np.array([113.0, 118.0, 143.0, 138.0]))
+    prompt = Prompt(_original(shape), np.array([113.0, 118.0, 143.0, 138.0]))
     answer = _box_object(first.mask(0, 0), prompt, frame_window(256, 256), (256, 256))
     assert isinstance(answer, LargerWindow) and answer.margin > 8.0
     assert answer.window.contains(Window.around(prompt.box, answer.margin / 2, frame_window(256, 256)))

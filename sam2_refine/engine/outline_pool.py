@@ -175,7 +175,7 @@ def _ready() -> int:
 
 #: What the forkserver imports once, so that each worker forked from it has them: the script
 #: (where it has a path; its functions may be tasks) and the engine.
-PRELOAD = ["__main__", "sam2_refine.engine.location"]
+PRELOAD = ["__main__", "sam2_refine.engine.objects", "sam2_refine.engine.outlines"]
 
 
 def _context(method: str | None) -> multiprocessing.context.BaseContext:

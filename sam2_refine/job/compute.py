@@ -53,7 +53,8 @@ from sam2_refine.nimbus.client import MAX_CHUNK, DatasetInfo, DegradedFrameError
 from sam2_refine.engine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.model.predictor import BoxPredictor
 from sam2_refine.job.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
-from sam2_refine.engine.location import STEP_DECODE, STEP_EMBED, GeometryOptions, refine_location
+from sam2_refine.engine.location import STEP_DECODE, STEP_EMBED, refine_location
+from sam2_refine.engine.options import GeometryOptions
 from sam2_refine.annotations import Kept
 from sam2_refine.job.replace import Ledger, pending_upload, upload
 from sam2_refine.nimbus.progress import Heartbeat, ProgressSpan, Reporter

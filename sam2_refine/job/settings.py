@@ -56,7 +56,7 @@ class RefineSettings:
         output_tags: Tags of the new annotations (may be empty).
         keep_original_tags: Add each original's own tags to its refined annotation.
         resolution: ``"auto"``, ``"whole"`` or ``"crops"`` (sam2_refine.engine.regions).
-        prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.engine.location).
+        prompt: ``"box"``, ``"box+shape"`` or ``"best3"`` (sam2_refine.engine.options).
         min_overlap: Minimum IoU of a refined shape with its original, in [0, 1]; 0 = off.
         refine_points: Also refine point annotations (prompted with the point).
         refine_rectangles: Also refine rectangle annotations (prompted with their box).
