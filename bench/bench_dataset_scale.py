@@ -65,7 +65,7 @@ fake.CheckpointError = CheckpointError
 sys.modules["sam2_refine.model.sam2_model"] = fake
 
 import sam2_refine.cli as cli
-from sam2_refine import converge
+from sam2_refine.job import converge
 from sam2_refine.testing.stand_in import ZeroCostPredictor
 cli._load_sam2 = lambda path: (ZeroCostPredictor(), False)
 spent = {"rereads_s": 0.0, "rereads": 0}

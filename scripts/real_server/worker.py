@@ -34,7 +34,7 @@ mode, entrypoint, worker_argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 record_path = os.environ["CHECK_FRAMES"]
 lock = threading.Lock()
 
-from sam2_refine import nimbus_client
+from sam2_refine.nimbus import client as nimbus_client
 original = nimbus_client.NimbusClient.get_frame
 signature = inspect.signature(original)
 
