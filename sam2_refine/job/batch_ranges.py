@@ -6,7 +6,7 @@ position is 0-based.
 
 Parsing is split in two so that settings can be checked before the dataset is read:
 :func:`parse_batch` checks the syntax; :meth:`AxisSelection.resolve` checks the positions
-against the dataset's size for that axis.
+against the dataset's size for that axis. :class:`Batch` holds the three axes' positions, resolved.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sam2_refine.annotations import Location
 from sam2_refine.fields import describe_value
 
 _ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
@@ -135,3 +136,18 @@ def describe_positions(positions: tuple[int, ...] | list[int]) -> str:
             runs.append(f"{start + 1}" if start == previous else f"{start + 1}-{previous + 1}")
         start = previous = position
     return ", ".join(runs)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The positions the job processes on each axis (0-based)."""
+
+    xy: tuple[int, ...]
+    z: tuple[int, ...]
+    time: tuple[int, ...]
+    #: How many positions the dataset has on each axis (XY, Z, Time).
+    sizes: tuple[int, int, int] = (1, 1, 1)
+
+    def holds(self, location: Location) -> bool:
+        """Whether ``location`` is one of the batch's positions."""
+        return location.xy in self.xy and location.z in self.z and location.time in self.time

@@ -28,48 +28,54 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from sam2_refine import fields
-from sam2_refine.job.batch_ranges import BatchRangeError, describe_positions
+from sam2_refine.job.batch_ranges import Batch, BatchRangeError
 from sam2_refine.job.batch_reads import BatchReader
-from sam2_refine.job.converge import ConvergeReport, RefinementWatch, ServerView, ViewBuilder, converge, read_view
+from sam2_refine.job.converge import RefinementWatch, ServerView, ViewBuilder, converge, read_view
 from sam2_refine.engine.imaging import Layer, LayerError, LocationImage, parse_layers
 from sam2_refine.messages import (
     Explained,
     cause_text,
-    counted,
     request_text,
     sentences,
     server_failure,
     settings_failure,
 )
 from sam2_refine.job.interrupt import EXIT_INTERRUPTED, JobInterrupted
-from sam2_refine.job.kept import TagReport, kept_by_position, kept_text, update_tags
-from sam2_refine.nimbus.client import MAX_CHUNK, DatasetInfo, DegradedFrameError, NimbusAPIError, NimbusClient
+from sam2_refine.job.kept import TagReport, update_tags
+from sam2_refine.nimbus.client import DatasetInfo, DegradedFrameError, NimbusAPIError, NimbusClient
 from sam2_refine.engine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.model.predictor import BoxPredictor
 from sam2_refine.job.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes
-from sam2_refine.engine.location import STEP_DECODE, STEP_EMBED, refine_location
+from sam2_refine.engine.location import refine_location
 from sam2_refine.engine.options import GeometryOptions
 from sam2_refine.annotations import Kept
-from sam2_refine.job.replace import Ledger, pending_upload, upload
+from sam2_refine.job.replace import Ledger
 from sam2_refine.nimbus.progress import Heartbeat, ProgressSpan, Reporter
 from sam2_refine.annotations import Original
 from sam2_refine.job.selection import Selection, select
 from sam2_refine.annotations import Location
+from sam2_refine.job.report_text import (
+    dataset_failure,
+    ids_text,
+    listed_text,
+    location_steps,
+    nothing_to_refine,
+    report_converge_error,
+    warn_converge,
+    warn_kept,
+)
 from sam2_refine.job.settings import RefineSettings
+from sam2_refine.job.upload import Uploader, skip_refined_elsewhere
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
 #: Environment variable naming a file for the job's JSON summary (demo, tests, benchmarks).
 SUMMARY_ENV = "SAM2_REFINE_SUMMARY"
-#: How many ids a warning lists before it says "and N more".
-LISTED_IDS = 50
 #: Refined annotations are uploaded during the job once this many are waiting...
 UPLOAD_CHUNK = 1000
 #: ... or once the oldest waiting one has waited this many seconds (so that another job
@@ -90,34 +96,8 @@ class JobFailed(Exception):
         self.exit_code = exit_code
 
 
-@dataclass(frozen=True)
-class Batch:
-    """The positions the job processes on each axis (0-based)."""
-
-    xy: tuple[int, ...]
-    z: tuple[int, ...]
-    time: tuple[int, ...]
-    #: How many positions the dataset has on each axis (XY, Z, Time).
-    sizes: tuple[int, int, int] = (1, 1, 1)
-
-    def holds(self, location: Location) -> bool:
-        """Whether ``location`` is one of the batch's positions."""
-        return location.xy in self.xy and location.z in self.z and location.time in self.time
-
-
 def _failed(line: Explained, exit_code: int = EXIT_FAILED) -> JobFailed:
     return JobFailed(line.error, line.info, exit_code)
-
-
-def _dataset_failure(exc: NimbusAPIError, client: NimbusClient, settings: RefineSettings) -> Explained:
-    """Why the dataset could not be read, in words."""
-    if exc.status is None and exc.transport is None and "holds no large image" in exc.detail:
-        return Explained("The dataset holds no image.",
-                         sentences(f"Dataset {settings.dataset_id} has no large image item, so there is nothing to "
-                                   "look at", "Nothing was changed",
-                                   "Open the dataset in NimbusImage to check that its image was imported, then run "
-                                   "the tool again"))
-    return server_failure(exc, "reading the dataset", api_url=client.api_url, dataset_id=settings.dataset_id)
 
 
 def resolve_batch(settings: RefineSettings, info: DatasetInfo) -> Batch:
@@ -192,11 +172,6 @@ def load_location_image(client: NimbusClient, info: DatasetInfo, layers: list[La
     return LocationImage(planes, layers)
 
 
-def _ids_text(ids: list[str]) -> str:
-    shown = ", ".join(ids[:LISTED_IDS])
-    return shown + (f" and {len(ids) - LISTED_IDS} more" if len(ids) > LISTED_IDS else "")
-
-
 def run_compute(
     settings: RefineSettings,
     client: NimbusClient,
@@ -246,7 +221,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     try:
         info = client.get_dataset_info(settings.dataset_id)
     except NimbusAPIError as exc:
-        raise _failed(_dataset_failure(exc, client, settings)) from None
+        raise _failed(dataset_failure(exc, client, settings)) from None
     batch = resolve_batch(settings, info)
     reader = BatchReader(client, settings.dataset_id, (batch.xy, batch.z, batch.time),
                          (info.num_xy, info.num_z, info.num_time))
@@ -261,7 +236,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
                                   "Correct the layers in the dataset's view (each visible layer needs one of the "
                                   "dataset's channels, a colour and a contrast), then run the tool again")) from None
 
-    reporter.progress(0.02, "Fetching annotations", _listed_text(settings), until=MODEL_STEPS[0])
+    reporter.progress(0.02, "Fetching annotations", listed_text(settings), until=MODEL_STEPS[0])
     seen = ViewBuilder()  # the same reading, as convergence reads the batch
     try:
         selection = select(seen.watching(fetch_annotations(reader, settings)), settings.refine_tags,
@@ -270,7 +245,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
         raise _failed(server_failure(exc, "reading the annotations", api_url=client.api_url)) from None
     if selection.duplicates:
         reporter.warning(f"The server listed {len(selection.duplicates)} annotation(s) more than once; "
-                         "each is refined once.", _ids_text(list(selection.duplicates)))
+                         "each is refined once.", ids_text(list(selection.duplicates)))
     if selection.without_id:
         reporter.warning(f"{selection.without_id} annotation(s) without an id were skipped.")
     if client.pages_by_offset:
@@ -286,13 +261,13 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     selection = _take_earlier_refinements(selection, ledger, reporter)
     if selection.count == 0:
         if not ledger.previous and not _needs_converge(selection, batch):
-            _nothing_to_refine(settings, batch, selection, reporter, _elsewhere(client, settings, seen.count))
+            nothing_to_refine(settings, batch, selection, reporter, _elsewhere(client, settings, seen.count))
             return EXIT_OK
         # Nothing was made since the selection's reading: convergence starts from it.
         return _finish(settings, client, reader, reporter, ledger, [], started, batch, shapes, seen.view())
 
     watch = RefinementWatch(reader, settings.output_tags)
-    uploader = _Uploader(client, ledger, settings, watch)
+    uploader = Uploader(client, ledger, settings, watch)
     with FramePrefetcher(client, _locations_to_fetch(selection),
                          lambda c, location: load_location_image(c, info, layers, location),
                          location_bytes(info, layers), PrefetchPolicy.from_env()) as frames:
@@ -307,7 +282,7 @@ def _run(settings: RefineSettings, client: NimbusClient, reporter: Reporter,
     if uploader.error is not None:
         unconfirmed = len(ledger.not_created)
         found = _reconcile(reader, ledger)
-        _warn_kept(reporter, ledger, batch.sizes, None, settings.kept_tag)
+        warn_kept(reporter, ledger, batch.sizes, None, settings.kept_tag)
         reporter.error(
             "Uploading the refined annotations failed; no original annotation was deleted.",
             sentences(cause_text(uploader.error, client.api_url),
@@ -330,18 +305,6 @@ def _needs_converge(selection: Selection, batch: Batch) -> bool:
             or any(u.location is not None and batch.holds(u.location) for u in index.unreadable))
 
 
-def _kinds_text(settings: RefineSettings, last: str) -> str:
-    """``polygon``, ``polygon or rectangle``, ``polygon, rectangle and point``: the shapes refined."""
-    kinds = ["polygon"] + (["rectangle"] if settings.refine_rectangles else []) + (
-        ["point"] if settings.refine_points else [])
-    return kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + f" {last} " + kinds[-1]
-
-
-def _batch_text(batch: Batch) -> str:
-    return (f"XY {describe_positions(batch.xy)}, Z {describe_positions(batch.z)}, "
-            f"Time {describe_positions(batch.time)}")
-
-
 def _elsewhere(client: NimbusClient, settings: RefineSettings, in_batch: int) -> int | None:
     """How many of the dataset's annotations lie outside the batch (the batch's reading saw
     ``in_batch``); None when the server cannot count them."""
@@ -350,45 +313,6 @@ def _elsewhere(client: NimbusClient, settings: RefineSettings, in_batch: int) ->
     except NimbusAPIError as exc:
         log.info("could not count the dataset's annotations: %s", exc)
         return None
-
-
-def _nothing_to_refine(settings: RefineSettings, batch: Batch, selection: Selection, reporter: Reporter,
-                       outside: int | None) -> None:
-    """The job found nothing to refine: a warning saying why in the user's terms (the tags the
-    batch does hold, with how many annotations carry each; or that the batch holds none), then
-    the last progress line."""
-    where = _batch_text(batch)
-    kinds = _kinds_text(settings, "or")
-    if settings.refine_tags and (selection.batch_tags or selection.batch_untagged):
-        tags = settings.refine_tags
-        wanted = f'the tag "{tags[0]}"' if len(tags) == 1 else "any of the tags " + ", ".join(f'"{t}"' for t in tags)
-        present = (f"the {kinds} annotations there carry these tags (how many carry each): "
-                   f"{counted(selection.batch_tags.items())}" if selection.batch_tags
-                   else f"the {kinds} annotations there carry no tag at all")
-        untagged = (f"{selection.batch_untagged} have no tag" if selection.batch_tags and selection.batch_untagged
-                    else None)
-        reporter.warning(f"No annotation in the chosen batch carries {wanted}.",
-                         sentences(f"In the batch ({where}), {present}", untagged,
-                                   'Choose one of these in "Tag of objects to refine", or leave it empty to refine '
-                                   f"every {kinds} annotation of the batch", "Nothing was changed"),
-                         title="Nothing to refine")
-    else:
-        elsewhere = (f"{outside} annotation(s) of the dataset lie at other positions" if outside
-                     else f"the dataset holds no {kinds} annotations at all" if outside == 0
-                     else "the server could not say how many lie at other positions")
-        reporter.warning(f"The chosen batch holds no {kinds} annotations.",
-                         sentences(f"Batch: {where}; {elsewhere}",
-                                   'Choose the positions in "Batch XY", "Batch Z" and "Batch Time" ("all" for every '
-                                   "position; empty for the one the tool was started from)", "Nothing was changed"),
-                         title="Nothing to refine")
-    reporter.progress(1.0, "Complete", "Nothing to refine in the chosen batch")
-
-
-def _listed_text(settings: RefineSettings) -> str:
-    kinds = ["Polygon"] + (["rectangle"] if settings.refine_rectangles else []) + (
-        ["point"] if settings.refine_points else [])
-    names = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
-    return f"{names} annotations of the dataset"
 
 
 def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Reporter) -> Selection:
@@ -411,7 +335,7 @@ def _take_earlier_refinements(selection: Selection, ledger: Ledger, reporter: Re
         if rest:
             remaining[location] = rest
     reporter.warning(f"{len(again)} annotation(s) had already been refined (by an earlier run or another "
-                     "job); their refinements are kept and not made again.", _ids_text(sorted(again)),
+                     "job); their refinements are kept and not made again.", ids_text(sorted(again)),
                      title="Already refined")
     return dataclasses.replace(selection, by_location=remaining)
 
@@ -448,10 +372,10 @@ def _finish(settings: RefineSettings, client: NimbusClient, reader: BatchReader,
     result = converge(reader, ledger, delete=deleting, shapes=shapes, first_view=first_view, on_step=converge_step)
     tagging = (_tag_kept(settings, client, reporter, ledger)
                if settings.kept_tag and result.error is None and result.stable else None)
-    _warn_kept(reporter, ledger, batch.sizes, tagging, settings.kept_tag)
-    _warn_converge(reporter, ledger, result)
+    warn_kept(reporter, ledger, batch.sizes, tagging, settings.kept_tag)
+    warn_converge(reporter, ledger, result)
     if result.error is not None:
-        _report_converge_error(reporter, ledger, result, client.api_url)
+        report_converge_error(reporter, ledger, result, client.api_url)
         return EXIT_FAILED
     if not result.stable:
         reporter.error("Other jobs kept refining the same annotations while this job checked them.",
@@ -486,56 +410,6 @@ def _finish(settings: RefineSettings, client: NimbusClient, reader: BatchReader,
         return EXIT_FAILED
     reporter.progress(1.0, "Complete", text)
     return EXIT_OK
-
-
-def _report_converge_error(reporter: Reporter, ledger: Ledger, result: ConvergeReport, api_url: str) -> None:
-    untouched = not ledger.deleted and not ledger.delete_unknown
-    nothing = "; no original annotation was deleted." if untouched else "."
-    again = "Running the job again finishes the job without duplicating anything"
-    cause, request = cause_text(result.error, api_url), request_text(result.error)
-    if result.stage == "delete":
-        reporter.error("Deleting the replaced originals failed part way.",
-                       sentences(cause, f"{ledger.deletion_text()}; {len(ledger.delete_failed)} remain next to "
-                                 "their refined copies", "Running the job again deletes them", request))
-    elif result.stage == "links":
-        reporter.error("Could not re-create the originals' connections" + nothing,
-                       sentences(cause, f"{result.moved} connection(s) were re-created", "The refined annotations "
-                                 "are in place", again, request))
-    elif result.stage == "duplicates":
-        reporter.error("Could not remove the duplicate refinements that jobs running at the same time made"
-                       + nothing, sentences(cause, ledger.deletion_text(), again, request))
-    else:
-        reporter.error("Could not read the refinements back to check them" + nothing,
-                       sentences(cause, ledger.deletion_text(), again, request))
-
-
-def _warn_converge(reporter: Reporter, ledger: Ledger, result: ConvergeReport) -> None:
-    """What convergence found: other jobs' refinements, marks not to trust."""
-    ledger.concurrent = sorted(result.concurrent)
-    ledger.duplicates_removed = {o: list(ids) for o, ids in result.removed.items()}
-    if result.concurrent:
-        removed = sum(len(v) for v in result.removed.values())
-        reporter.warning(f"{len(result.concurrent)} annotation(s) were refined at the same time by another job; "
-                         "one refinement each was kept.",
-                         (f"{removed} duplicate refinement(s) removed, their connections moved to the one kept. "
-                          if removed else "") + _ids_text(sorted(result.concurrent)),
-                         title="Refined by another job")
-    untrusted: dict[str, list[str]] = {}
-    for u in result.unreadable:
-        untrusted.setdefault(u.reason, []).append(u.id)
-    if result.misplaced:
-        untrusted["its sam2Refine mark names an original at another location"] = [r.id for r in result.misplaced]
-    for reason, ids in sorted(untrusted.items()):
-        reporter.warning(f"{len(ids)} annotation(s) carry a mark this worker does not trust: {reason}; "
-                         "they were left alone.", _ids_text(sorted(ids)), title="Marks not trusted")
-    by_reason: dict[str, list[str]] = {}
-    for _, reason, ids in result.left_alone:
-        by_reason.setdefault(reason, []).extend(ids)
-    for reason, ids in sorted(by_reason.items()):
-        reporter.warning(f"{len(ids)} refinement(s) share an original, but {reason}; none was removed.",
-                         _ids_text(sorted(ids)), title="Marks not trusted")
-    ledger.not_trusted = sorted({u.id for u in result.unreadable} | {r.id for r in result.misplaced}
-                                | {i for _, _, ids in result.left_alone for i in ids})
 
 
 #: Where the progress bar stands while the model loads: from the first to the last, one step each;
@@ -611,64 +485,13 @@ def _ready_text(predictor: BoxPredictor, pool: OutlinePool) -> str:
     return f"{predictor.description}; outlines on {pool.workers} worker process(es)"
 
 
-class _Uploader:
-    """Uploads refined annotations in chunks while the job goes on; stops at the first failure.
-
-    Before each chunk the refinements on the server are read again: an original that another
-    job refined meanwhile is not uploaded again (its refinement is its replacement)."""
-
-    def __init__(self, client: NimbusClient, ledger: Ledger, settings: RefineSettings,
-                 watch: RefinementWatch) -> None:
-        self.client, self.ledger, self.settings, self.watch = client, ledger, settings, watch
-        self.error: NimbusAPIError | None = None
-        self._last = time.monotonic()
-
-    def pending(self) -> int:
-        """Refined shapes not uploaded yet."""
-        return len(pending_upload(self.ledger))
-
-    def flush(self, at_least: int = 1, or_after: float | None = None) -> None:
-        """Upload what is pending if there are ``at_least`` documents, or any once ``or_after``
-        seconds have passed since the last upload (no-op after a failure)."""
-        waiting = self.pending()
-        late = or_after is not None and time.monotonic() - self._last >= or_after
-        if self.error is not None or not waiting or (waiting < at_least and not late):
-            return
-        self._last = time.monotonic()
-        while self.error is None and self.pending():
-            _skip_refined_elsewhere(self.watch, self.ledger,
-                                    {r.original_id: self.ledger.locations[r.original_id]
-                                     for r in pending_upload(self.ledger)})
-            if not self.pending():
-                return
-            report = upload(self.client, self.ledger, self.settings.dataset_id, self.settings.channel,
-                            self.settings.output_tags, self.settings.keep_original_tags,
-                            delete_original=self.settings.delete_originals, limit=MAX_CHUNK)
-            self.error = report.error
-
-
-def _skip_refined_elsewhere(watch: RefinementWatch, ledger: Ledger, originals: dict[str, Location]) -> list[str]:
-    """Read the refinements again; originals (id -> location) that another job has refined
-    meanwhile get that refinement as their replacement. Returns their ids."""
-    index = watch.read(set(originals.values()))
-    if index is None:
-        return []
-    taken = []
-    for original_id, location in originals.items():
-        found = index.for_original(original_id, location)
-        if found and original_id not in ledger.created:
-            ledger.refined_by_another(original_id, location, found[0].id)
-            taken.append(original_id)
-    return taken
-
-
 def _locations_to_fetch(selection: Selection) -> list[Location]:
     """Locations with something to refine, in order: only their frames are fetched."""
     return [loc for loc, originals in selection.by_location.items() if any(o.problem is None for o in originals)]
 
 
 def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPredictor, selection: Selection,
-                ledger: Ledger, uploader: _Uploader, frames: FramePrefetcher[LocationImage],
+                ledger: Ledger, uploader: Uploader, frames: FramePrefetcher[LocationImage],
                 watch: RefinementWatch, pool: OutlinePool) -> list[str]:
     """Refine every location; returns descriptions of locations that failed.
 
@@ -697,7 +520,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
             done += len(originals)
             continue
         if watch.due():
-            taken = set(_skip_refined_elsewhere(watch, ledger, {o.id: location for o in originals}))
+            taken = set(skip_refined_elsewhere(watch, ledger, {o.id: location for o in originals}))
             if taken:
                 done += len(taken)
                 originals = [o for o in originals if o.id not in taken]
@@ -725,7 +548,7 @@ def _refine_all(settings: RefineSettings, reporter: Reporter, predictor: BoxPred
         for original in originals:  # (the kept tag is a status of the original, not copied: see kept)
             ledger.tags[original.id] = tuple(t for t in original.tags if t != settings.kept_tag)
         outcomes = refine_location(predictor, image, originals, options, pool=pool,
-                                   on_step=_location_steps(span, done, len(originals), total, where))
+                                   on_step=location_steps(span, done, len(originals), total, where))
         del image
         ledger.record(location, outcomes)
         done += len(originals)
@@ -748,75 +571,6 @@ def _tag_kept(settings: RefineSettings, client: NimbusClient, reporter: Reporter
                          on_progress=lambda done, total: span.update(done / total, f"{done}/{total} annotation(s)"))
     ledger.kept_tagging = report.as_json()
     return report
-
-
-#: The shares of a location's progress: embedding its image (or regions), decoding its objects'
-#: prompts, tracing their outlines (on a CPU the embedding takes most of a small location's time).
-EMBED_SHARE, DECODE_SHARE, TRACE_SHARE = 0.3, 0.45, 0.25
-
-
-def _location_steps(span: ProgressSpan, before: int, count: int, total: int, where: str,
-                    ) -> Callable[[str, int, int], None]:
-    """The engine's steps within one location (:func:`~sam2_refine.engine.location.refine_location`'s
-    ``on_step``) as progress lines: the location's share of the bar (``count`` of the job's
-    ``total`` originals, after ``before``) filled as its regions are embedded, its objects
-    decoded and their outlines traced (:data:`EMBED_SHARE`, :data:`DECODE_SHARE`,
-    :data:`TRACE_SHARE`); never backwards. While a region is embedded (one long step) the
-    heartbeat moves the bar towards the end of that region's share."""
-    regions = [0, 1]  # regions embedded (or being embedded), of how many
-    decoded = [0.0]
-    reached = [0.0]
-
-    def at(part: float) -> float:
-        return (before + count * min(1.0, part)) / total
-
-    def on_step(step: str, done: int, of: int) -> None:
-        until = None
-        if step == STEP_EMBED:
-            regions[:] = [done, max(of, 1)]
-            text, minor = "computing the image embedding" + (f" (region {done}/{of})" if of > 1 else ""), False
-            part = EMBED_SHARE * (done - 1) / regions[1] + DECODE_SHARE * decoded[0]
-            until = at(EMBED_SHARE * done / regions[1] + DECODE_SHARE * decoded[0])
-        elif step == STEP_DECODE:
-            decoded[0] = done / of if of else 1.0
-            text, minor = f"{done}/{of} objects decoded", True
-            part = EMBED_SHARE * regions[0] / regions[1] + DECODE_SHARE * decoded[0]
-        else:
-            text, minor = f"{done}/{of} outlines traced", True
-            part = EMBED_SHARE + DECODE_SHARE + TRACE_SHARE * (done / of if of else 1.0)
-            if done < of:
-                until = at(EMBED_SHARE + DECODE_SHARE + TRACE_SHARE * (done + 1) / of)
-        reached[0] = max(reached[0], part)
-        span.update(at(reached[0]), f"{where}: {text}", minor=minor, until=until)
-
-    return on_step
-
-
-def _warn_kept(reporter: Reporter, ledger: Ledger, sizes: tuple[int, int, int], tagging: TagReport | None,
-               kept_tag: str | None) -> None:
-    """One warning for every kept original: counted by position and reason (ids in the summary
-    file only), and how to find them in the app (``tagging``: what tagging them with
-    ``kept_tag`` did, None when it did not run)."""
-    groups = kept_by_position(ledger.kept_by_reason(), ledger.locations)
-    count = sum(len(ids) for reasons in groups.values() for ids in reasons.values())
-    if count:
-        where = f" at {len(groups)} position(s)" if len(groups) > 1 else ""
-        if tagging is None and kept_tag:
-            find = f'They were not tagged "{kept_tag}": the job stopped before; running it again tags them'
-        elif tagging is None:
-            find = 'Set "Tag kept annotations" to tag them, so that the tag filter shows them'
-        elif tagging.tagged == count:
-            find = f'They carry the tag "{tagging.tag}": the tag filter shows them'
-        else:
-            find = f'{tagging.tagged} of them carry the tag "{tagging.tag}", which the tag filter shows'
-        reporter.warning(f"{count} annotation(s) were kept unchanged{where}.",
-                         sentences(kept_text(groups, sizes), find), title="Annotations kept")
-    if tagging is not None and tagging.refused:
-        refused = sum(len(ids) for ids in tagging.refused.values())
-        reporter.warning(f'{refused} kept annotation(s) could not be tagged "{tagging.tag}".',
-                         sentences("; ".join(f"{len(ids)}: {reason}" for reason, ids in tagging.refused.items()),
-                                   "They are kept unchanged; the summary file lists them"),
-                         title="Annotations kept")
 
 
 def _write_summary(ledger: Ledger) -> None:
