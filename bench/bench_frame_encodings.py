@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from sam2_refine.nimbus.client import DegradedFrameError, NimbusClient
+from sam2_refine.nimbus.errors import DegradedFrameError
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.testing.large_image_double import encode_region
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 

@@ -20,7 +20,9 @@ from sam2_refine.model.checkpoints import ModelCatalogue, scan_models
 from sam2_refine.fields import FORM_FIELDS
 from sam2_refine.interface import build_interface, checkpoint_dir
 from sam2_refine.messages import sentences, server_failure, settings_failure
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
 from sam2_refine.job.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import SettingsErrors, parse_settings

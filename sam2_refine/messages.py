@@ -132,7 +132,7 @@ def cause_text(exc: Any, api_url: str | None = None) -> str:
 
 def server_failure(exc: Any, doing: str, *, api_url: str | None = None, changed: str = "Nothing was changed",
                    dataset_id: str | None = None, then: str | None = None) -> Explained:
-    """A failed request (:class:`~sam2_refine.nimbus.client.NimbusAPIError`) as one error line.
+    """A failed request (:class:`~sam2_refine.nimbus.errors.NimbusAPIError`) as one error line.
 
     Args:
         exc: The failure (its ``method``, ``endpoint``, ``status``, ``detail``, ``transport``).

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy, Timeouts
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 
 REPO = Path(__file__).resolve().parents[1]

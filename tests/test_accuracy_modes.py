@@ -11,7 +11,8 @@ import pytest
 from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.engine.geometry import Window, frame_window, mask_iou, rasterize
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.model.predictor import Decoded
 from sam2_refine.engine.options import GeometryOptions
 from sam2_refine.engine.location import refine_location

@@ -24,7 +24,8 @@ from sam2_refine import cli
 from sam2_refine.job import compute as job
 from sam2_refine import fields as ui
 from sam2_refine.job.markers import original_of
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.stand_in import KnownMaskPredictor

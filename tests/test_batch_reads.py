@@ -15,7 +15,9 @@ import requests
 from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.job.batch_reads import BatchReader
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy, ServerLacksEndpoint
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
+from sam2_refine.nimbus.errors import ServerLacksEndpoint
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.annotations import Location
 from sam2_refine.job.settings import parse_settings

@@ -34,7 +34,8 @@ import pytest
 from conftest import REPO, TOKEN, WorkerRun
 from sam2_refine.job import compute as job
 from sam2_refine.job.markers import MARKER_KEY, original_of
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon

@@ -23,7 +23,9 @@ from sam2_refine.nimbus.frames import (
     read_tiff_plane,
     unpickle_array,
 )
-from sam2_refine.nimbus.client import DegradedFrameError, NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.errors import DegradedFrameError, NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.large_image_double import encode_region

@@ -16,7 +16,8 @@ import numpy as np
 from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.engine.geometry import frame_window, mask_iou, polygon_from_ring, rasterize, ring_from_coordinates
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.model.predictor import Decoded
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings

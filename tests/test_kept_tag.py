@@ -23,7 +23,9 @@ from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.job.kept import kept_by_position, kept_text, new_tags, position_text, update_tags
 from sam2_refine.job.markers import original_of
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.annotations import Location
 from sam2_refine.job.settings import parse_settings

@@ -25,7 +25,8 @@ import pytest
 from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.job.markers import original_of
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, grid_scene, rough_octagons

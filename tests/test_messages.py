@@ -21,7 +21,7 @@ from conftest import TOKEN
 from sam2_refine import cli
 from sam2_refine.fields import describe_value
 from sam2_refine.messages import cause_text, sentence, sentences, server_failure
-from sam2_refine.nimbus.client import NimbusAPIError
+from sam2_refine.nimbus.errors import NimbusAPIError
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 from sam2_refine.testing.stand_in import KnownMaskPredictor
 

@@ -13,15 +13,10 @@ import pytest
 import requests
 
 from conftest import TOKEN
-from sam2_refine.nimbus.client import (
-    MAX_CHUNK,
-    NimbusAPIError,
-    NimbusClient,
-    PartialCreateError,
-    RetryPolicy,
-    Timeouts,
-    frame_map_from_tiles,
-)
+from sam2_refine.nimbus.client import MAX_CHUNK, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError, PartialCreateError
+from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
+from sam2_refine.nimbus.dataset import frame_map_from_tiles
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 

@@ -20,7 +20,9 @@ import pytest
 from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.job import prefetch
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.job.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes, parse_bytes
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.annotations import Location
@@ -64,7 +66,7 @@ def test_malformed_policy_values_fall_back_to_the_defaults(env, caplog):
 
 def test_location_bytes_follow_the_metadata_dtype():
     from sam2_refine.engine.imaging import Layer
-    from sam2_refine.nimbus.client import DatasetInfo
+    from sam2_refine.nimbus.dataset import DatasetInfo
 
     frames = np.zeros((3, 1, 1, 1), dtype=np.int64)
     layers = [Layer(c, (1.0, 1.0, 1.0), "percentile", 0, 100) for c in (0, 2, 2)]  # channels 0 and 2

@@ -19,7 +19,9 @@ from sam2_refine import cli
 from sam2_refine.job import compute as job
 from sam2_refine.job.batch_ranges import BatchRangeError, parse_batch
 from sam2_refine.job.markers import original_of
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy, Timeouts
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon

@@ -20,7 +20,8 @@ import pytest
 from conftest import TOKEN, run_worker
 from sam2_refine.job import compute as job
 from sam2_refine.job.markers import original_of
-from sam2_refine.nimbus.client import NimbusClient, RetryPolicy
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon

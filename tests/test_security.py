@@ -22,7 +22,9 @@ from conftest import REPO, TOKEN, WorkerRun, run_worker
 from sam2_refine import cli
 from sam2_refine.job import compute as job
 from sam2_refine.model.checkpoints import CheckpointChoiceError, resolve_checkpoint
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, RetryPolicy
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.retry import RetryPolicy
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import SettingsErrors, parse_settings
 from sam2_refine.testing.nimbus_server import NimbusTestServer

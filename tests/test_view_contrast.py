@@ -16,7 +16,8 @@ import pytest
 from conftest import TOKEN
 from sam2_refine.job import compute as job
 from sam2_refine.engine.imaging import Layer, LayerError, LocationImage, merge_layers, parse_layers, view_contrast
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import parse_settings
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon

@@ -24,7 +24,8 @@ import logging
 from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, ServerLacksEndpoint
+from sam2_refine.nimbus.errors import NimbusAPIError, ServerLacksEndpoint
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.job.read_plan import (
     DEFAULT_COSTS,
     AnnotationReadPlan,

@@ -46,7 +46,9 @@ from sam2_refine.messages import (
 )
 from sam2_refine.job.interrupt import EXIT_INTERRUPTED, JobInterrupted
 from sam2_refine.job.kept import TagReport, update_tags
-from sam2_refine.nimbus.client import DatasetInfo, DegradedFrameError, NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.dataset import DatasetInfo
+from sam2_refine.nimbus.errors import DegradedFrameError, NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.engine.outline_pool import OutlinePool, workers_from_env
 from sam2_refine.model.predictor import BoxPredictor
 from sam2_refine.job.prefetch import FramePrefetcher, PrefetchPolicy, location_bytes

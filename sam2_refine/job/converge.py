@@ -48,7 +48,8 @@ from typing import Any
 from sam2_refine.job.batch_reads import BatchReader
 from sam2_refine.job.links import Ends, all_ends, move_connections, remove_connections_of, remove_identical_connections
 from sam2_refine.job.markers import Mark, read_mark
-from sam2_refine.nimbus.client import MAX_CHUNK, NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.client import MAX_CHUNK, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError
 from sam2_refine.job.refinements import Refinement, RefinementIndex, Unreadable
 from sam2_refine.job.replace import Ledger
 from sam2_refine.job.selection import annotation_location

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.annotations import Location
 
 AXES = ("XY", "Z", "Time")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sam2_refine.job.batch_reads import BatchReader
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient, PartialCreateError
+from sam2_refine.nimbus.errors import NimbusAPIError, PartialCreateError
+from sam2_refine.nimbus.client import NimbusClient
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from sam2_refine.engine.imaging import Layer
-from sam2_refine.nimbus.client import DatasetInfo, NimbusClient
+from sam2_refine.nimbus.dataset import DatasetInfo
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.annotations import Location
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from typing import Any
 from sam2_refine.engine.geometry import polygon_coordinates
 from sam2_refine.job.kept import kept_by_position, summary_by_position
 from sam2_refine.job.markers import MARKER_KEY, marker
-from sam2_refine.nimbus.client import MAX_CHUNK, NimbusAPIError, NimbusClient, PartialCreateError
+from sam2_refine.nimbus.client import MAX_CHUNK, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError, PartialCreateError
 from sam2_refine.annotations import Kept, Outcome, Refined
 from sam2_refine.annotations import Location
 

@@ -18,7 +18,8 @@ from sam2_refine.job.replace import Ledger
 from sam2_refine.job.selection import Selection
 from sam2_refine.job.settings import RefineSettings
 from sam2_refine.messages import Explained, cause_text, counted, request_text, sentences, server_failure
-from sam2_refine.nimbus.client import NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.nimbus.progress import ProgressSpan, Reporter
 
 

@@ -11,7 +11,8 @@ from sam2_refine.annotations import Location
 from sam2_refine.job.converge import RefinementWatch
 from sam2_refine.job.replace import Ledger, pending_upload, upload
 from sam2_refine.job.settings import RefineSettings
-from sam2_refine.nimbus.client import MAX_CHUNK, NimbusAPIError, NimbusClient
+from sam2_refine.nimbus.client import MAX_CHUNK, NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError
 
 
 class Uploader:

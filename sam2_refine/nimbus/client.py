@@ -1,27 +1,23 @@
 """The one HTTP client of this worker: every call it makes to the NimbusImage server.
 
+One class, :class:`NimbusClient`: one session per job, every endpoint the worker uses (dataset,
+frames, views, annotations, connections, the interface), each call's paging, chunking and errors.
+The data it reads and raises live beside it: :mod:`~sam2_refine.nimbus.dataset`,
+:mod:`~sam2_refine.nimbus.errors`, :mod:`~sam2_refine.nimbus.retry`, :mod:`~sam2_refine.nimbus.frames`.
+
 Built on :class:`girder_client.GirderClient` (token set with ``setToken``, sent as the
 ``Girder-Token`` header, never in a URL) with one :class:`requests.Session` for the whole job.
 
 Errors
-    Every HTTP or network failure raises :class:`NimbusAPIError`, which names the method, the
-    endpoint (the path, without query string) and the status (``None`` when no response came
-    back). Its text never contains the token: the client scrubs it from every message.
+    Every HTTP or network failure raises :class:`~sam2_refine.nimbus.errors.NimbusAPIError`
+    (:mod:`sam2_refine.nimbus.errors`); its text never contains the token: the client scrubs it
+    from every message.
 
 Retries
-    Transient failures are retried by urllib3's :class:`~urllib3.util.retry.Retry` mounted on the
-    session (no hand-written retry loop): connection errors, and for idempotent methods (GET,
-    DELETE, PUT, HEAD, OPTIONS) also read errors and HTTP 502/503/504, with bounded exponential
-    backoff (:class:`RetryPolicy`). ``Retry-After`` is honoured up to the backoff cap, so a
-    server cannot stall a job for longer than the policy allows.
-
-    POST is never retried once a request may have reached the server. Creating annotations or
-    connections is not idempotent: a 502/504 from a proxy, or a connection dropped while the
-    response was on its way, can follow a request the server has already carried out, and a
-    blind retry would then create every annotation of the chunk twice. So a POST is retried
-    only on a failure to *connect* (the request was certainly never sent); any other failure
-    is surfaced to the caller, which knows what it tried to create and reports it.
-    (:class:`PartialCreateError` carries what earlier chunks did create.)
+    urllib3's Retry, mounted on the session, as :class:`~sam2_refine.nimbus.retry.RetryPolicy`
+    says (:mod:`sam2_refine.nimbus.retry`). POST is never retried once a request may have reached
+    the server (creating is not idempotent); a failed create raises
+    :class:`~sam2_refine.nimbus.errors.PartialCreateError` with what earlier chunks did create.
 
 Paging
     Annotation lists are read in pages (``limit`` + ``afterId`` cursor on ``_id``, the real
@@ -33,7 +29,7 @@ Pixels
     allow-listed unpickler (numpy's array-rebuilding globals only), else ``TILED`` (a tiled TIFF,
     exact for 8 and 16 bits), else ``TIFF`` (exact for 8 bits only). Each frame is checked
     against the tile metadata (dtype, size); one that arrives degraded is refused
-    (:class:`DegradedFrameError`), never refined. See :mod:`sam2_refine.nimbus.frames`.
+    (:class:`~sam2_refine.nimbus.errors.DegradedFrameError`), never refined. See :mod:`sam2_refine.nimbus.frames`.
 """
 
 from __future__ import annotations
@@ -42,15 +38,21 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import girder_client
 import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
+from sam2_refine.nimbus.dataset import DatasetInfo, frame_map_from_tiles
+from sam2_refine.nimbus.errors import (
+    DegradedFrameError,
+    NimbusAPIError,
+    PartialCreateError,
+    ServerLacksEndpoint,
+    UnreadableFrameError,
+)
 from sam2_refine.nimbus.frames import (
     FrameDecodeError,
     FrameSpec,
@@ -60,6 +62,7 @@ from sam2_refine.nimbus.frames import (
     unpickle_array,
 )
 from sam2_refine.nimbus.progress import scrub
+from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
 from sam2_refine.nimbus.views import ViewLayers, choose_view, rank_views
 
 log = logging.getLogger(__name__)
@@ -79,206 +82,6 @@ _ENCODING_PARAMS: dict[str, dict[str, str]] = {
     "TILED": {"encoding": "TILED", "tiffCompression": "none"},
     "TIFF": {"encoding": "TIFF"},
 }
-
-IDEMPOTENT_METHODS = frozenset({"GET", "DELETE", "PUT", "HEAD", "OPTIONS"})
-
-
-class NimbusAPIError(Exception):
-    """An HTTP or network failure talking to the NimbusImage server.
-
-    Attributes:
-        method: HTTP method, e.g. ``"POST"``.
-        endpoint: The path relative to the API root, without query string.
-        status: HTTP status code, or None when no response arrived (connection, timeout).
-        detail: The server's message or the network error, scrubbed of the token.
-        transport: The network failure (a ``requests`` connection error or timeout) when no
-            answer came, else None; for messages in the user's words
-            (:func:`sam2_refine.messages.server_failure`), never shown as text.
-    """
-
-    def __init__(self, method: str, endpoint: str, status: int | None, detail: str,
-                 transport: BaseException | None = None) -> None:
-        self.method = method
-        self.endpoint = endpoint
-        self.status = status
-        self.detail = detail
-        self.transport = transport
-        where = f"{method} {endpoint}"
-        what = f"HTTP {status}" if status is not None else "no response"
-        super().__init__(f"{where} failed: {what}: {detail}" if detail else f"{where} failed: {what}")
-
-
-class PartialCreateError(NimbusAPIError):
-    """Creating a list of documents failed part way.
-
-    Attributes:
-        created: The documents the server did create and confirm, in input order (a prefix of
-            the input: chunks are sent in order and the first failure stops the upload).
-        not_created: How many of the input documents were not (or not certainly) created.
-    """
-
-    def __init__(self, cause: NimbusAPIError, created: list[dict[str, Any]], not_created: int):
-        super().__init__(cause.method, cause.endpoint, cause.status, cause.detail, cause.transport)
-        self.created = created
-        self.not_created = not_created
-
-
-class ServerLacksEndpoint(NimbusAPIError):
-    """The server has no such endpoint (an older NimbusImage): the caller reads another way."""
-
-
-class UnreadableFrameError(NimbusAPIError):
-    """A frame's body arrived but could not be decoded in the encoding asked for."""
-
-
-class DegradedFrameError(NimbusAPIError):
-    """Every encoding the server served gave a frame unlike the tile metadata (an 8-bit copy of
-    a 16-bit frame, another size).
-
-    Attributes:
-        frame: The frame number.
-        arrivals: ``"<encoding>: arrived as ...; the dataset's metadata says ..."`` per encoding.
-    """
-
-    def __init__(self, method: str, endpoint: str, frame: int, arrivals: list[str]) -> None:
-        super().__init__(method, endpoint, None,
-                         f"frame {frame} could not be read exactly: " + "; ".join(arrivals))
-        Exception.__init__(self, f"{method} {endpoint}: {self.detail}")  # an answer came: not "no response"
-        self.frame = frame
-        self.arrivals = arrivals
-
-
-class _BoundedRetry(Retry):
-    """urllib3's Retry, with ``Retry-After`` capped at ``backoff_max`` (urllib3 sleeps for any value)."""
-
-    def get_retry_after(self, response):  # type: ignore[no-untyped-def] - urllib3's signature
-        value = super().get_retry_after(response)
-        return None if value is None else min(value, self.backoff_max)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff for transient failures.
-
-    Sleep before retry k (k >= 2) is ``backoff_factor * 2**(k-1)`` seconds, at most
-    ``backoff_max`` (also the most a ``Retry-After`` header can ask for); at most ``total``
-    retries per request.
-    """
-
-    total: int = 5
-    backoff_factor: float = 0.5
-    backoff_max: float = 20.0
-    status_forcelist: tuple[int, ...] = (502, 503, 504)
-
-    def to_urllib3(self) -> Retry:
-        return _BoundedRetry(
-            total=self.total,
-            connect=self.total,
-            read=self.total,
-            status=self.total,
-            other=0,
-            backoff_factor=self.backoff_factor,
-            backoff_max=self.backoff_max,
-            status_forcelist=self.status_forcelist,
-            allowed_methods=IDEMPOTENT_METHODS,
-            raise_on_status=False,
-            respect_retry_after_header=True,
-        )
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds to wait for a connection, and for each read of a response."""
-
-    connect: float = 10.0
-    read: float = 300.0
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """A dataset's image and frame layout.
-
-    Attributes:
-        dataset_id: The dataset folder id.
-        item_id: The large-image item holding the pixels.
-        width: Frame width in pixels (``sizeX``: number of columns).
-        height: Frame height in pixels (``sizeY``: number of rows).
-        dtype: The pixel dtype the tile metadata names, or None if it names none.
-        frames: Frame number for each (C, T, Z, XY) index, shape (C, T, Z, XY), int64;
-            -1 where the dataset has no frame for that index.
-        channel_names: Channel names from the metadata, possibly empty.
-    """
-
-    dataset_id: str
-    item_id: str
-    width: int
-    height: int
-    dtype: str | None
-    frames: np.ndarray
-    channel_names: tuple[str, ...] = ()
-
-    @property
-    def num_channels(self) -> int:
-        return int(self.frames.shape[0])
-
-    @property
-    def num_time(self) -> int:
-        return int(self.frames.shape[1])
-
-    @property
-    def num_z(self) -> int:
-        return int(self.frames.shape[2])
-
-    @property
-    def num_xy(self) -> int:
-        return int(self.frames.shape[3])
-
-    def frame_spec(self, window: tuple[int, int, int, int] | None = None) -> FrameSpec:
-        """What a frame (or the window (left, top, right, bottom) of one) must arrive as."""
-        if window is None:
-            return FrameSpec(self.dtype, self.width, self.height)
-        left, top, right, bottom = window
-        return FrameSpec(self.dtype, min(right, self.width) - max(left, 0), min(bottom, self.height) - max(top, 0))
-
-    def frame_number(self, channel: int, xy: int, z: int, time: int) -> int:
-        """The frame holding ``channel`` at location (XY, Z, Time); 0-based indices.
-
-        Raises:
-            KeyError: the dataset has no such frame.
-        """
-        c, t, zz, x = self.frames.shape
-        if not (0 <= channel < c and 0 <= time < t and 0 <= z < zz and 0 <= xy < x):
-            raise KeyError(f"no frame for channel {channel} at XY {xy}, Z {z}, Time {time}")
-        frame = int(self.frames[channel, time, z, xy])
-        if frame < 0:
-            raise KeyError(f"no frame for channel {channel} at XY {xy}, Z {z}, Time {time}")
-        return frame
-
-
-def frame_map_from_tiles(tiles: dict[str, Any]) -> np.ndarray:
-    """Build the (C, T, Z, XY) -> frame number table from large_image tile metadata.
-
-    Axes missing from ``IndexRange`` and from the frames have size 1 (index 0). No ``frames``
-    at all means a single frame 0.
-
-    Returns:
-        int64 array of shape (C, T, Z, XY); -1 where no frame exists.
-    """
-    frames = tiles.get("frames") or []
-    index_range = tiles.get("IndexRange") or {}
-    keys = ("IndexC", "IndexT", "IndexZ", "IndexXY")
-    sizes = [max(1, int(index_range.get(k, 1) or 1)) for k in keys]
-    for fr in frames:
-        for i, k in enumerate(keys):
-            sizes[i] = max(sizes[i], int(fr.get(k, 0) or 0) + 1)
-    table = np.full(sizes, -1, dtype=np.int64)
-    if not frames:
-        table[0, 0, 0, 0] = 0
-        return table
-    for position, fr in enumerate(frames):
-        idx = tuple(int(fr.get(k, 0) or 0) for k in keys)
-        table[idx] = int(fr.get("Frame", position))
-    return table
 
 
 def _server_message(response: requests.Response | None) -> str:
