@@ -119,29 +119,40 @@ def speed(models: list[str], rounds: int, directory: Path) -> dict[str, Any]:
         for predictor in predictors.values():  # warm-up, untimed
             predictor.embed(image)
         times: dict[str, list[float]] = {label: [] for label in predictors}
+        cpu: dict[str, list[float]] = {label: [] for label in predictors}
         for _ in range(rounds):
             for label, predictor in predictors.items():
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 predictor.embed(image)
                 times[label].append(time.perf_counter() - started)
+                cpu[label].append(time.process_time() - started_cpu)
         out["models"][key] = times
-        print(speed_table({"models": {key: times}}), flush=True)
+        out.setdefault("cpu_seconds", {})[key] = cpu
+        print(speed_table({"models": {key: times}, "cpu_seconds": {key: cpu}}), flush=True)
         del predictors, model
     out["load_after"] = load_average()
     return out
 
 
 def speed_table(result: dict[str, Any]) -> str:
+    """Wall seconds: median (speed-up of medians against fp32), fastest; then the process's CPU
+    seconds (both threads; less sensitive to other processes on the machine), median."""
     labels = list(VARIANTS)
     lines = ["| model | " + " | ".join(f"{label} (s)" for label in labels) + " |",
              "|---|" + "---|" * len(labels)]
     for key, times in result["models"].items():
         base = statistics.median(times["fp32"])
+        cpu = result.get("cpu_seconds", {}).get(key)
         cells = []
         for label in labels:
             median = statistics.median(times[label])
             speedup = "" if label == "fp32" else f" ({base / median:.2f}x)"
-            cells.append(f"{median:.2f}{speedup}, fastest {min(times[label]):.2f}")
+            cell = f"{median:.2f}{speedup}, fastest {min(times[label]):.2f}"
+            if cpu:
+                cpu_median = statistics.median(cpu[label])
+                cell += f"; CPU {cpu_median:.2f}" + ("" if label == "fp32" else
+                                                      f" ({statistics.median(cpu['fp32']) / cpu_median:.2f}x)")
+            cells.append(cell)
         lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -188,6 +199,14 @@ def _boxes_around(labels: np.ndarray, prefix: str, margin: float = 2.5) -> list[
         docs.append(_doc(f"{prefix}{k:04d}", "polygon", [{"x": float(x), "y": float(y)} for x, y in
                                                           ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]))
     return docs
+
+
+def feature_difference(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    """std(other - reference) / std(reference) of each feature map the decoder is handed."""
+    pairs = {"image_embed": (reference["image_embed"], other["image_embed"])}
+    pairs.update({f"high_res_feats[{i}]": pair for i, pair in
+                  enumerate(zip(reference["high_res_feats"], other["high_res_feats"], strict=True))})
+    return {name: float((b - a).std() / a.std()) for name, (a, b) in pairs.items()}
 
 
 def grid_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, Any]:
@@ -301,15 +320,17 @@ def agreement(models: list[str], directory: Path) -> dict[str, Any]:
                 height, width = image.shape[:2]
                 boxes = np.stack([prompt_box(polygon_from_ring(ring_from_coordinates(d["coordinates"])), width,
                                              height) for d in docs])
-                logits, multi = [], []
+                logits, multi, features = [], [], []
                 for predictor in (fp32, bf16):
                     predictor.embed(image)
+                    features.append(predictor._predictor._features)
                     logits.append(np.concatenate([predictor.decode(boxes[s:s + 64]).logits
                                                   for s in range(0, len(boxes), 64)]))
                     multi.append(np.concatenate([predictor.decode(boxes[s:s + 64], multimask=True).logits
                                                  for s in range(0, len(boxes), 64)]).reshape(-1, 1, 256, 256))
                 row = grid_agreement(*logits)
                 row["boxes"] = len(boxes)
+                row["features_relative_difference"] = feature_difference(*features)
                 row["choice_changed"] = int(np.count_nonzero(np.array(row["iou"]) < CHOICE_CHANGED))
                 row["multimask"] = {k: v for k, v in grid_agreement(*multi).items() if k != "iou"}
                 row["positive_share"] = float((logits[0] > 0).mean())
@@ -346,8 +367,8 @@ def agreement_line(row: dict[str, Any]) -> str:
 def agreement_table(result: dict[str, Any]) -> str:
     lines = ["| model | frame, decoder | boxes | logit sign agreement (worst box) | mask IoU on the grid mean / min | "
              "other mask chosen | three masks: sign agreement, IoU min | traced fp32 / bf16 | traced outlines "
-             "differing (min IoU; IoU < 0.99) | engine: refined fp32 / bf16 | engine: outcomes changed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "differing (min IoU; IoU < 0.99) | engine: refined fp32 / bf16 | engine: outcomes changed | engine: "
+             "outline IoU mean / min; IoU < 0.99 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, rows in result["models"].items():
         for name, row in rows.items():
             e, t, m = row["engine"], row["traced"], row["multimask"]
@@ -357,7 +378,10 @@ def agreement_table(result: dict[str, Any]) -> str:
                          f"{t['refined_reference']} / {t['refined_other']} | {t['outlines_differ']} of "
                          f"{t['both_refined']} ({t['outline_iou_min']:.4f}; {t['outlines_iou_below_0.99']}) | "
                          f"{e['refined_reference']} / {e['refined_other']} of {e['originals']} | "
-                         f"{len(e['outcome_changed'])} |")
+                         f"{len(e['outcome_changed'])} | " + (
+                             f"{e['outline_iou_mean']:.4f} / {e['outline_iou_min']:.4f}; "
+                             f"{e['outlines_iou_below_0.99']} of {e['both_refined']} |"
+                             if e["both_refined"] else "- |"))
     return "\n".join(lines)
 
 
@@ -479,7 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, help="keep the random-weight checkpoints here (default: a "
                                                          "temporary directory)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "encoder_precision.json")
+    parser.add_argument("--table", type=Path, help="print the tables of an earlier run's JSON and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        saved = json.loads(args.table.read_text())
+        print(json.dumps(saved["meta"]))
+        for part, render in (("speed", speed_table), ("agreement", agreement_table), ("job", job_table)):
+            if part in saved:
+                print(f"\n{part}: load {saved[part]['load_before']} -> {saved[part]['load_after']}")
+                print(render(saved[part]))
+        return 0
     parts = args.part or ["speed", "agreement", "job"]
     torch.manual_seed(0)
     result: dict[str, Any] = {"meta": {**machine(), "command": " ".join(["bench/bench_encoder_precision.py",

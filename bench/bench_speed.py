@@ -448,7 +448,8 @@ def measure_precisions(cfg: Config, predictors: dict, checkpoint_dir: Path, mode
     Realistic masks as in :func:`measure`; the oracle's time is taken off."""
     oracle = MaskOracle()
     realistic = {label: RealisticBoxPredictor(p, oracle) for label, p in predictors.items()}
-    row: dict = {"config": cfg.name, "variants": {label: {"b_runs": [], "c_runs": []} for label in predictors}}
+    row: dict = {"config": cfg.name, "variants": {label: {"b_runs": [], "c_runs": [], "b_cpu": [], "c_cpu": []}
+                                                  for label in predictors}}
     with NimbusTestServer(token=TOKEN) as server:
         ds, scene = build_dataset(server, cfg)
         images, boxes, clicks = scene_inputs(server, ds, scene, cfg)
@@ -458,32 +459,39 @@ def measure_precisions(cfg: Config, predictors: dict, checkpoint_dir: Path, mode
         for _ in range(repeats):
             for label, predictor in realistic.items():
                 got = row["variants"][label]
+                cpu = time.process_time()  # the process's CPU seconds (all threads, the test server's too)
                 seconds, _, _ = timed_less_oracle(oracle, run_floor, images, boxes, predictor, clicks)
                 got["c_runs"].append(seconds)
+                got["c_cpu"].append(time.process_time() - cpu)
+                cpu = time.process_time()
                 seconds, _, created = timed_less_oracle(oracle, run_engine, server, ds, checkpoint_dir, predictor,
                                                         model=model_file)
                 got["b_runs"].append(seconds)
+                got["b_cpu"].append(time.process_time() - cpu)
                 got["created"] = created
                 remove_tagged(server, ds.dataset_id, "engine")
     return row
 
 
 def precision_table(rows: list[dict]) -> str:
-    """Medians (fastest in brackets); speed-ups of medians against the first variant."""
-    lines = ["| model | configuration | variant | b job (s) | b speed-up | c floor (s) | c speed-up | created |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Wall seconds, medians (fastest in brackets); speed-ups of medians against the first
+    variant; the process's CPU seconds of b (median) and their ratio."""
+    lines = ["| model | configuration | variant | b job (s) | b speed-up | c floor (s) | c speed-up | b CPU (s) | "
+             "b CPU ratio | created |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         first = next(iter(r["variants"].values()))
         for label, got in r["variants"].items():
             b, c = statistics.median(got["b_runs"]), statistics.median(got["c_runs"])
             sb = statistics.median(first["b_runs"]) / b
             sc = statistics.median(first["c_runs"]) / c
+            b_cpu = statistics.median(got["b_cpu"])
             lines.append(f"| {r['model']} | {r['config']} | {label} | {b:.2f} ({min(got['b_runs']):.2f}) | "
-                         f"{sb:.2f}x | {c:.2f} ({min(got['c_runs']):.2f}) | {sc:.2f}x | {got['created']} |")
+                         f"{sb:.2f}x | {c:.2f} ({min(got['c_runs']):.2f}) | {sc:.2f}x | {b_cpu:.1f} | "
+                         f"{statistics.median(first['b_cpu']) / b_cpu:.2f}x | {got['created']} |")
     return "\n".join(lines)
 
 
-def cpu_precision(models: list[str], configs: list[Config], out: Path) -> int:
+def cpu_precision(models: list[str], configs: list[Config], out: Path, repeats: int = REPEATS) -> int:
     """The CPU job with its image encoder in float32 against the precision a job chooses on this
     CPU (bfloat16 where it has the units), per model and configuration, interleaved."""
     from sam2_refine.sam2_model import DeviceChoice, build_model, choose_device
@@ -508,7 +516,7 @@ def cpu_precision(models: list[str], configs: list[Config], out: Path) -> int:
                           "chosen": Sam2BoxPredictor(model, chosen, name=path.name)}
             for cfg in configs:
                 print(f"running {key} {cfg.name} ...", flush=True)
-                row = measure_precisions(cfg, predictors, checkpoint_dir, path.name)
+                row = measure_precisions(cfg, predictors, checkpoint_dir, path.name, repeats)
                 row["model"] = key
                 rows.append(row)
                 print(precision_table([row]), flush=True)
@@ -548,10 +556,11 @@ def main(argv: list[str] | None = None) -> int:
                              "configurations --only (default 0,1); JSON in speed_cpu_precision.json")
     parser.add_argument("--models", default="tiny,small,base_plus", help="with --cpu-precision: "
                         "comma-separated of " + ", ".join(MODELS))
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="with --cpu-precision: runs of b and c each")
     args = parser.parse_args(argv)
     if args.cpu_precision:
         return cpu_precision(args.models.split(","), [FULL[int(i)] for i in (args.only or "0,1").split(",")],
-                             args.out)
+                             args.out, args.repeats)
     if args.zero_cost:
         index = int(args.only or 7)
         result = zero_cost(index)

@@ -229,15 +229,16 @@ def test_float32_features_logits_and_outlines_are_unchanged(model, frame) -> Non
 
 
 #: Bounds on the bfloat16 encoder's drift from float32, from bench/bench_encoder_precision.py
-#: (README, "The image encoder in bfloat16 on the CPU"; random weights, SAM2.1 tiny and small,
-#: two 512 px frames, decoder as initialised and sharpened). Measured: each of three masks per box
-#: (no choice among them) sign agreement >= 0.998 and IoU >= 0.991; the single mask a job asks
-#: for the same, except where sam2's dynamic-multimask rule chose another mask (its stability
-#: within rounding of 0.98: 1 box of 1024); traced outlines IoU >= 0.996 except where the
-#: component chosen among near-equal fragments changed (2 of 1024). The bounds leave room for
-#: other CPUs' kernels: a few times the largest continuous difference, and 2 choices of 28.
+#: (README, "The image encoder in bfloat16 on the CPU": random weights, SAM2.1 tiny and small,
+#: two 512 px frames, 512 boxes, the decoder as initialised and sharpened). Measured: three masks
+#: per box (no choice among them) sign agreement >= 0.9983, mean IoU >= 0.9965, each IoU >= 0.977;
+#: the single mask a job asks for the same, except 3 boxes of 512 where sam2's dynamic-multimask
+#: rule chose another mask (stability within rounding of its 0.98 threshold); traced outlines:
+#: at most 2 of 56 below IoU 0.98 with tiny (another of two near-equal fragments chosen). The
+#: bounds: about three times the largest continuous difference (twice for the minimum IoU), and
+#: 2 of the test's 28 boxes for whole choices.
 SIGN_AGREEMENT, SIGN_AGREEMENT_WORST_MASK = 0.995, 0.98
-MASK_IOU_MEAN, MASK_IOU_MIN = 0.99, 0.97
+MASK_IOU_MEAN, MASK_IOU_MIN = 0.99, 0.95
 CHOICES_CHANGED = 2  # boxes of 28 whose single mask or outline may differ as a whole
 OUTLINE_IOU = 0.98
 
