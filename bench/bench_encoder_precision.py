@@ -504,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
                                                          "temporary directory)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "encoder_precision.json")
     parser.add_argument("--table", type=Path, help="print the tables of an earlier run's JSON and stop")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); one thread "
+                        "gives steadier ratios on a machine other processes load")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.table:
         saved = json.loads(args.table.read_text())
         print(json.dumps(saved["meta"]))

@@ -74,7 +74,16 @@ class OpenVinoEncoder(torch.nn.Module):
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
 
-def convert(model: torch.nn.Module, directory: Path) -> tuple[Any, dict[str, float], int]:
+def _core(threads: int | None) -> Any:
+    import openvino as ov
+
+    core = ov.Core()
+    if threads:
+        core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+    return core
+
+
+def convert(model: torch.nn.Module, directory: Path, threads: int | None = None) -> tuple[Any, dict[str, float], int]:
     """(compiled model, seconds of each step, feature levels)."""
     import openvino as ov
 
@@ -91,14 +100,14 @@ def convert(model: torch.nn.Module, directory: Path) -> tuple[Any, dict[str, flo
     started = time.perf_counter()
     ov.save_model(converted, path)
     seconds["save_model"] = time.perf_counter() - started
-    core = ov.Core()
+    core = _core(threads)
     started = time.perf_counter()
     compiled = core.compile_model(core.read_model(path), "CPU")
     seconds["read_and_compile"] = time.perf_counter() - started
-    cached = ov.Core()
+    cached = _core(threads)
     cached.set_property({"CACHE_DIR": str(directory / "cache")})
     cached.compile_model(cached.read_model(path), "CPU")  # fills the cache
-    cached = ov.Core()
+    cached = _core(threads)
     cached.set_property({"CACHE_DIR": str(directory / "cache")})
     started = time.perf_counter()
     cached.compile_model(path, "CPU")
@@ -124,9 +133,9 @@ class Swapped:
 
 
 def measure_model(key: str, directory: Path, work: Path, rounds: int, image: np.ndarray, frame: np.ndarray,
-                  boxes: np.ndarray) -> dict[str, Any]:
+                  boxes: np.ndarray, threads: int | None = None) -> dict[str, Any]:
     _, model = model_for(key, directory)
-    compiled, seconds, levels = convert(model, work / key)
+    compiled, seconds, levels = convert(model, work / key, threads)
     fp32, bf16 = Sam2BoxPredictor(model, FP32), Sam2BoxPredictor(model, chosen_bf16())
     with_openvino = Swapped(model, OpenVinoEncoder(compiled, levels))
     variants = {"torch fp32": lambda: fp32.embed(image), "torch bf16 + channels_last": lambda: bf16.embed(image),
@@ -167,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--checkpoints", type=Path)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "openvino_encoder.json")
+    parser.add_argument("--threads", type=int, help="torch's and OpenVINO's threads (default: one per core)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         import openvino as ov
     except ImportError:
@@ -184,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         directory = args.checkpoints or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
         for key in args.models.split(","):
-            result["models"][key] = measure_model(key, directory, Path(tmp), args.rounds, image, frame, boxes)
+            result["models"][key] = measure_model(key, directory, Path(tmp), args.rounds, image, frame, boxes,
+                                                  args.threads)
     result["meta"]["load_after"] = load_average()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -557,7 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="tiny,small,base_plus", help="with --cpu-precision: "
                         "comma-separated of " + ", ".join(MODELS))
     parser.add_argument("--repeats", type=int, default=REPEATS, help="with --cpu-precision: runs of b and c each")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); one thread "
+                        "gives steadier ratios on a machine other processes load")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.cpu_precision:
         return cpu_precision(args.models.split(","), [FULL[int(i)] for i in (args.only or "0,1").split(",")],
                              args.out, args.repeats)

@@ -222,9 +222,10 @@ def image_features(model: torch.nn.Module, transforms: object, image: np.ndarray
     """The features sam2's ``SAM2ImagePredictor.set_image`` computes for ``image``, with the
     image encoder (and nothing else) run as ``choice`` says: under bfloat16 autocast with
     ``encoder_bfloat16``, its input channels-last with ``channels_last``. Its outputs are
-    handed on as float32 in the standard memory format, so that everything after it (the
-    decoder's high-resolution projections, the no-memory embedding, the mask decoder) runs in
-    float32 exactly as in a float32 job. Call inside :func:`inference_mode`.
+    handed on as float32 (in the memory layout the encoder gave them), so that everything after
+    it (the decoder's high-resolution projections, the no-memory embedding, the mask decoder)
+    runs in float32 as in a float32 job. With neither option it computes what ``set_image``
+    computes, bit for bit. Call inside :func:`inference_mode`.
 
     Args:
         model: A built SAM2 model (``SAM2Base``).
