@@ -4,6 +4,9 @@ Run from the repository root (after ``make venv``)::
 
     .venv/bin/python bench/bench_speed.py            # the full table (about 50 min on 2 cores)
     .venv/bin/python bench/bench_speed.py --quick    # a smoke run (about a minute)
+    .venv/bin/python bench/bench_speed.py --cpu-precision   # b and c with the image encoder in
+        # float32 against the precision a job chooses on this CPU (bfloat16 where it has the units),
+        # SAM2.1 tiny, small and base+, configurations 0 and 1 (--models, --only)
 
 One process, one SAM2.1 tiny model (random weights: the model's speed does not depend on their
 values), the same synthetic datasets served by the local NimbusImage test server. Random weights
@@ -96,8 +99,8 @@ def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
 
 
 def run_engine(server, ds, checkpoint_dir: Path, predictor, resolution: str = "Whole frame",
-               tag: str = "engine") -> int:
-    settings = parse_settings(job_parameters(resolution, tag), ds.dataset_id, checkpoint_dir)
+               tag: str = "engine", model: str = "sam2.1_hiera_tiny.pt") -> int:
+    settings = parse_settings(job_parameters(resolution, tag, model), ds.dataset_id, checkpoint_dir)
     with NimbusClient(server.api_url, TOKEN) as client:
         code = job.run_compute(settings, client, Reporter(stream=io.StringIO()), lambda path: (predictor, False))
     if code != 0:
@@ -204,10 +207,29 @@ def timed_less_oracle(oracle: MaskOracle, fn, *args, **kwargs) -> tuple[float, f
     return seconds - (oracle.seconds - before), peak, result
 
 
+def scene_inputs(server, ds, scene, cfg: Config) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """The floor's inputs: each location's merged frame, the prompt boxes of location 0, and (for
+    ``cfg.points``) its clicks (N, 2)."""
+    from sam2_refine.engine.geometry import polygon_from_ring, prompt_box
+
+    rough = [a for a in server.annotations(ds.dataset_id) if a["location"]["XY"] == 0]
+    clicks = None
+    if cfg.points:
+        clicks = np.array([[a["coordinates"][0]["x"], a["coordinates"][0]["y"]] for a in rough])
+        boxes = np.concatenate([clicks - scene.radii[:, None], clicks + scene.radii[:, None]], axis=1)
+    else:
+        boxes = np.stack([prompt_box(polygon_from_ring(np.array([[p["x"], p["y"]] for p in a["coordinates"]])),
+                                     cfg.size, cfg.size) for a in rough])
+    with NimbusClient(server.api_url, TOKEN) as client:
+        info = client.get_dataset_info(ds.dataset_id)
+        layers = default_layers(info.num_channels)
+        images = [job.load_location_image(client, info, layers, job.Location(xy, 0, 0)).window(
+                  0, 0, info.height, info.width) for xy in range(cfg.locations)]
+    return images, boxes, clicks
+
+
 def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool) -> dict:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-    from sam2_refine.engine.geometry import polygon_from_ring, prompt_box
 
     from sam2_refine.engine import location as refine
     from sam2_refine.engine import prompts
@@ -217,19 +239,7 @@ def measure(cfg: Config, predictor, checkpoint_dir: Path, include_per_box: bool)
     realistic = RealisticBoxPredictor(predictor, oracle)
     with NimbusTestServer(token=TOKEN) as server:
         ds, scene = build_dataset(server, cfg)
-        rough = [a for a in server.annotations(ds.dataset_id) if a["location"]["XY"] == 0]
-        clicks = None
-        if cfg.points:
-            clicks = np.array([[a["coordinates"][0]["x"], a["coordinates"][0]["y"]] for a in rough])
-            boxes = np.concatenate([clicks - scene.radii[:, None], clicks + scene.radii[:, None]], axis=1)
-        else:
-            boxes = np.stack([prompt_box(polygon_from_ring(np.array([[p["x"], p["y"]] for p in a["coordinates"]])),
-                                         cfg.size, cfg.size) for a in rough])
-        with NimbusClient(server.api_url, TOKEN) as client:
-            info = client.get_dataset_info(ds.dataset_id)
-            layers = default_layers(info.num_channels)
-            images = [job.load_location_image(client, info, layers, job.Location(xy, 0, 0)).window(
-                      0, 0, info.height, info.width) for xy in range(cfg.locations)]
+        images, boxes, clicks = scene_inputs(server, ds, scene, cfg)
         # warm-up, untimed: the first calls at new shapes pay one-off kernel set-up costs
         predictor.embed(images[0])
         predictor.decode(boxes[:predictor.max_batch])
@@ -430,6 +440,103 @@ def cpu_workers(cfg: Config, predictor, checkpoint_dir: Path, rounds: int = 2) -
     return out
 
 
+#: --cpu-precision: model -> stock file name (random weights are made under that name).
+MODELS = {"tiny": "sam2.1_hiera_tiny.pt", "small": "sam2.1_hiera_small.pt", "base_plus": "sam2.1_hiera_base_plus.pt"}
+
+
+def measure_precisions(cfg: Config, predictors: dict, checkpoint_dir: Path, model_file: str,
+                       repeats: int = REPEATS) -> dict:
+    """b (the job) and c (the floor) of one configuration for each predictor (label -> predictor,
+    the first the reference), interleaved: each round runs c and b of every predictor in turn.
+    Realistic masks as in :func:`measure`; the oracle's time is taken off."""
+    oracle = MaskOracle()
+    realistic = {label: RealisticBoxPredictor(p, oracle) for label, p in predictors.items()}
+    row: dict = {"config": cfg.name, "variants": {label: {"b_runs": [], "c_runs": [], "b_cpu": [], "c_cpu": []}
+                                                  for label in predictors}}
+    with NimbusTestServer(token=TOKEN) as server:
+        ds, scene = build_dataset(server, cfg)
+        images, boxes, clicks = scene_inputs(server, ds, scene, cfg)
+        for predictor in realistic.values():  # warm-up, untimed
+            predictor.embed(images[0])
+            predictor.decode(boxes[:predictor.max_batch])
+        for _ in range(repeats):
+            for label, predictor in realistic.items():
+                got = row["variants"][label]
+                cpu = time.process_time()  # the process's CPU seconds (all threads, the test server's too)
+                seconds, _, _ = timed_less_oracle(oracle, run_floor, images, boxes, predictor, clicks)
+                got["c_runs"].append(seconds)
+                got["c_cpu"].append(time.process_time() - cpu)
+                cpu = time.process_time()
+                seconds, _, created = timed_less_oracle(oracle, run_engine, server, ds, checkpoint_dir, predictor,
+                                                        model=model_file)
+                got["b_runs"].append(seconds)
+                got["b_cpu"].append(time.process_time() - cpu)
+                got["created"] = created
+                remove_tagged(server, ds.dataset_id, "engine")
+    return row
+
+
+def precision_table(rows: list[dict]) -> str:
+    """Wall seconds, medians (fastest in brackets); speed-ups of medians against the first
+    variant; the process's CPU seconds of b (median) and their ratio."""
+    lines = ["| model | configuration | variant | b job (s) | b speed-up | c floor (s) | c speed-up | b CPU (s) | "
+             "b CPU ratio | created |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        first = next(iter(r["variants"].values()))
+        for label, got in r["variants"].items():
+            b, c = statistics.median(got["b_runs"]), statistics.median(got["c_runs"])
+            sb = statistics.median(first["b_runs"]) / b
+            sc = statistics.median(first["c_runs"]) / c
+            b_cpu = statistics.median(got["b_cpu"])
+            lines.append(f"| {r['model']} | {r['config']} | {label} | {b:.2f} ({min(got['b_runs']):.2f}) | "
+                         f"{sb:.2f}x | {c:.2f} ({min(got['c_runs']):.2f}) | {sc:.2f}x | {b_cpu:.1f} | "
+                         f"{statistics.median(first['b_cpu']) / b_cpu:.2f}x | {got['created']} |")
+    return "\n".join(lines)
+
+
+def cpu_precision(models: list[str], configs: list[Config], out: Path, repeats: int = REPEATS) -> int:
+    """The CPU job with its image encoder in float32 against the precision a job chooses on this
+    CPU (bfloat16 where it has the units), per model and configuration, interleaved."""
+    from sam2_refine.model.sam2_model import DeviceChoice, build_model, choose_device
+
+    chosen = choose_device("cpu")
+    fp32 = DeviceChoice("cpu", bfloat16=False, tf32=False)
+    print(f"chosen on this CPU: {chosen.describe()}", flush=True)
+    caps = dict(torch.cpu.get_capabilities())
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {caps.get('cpu_name')}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__} threads {torch.get_num_threads()}",
+            "bf16_flags": [k for k in ("avx512_bf16", "amx_bf16") if caps.get(k)], "chosen": chosen.describe(),
+            "load_before": list(os.getloadavg()),
+            "command": " ".join(["bench/bench_speed.py", *sys.argv[1:]])}
+    rows = []
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_dir = Path(tmp)
+        for key in models:
+            path = make_untrained_checkpoint(checkpoint_dir / MODELS[key], MODELS[key])
+            model = build_model(path, fp32)
+            predictors = {"fp32": Sam2BoxPredictor(model, fp32, name=path.name),
+                          "chosen": Sam2BoxPredictor(model, chosen, name=path.name)}
+            for cfg in configs:
+                print(f"running {key} {cfg.name} ...", flush=True)
+                row = measure_precisions(cfg, predictors, checkpoint_dir, path.name, repeats)
+                row["model"] = key
+                rows.append(row)
+                print(precision_table([row]), flush=True)
+                out.with_name("speed_cpu_precision.partial.json").write_text(json.dumps(rows, indent=2))
+            del predictors, model
+            path.unlink()
+    meta["load_after"] = list(os.getloadavg())
+    print(f"\n{meta['date']}, {meta['machine']}, bf16 flags {meta['bf16_flags']}; chosen: {meta['chosen']}; "
+          f"load {meta['load_before']} -> {meta['load_after']}")
+    print(precision_table(rows))
+    target = out.with_name("speed_cpu_precision.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\nwritten {target}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small configurations")
@@ -446,7 +553,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-cost", action="store_true",
                         help="only the outline work in parallel: the zero-cost model on 1 core against 2 "
                              "(configuration --only, default 7), and the CPU job with and without outline workers")
+    parser.add_argument("--cpu-precision", action="store_true",
+                        help="only the CPU image encoder in float32 against the precision a job chooses here "
+                             "(bfloat16 where the CPU has the units): b and c, interleaved, for --models and the "
+                             "configurations --only (default 0,1); JSON in speed_cpu_precision.json")
+    parser.add_argument("--models", default="tiny,small,base_plus", help="with --cpu-precision: "
+                        "comma-separated of " + ", ".join(MODELS))
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="with --cpu-precision: runs of b and c each")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); one thread "
+                        "gives steadier ratios on a machine other processes load")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_precision:
+        return cpu_precision(args.models.split(","), [FULL[int(i)] for i in (args.only or "0,1").split(",")],
+                             args.out, args.repeats)
     if args.zero_cost:
         index = int(args.only or 7)
         result = zero_cost(index)

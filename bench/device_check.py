@@ -482,7 +482,7 @@ def check(device: Device, plan: Plan, checkpoint: Path | None, out_dir: Path) ->
         loaded, untrained = Sam2BoxPredictor.load(checkpoint, choice, **({} if device.cuda else
                                                                           {"fast_decoder": False}))
         on_device = Capture(loaded, untrained)
-        reference = Capture(*Sam2BoxPredictor.load(checkpoint, cpu))  # the CPU job path, float32
+        reference = Capture(*Sam2BoxPredictor.load(checkpoint, cpu))  # the CPU path in float32
         result: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d %H:%M"), "environment": device.describe(), "model": model_name,
             "plan": asdict(plan), "choice": {**asdict(choice), "describe": choice.describe()},

@@ -57,10 +57,10 @@ def build_dataset(server: NimbusTestServer, cfg: Config, seed: int = 0):
     return ds, scene
 
 
-def job_parameters(resolution: str = "Whole frame", tag: str = "engine") -> dict:
+def job_parameters(resolution: str = "Whole frame", tag: str = "engine", model: str = "sam2.1_hiera_tiny.pt") -> dict:
     """The job's parameters: the configuration's objects refined with the default fields, whole
-    frame (the same model passes as the floor), points on."""
-    return {"workerInterface": {"Model": "sam2.1_hiera_tiny.pt", "Tag of objects to refine": ["rough"],
+    frame (the same model passes as the floor), points on; ``model``: the checkpoint's file name."""
+    return {"workerInterface": {"Model": model, "Tag of objects to refine": ["rough"],
                                 "Batch XY": "all", "Batch Z": "all", "Batch Time": "all",
                                 "Smoothing": 0.7, "Padding": 0, "Delete original annotations": False,
                                 "Resolution": resolution, "Refine point annotations": True},

@@ -8,10 +8,15 @@ with NimbusImage's annotation plugin and girder_large_image into its own cached 
 environment, starts Girder on 127.0.0.1 (on MongoDB where ``--mongo-uri`` is given or ``mongod``
 is on the PATH, else on an in-process substitute, said on every line), makes a dataset the way
 the web app does (a 16-bit two-position, two-channel image, ``multi-source2.json`` transcoded,
-a configuration with layers, a dataset view, rough nucleus outlines and connections), and runs
-the worker's ``entrypoint.py`` as NimbusImage does: the interface request, a job on one
-position, two jobs at once with "Delete original annotations", and a re-run. It prints PASS or
-FAIL per check and, last, ``N passed, M failed``; the exit status is 1 when any check failed.
+a configuration with layers, a dataset view, rough nucleus outlines and connections), calls the
+worker's own scoped reads (``list/ids``, ``hydrate``, the counts, connections by
+``nodeAnnotationId``, ``BatchReader``) on a dataset made for them and compares every answer
+with what the server holds, and runs the worker's ``entrypoint.py`` as NimbusImage does: the
+interface request, a job on one position, two jobs at once with "Delete original annotations",
+a re-run, and two jobs at once on one position of a larger dataset; every request of each job
+is recorded and checked (location queries, nothing read from outside the batch, every read
+answered). It prints PASS or FAIL per check and, last, ``N passed, M failed``; the exit status
+is 1 when any check failed.
 
 See docs/real-server-check.md.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shutil
 import subprocess
 import sys
@@ -32,8 +38,9 @@ REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(REPO))  # the synthetic image comes from this tree's sam2_refine.testing
 
-from real_server import checks, venv  # noqa: E402
-from real_server.dataset import Source, create_dataset, expected_pixels, make_source  # noqa: E402
+from real_server import checks, reads, venv  # noqa: E402
+from real_server.dataset import (TAG, Source, create_dataset, expected_pixels, extra_polygons,  # noqa: E402
+                                 make_source)
 from real_server.output import Output, database_label  # noqa: E402
 from real_server.rest import Rest  # noqa: E402
 from real_server.server import GirderServer, free_port  # noqa: E402
@@ -42,6 +49,12 @@ from real_server.worker import (STAND_IN, Run, Worker, compute_argv, default_pyt
 
 IMAGE = "annotations/sam2_refine_worker:latest"
 PASSWORD = "check-password-1"
+#: Polygons added at position 2 of the large dataset, and connections among them: with the
+#: worker's cost model (sam2_refine/read_plan.py) a job on position 1 then reads its batch by a
+#: location query, and the connections of the (at most about 20) annotations it concerns one
+#: annotation at a time rather than by listing the dataset's 2,000.
+EXTRA_POLYGONS = 600
+EXTRA_CONNECTIONS = 2000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,9 +137,123 @@ def _state_checks(out: Output, stage: str, rest: Rest, dataset_id: str, original
     return annotations
 
 
+def _at_first_position(location: tuple[int, int, int]) -> bool:
+    return location == (0, 0, 0)
+
+
+def _scoped_checks(out: Output, run: Run, sizes: tuple[int, int, int], extras: set[str] | None = None) -> None:
+    """A job on position 1 read it by location queries, and received no annotation from elsewhere."""
+    verdict = reads.scoped_verdict(run.requests, _at_first_position, sizes)
+    out.check(f"{run.name} read its batch by location queries (list/ids + hydrate)", verdict.passed, verdict.detail)
+    received = reads.shipped(run.requests)
+    outside = reads.shipped_outside(run.requests, _at_first_position)
+    detail = (f"received {len(received)} annotation document(s), {len(outside)} from outside position 1"
+              + (f" (e.g. {', '.join(outside[:2])})" if outside else "")
+              + (f"; of the {len(extras)} polygons at position 2, {len(extras & set(received))} received"
+                 if extras is not None else ""))
+    out.check(f"{run.name} received only its batch's annotations", not outside, detail)
+
+
+def _large_dataset_jobs(out: Output, rest: Rest, worker: Worker, job, parent_id: str, segmenter: str) -> None:
+    """Jobs E and F at once on position 1 of a dataset whose position 2 holds many more polygons and
+    connections: the worker's cost model reads the batch by location queries and the connections
+    one annotation at a time; the job's own requests show it, and the state checks still pass."""
+    source = make_source(count=4, seed=21)
+    large = create_dataset(rest, parent_id, source, "large")
+    ds = large.folder_id
+    extra_docs = extra_polygons(ds, EXTRA_POLYGONS, source.pages.shape[3], source.pages.shape[2])
+    extras = [d["_id"] for d in rest.json("POST", "upenn_annotation/multiple", json=extra_docs)]
+    n = len(extras)  # each extra polygon to its next 1, 2, 3 ... neighbours: no pair twice
+    links = [(extras[i % n], extras[(i % n + 1 + i // n) % n]) for i in range(EXTRA_CONNECTIONS)]
+    rest.json("POST", "annotation_connection/multiple", json=[
+        {"parentId": p, "childId": c, "datasetId": ds, "label": "check", "tags": ["check"]} for p, c in links])
+    annotations, connections = _snapshot(rest, ds)
+    before = large.connections + links
+    at_first = sum(1 for d in annotations if (d["location"]["XY"], d["location"]["Z"], d["location"]["Time"])
+                   == (0, 0, 0))
+    out.say(f"large dataset: {len(large.originals)} rough nuclei and {len(large.spots)} spots on 2 positions, "
+            f"and {len(extras)} more polygons tagged {TAG!r} at position 2: {len(annotations)} annotations "
+            f"({at_first} at position 1), {len(connections)} connections ({len(links)} among the extra polygons)")
+    out.say(f"jobs E and F at once: position 1 only, 'Delete original annotations' on ({segmenter})")
+    runs = worker.run_many([job("job E", "1", True, ds), job("job F", "1", True, ds)])
+    for run in runs:
+        _report_run(out, run)
+    out.check("jobs E and F: both exit 0", all(r.returncode == 0 for r in runs),
+              ", ".join(f"{r.name} exit {r.returncode}" for r in runs))
+    _frames_check(out, "jobs E and F", runs[0].frames + runs[1].frames, source, large.tiles)
+    for run in runs:
+        _scoped_checks(out, run, sizes=(source.xy_count, 1, 1), extras=set(extras))
+        verdict = reads.connection_verdict(run.requests)
+        out.check(f"{run.name} read connections one annotation at a time (nodeAnnotationId)", verdict.passed,
+                  verdict.detail)
+    _state_checks(out, "after jobs E and F", rest, ds, large.originals + extras, before)
+
+
 def _frames_check(out: Output, name: str, records: list[dict], source: Source, tiles: dict) -> None:
     verdict = checks.frames_exact(records, expected_pixels(source, tiles))
     out.check(f"frames exact ({name})", verdict.passed, verdict.detail)
+
+
+def _reads_checks(out: Output, rest: Rest, worker: Worker, api_url: str, token: str, parent_id: str,
+                  other_id: str) -> str:
+    """The worker's own reads (``NimbusClient`` and ``BatchReader``) on a dataset made for them,
+    each compared with what the server holds; then the endpoints' answers beside the local test
+    server's. Returns the dataset's id."""
+    source = make_source(count=6, seed=13)
+    made = create_dataset(rest, parent_id, source, "reads")
+    ds = made.folder_id
+    extra = rest.json("POST", "upenn_annotation/multiple", json=reads.extra_docs(ds))
+    refined = [d["_id"] for d in extra if "refined" in d["tags"] and d["location"]["XY"] == 0]
+    rest.json("POST", "annotation_connection/multiple", json=[
+        {"parentId": r, "childId": made.originals[0], "datasetId": ds, "label": "check", "tags": ["check"]}
+        for r in refined])
+    gone = rest.json("POST", "upenn_annotation/multiple", json=reads.extra_docs(ds)[:1])[0]["_id"]
+    rest.json("DELETE", f"upenn_annotation/{gone}")
+    annotations, connections = _snapshot(rest, ds)
+    other = rest.json("GET", f"upenn_annotation/{other_id}")
+    world = reads.World(ds, {d["_id"]: d for d in [*annotations, other]}, connections)
+    out.say(f"reads dataset: {len(annotations)} annotations ({len(made.originals)} nuclei, {len(made.spots)} spots, "
+            f"{len(extra)} more at other times, tags and shapes), {len(connections)} connections; the worker's "
+            "NimbusClient and BatchReader read it (scripts/real_server/reads_probe.py)")
+    spec = reads.probe_spec(ds, annotations, connections, other_id, gone)
+    results = worker.probe_reads(api_url, token, spec)
+    for call, result in zip(spec["calls"], results):
+        if call.get("observe"):
+            out.say(f"observed: the worker's {call['name']}: {reads.observation(result)}")
+            continue
+        verdict = reads.verdict(call, result, world)
+        out.check(f"worker's reads: {call['name']}", verdict.passed, verdict.detail)
+    if len(results) != len(spec["calls"]):
+        out.check("worker's reads: every probe call answered", False,
+                  f"{len(results)} of {len(spec['calls'])} calls came back")
+
+    from real_server.observe import compare_reads, observe_reads
+
+    # A dataset folder of its own (no image: the read endpoints need none), so that both servers
+    # hold the same four annotations.
+    folder = rest.json("POST", "folder", data={
+        "parentType": "folder", "parentId": parent_id, "name": "observations", "reuseExisting": "false",
+        "metadata": json.dumps({"subtype": "contrastDataset", "selectedLargeImageId": None})})
+    real = observe_reads(rest, folder["_id"])
+    for line in compare_reads(real, _observe_local_reads()):
+        out.say(f"observed: {line}")
+    return ds
+
+
+def _observe_local_reads() -> list[tuple[str, str]]:
+    """:func:`observe_reads` against this tree's local test server (for the comparison)."""
+    import numpy as np
+
+    from real_server.observe import observe_reads
+    from sam2_refine.testing.nimbus_server import NimbusTestServer
+
+    with NimbusTestServer(token="check-local") as local:
+        dataset = local.add_dataset(np.zeros((1, 1, 1, 1, 8, 8), np.uint16))
+        session = Rest(local.api_url, "check-local")
+        try:
+            return observe_reads(session, dataset.dataset_id)
+        finally:
+            session.close()
 
 
 def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: str | None) -> None:
@@ -183,15 +310,18 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
         records = worker.probe_frames(server.api_url, token, dataset.item_id, frames)
         _frames_check(out, "every frame fetched by the worker's NimbusClient.get_frame", records, source, dataset.tiles)
 
-        def job(name: str, batch_xy: str, delete: bool) -> tuple[str, list[str]]:
+        _reads_checks(out, rest, worker, server.api_url, token, private["_id"], dataset.originals[0])
+
+        def job(name: str, batch_xy: str, delete: bool, dataset_id: str = dataset.folder_id) -> tuple[str, list[str]]:
             parameters = tool_parameters(batch_xy, delete, model)
-            return name, compute_argv(server.api_url, token, dataset.folder_id, parameters)
+            return name, compute_argv(server.api_url, token, dataset_id, parameters)
 
         out.say(f"job A: position 1 only, originals kept ({segmenter})")
         (first,) = worker.run_many([job("job A", "1", False)])
         _report_run(out, first)
         out.check("job A exit 0", first.returncode == 0, f"exit {first.returncode}")
         _frames_check(out, "job A", first.frames, source, dataset.tiles)
+        _scoped_checks(out, first, sizes=(source.xy_count, 1, 1))
         _state_checks(out, "after job A", rest, dataset.folder_id, dataset.originals, dataset.connections)
 
         out.say(f"jobs B and C at once: all positions, 'Delete original annotations' on ({segmenter})")
@@ -201,6 +331,9 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
         out.check("two jobs at once: both exit 0", all(r.returncode == 0 for r in both),
                   ", ".join(f"{r.name} exit {r.returncode}" for r in both))
         _frames_check(out, "jobs B and C", both[0].frames + both[1].frames, source, dataset.tiles)
+        for run in both:
+            verdict = reads.listing_verdict(run.requests)
+            out.check(f"{run.name} read all positions with one listing", verdict.passed, verdict.detail)
         annotations = _state_checks(out, "after jobs B and C", rest, dataset.folder_id, dataset.originals,
                                     dataset.connections)
 
@@ -208,10 +341,14 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
         before_ids = {a["_id"] for a in annotations}
         (again,) = worker.run_many([job("job D", "all", True)])
         _report_run(out, again)
+        verdict = reads.listing_verdict(again.requests)
+        out.check(f"{again.name} read all positions with one listing", verdict.passed, verdict.detail)
         after = _state_checks(out, "after the re-run", rest, dataset.folder_id, dataset.originals, dataset.connections)
         new = [a["_id"] for a in after if a["_id"] not in before_ids]
         out.check("re-run: exit 0 and no new annotation", again.returncode == 0 and not new,
                   f"exit {again.returncode}, {len(new)} new annotation(s)")
+
+        _large_dataset_jobs(out, rest, worker, job, private["_id"], segmenter)
 
         if not args.no_observe:
             scratch_source = make_source(count=6, seed=11)
@@ -219,6 +356,12 @@ def run_check(args: argparse.Namespace, workdir: Path, out: Output, mongo_uri: s
             from real_server.observe import observe
 
             observe(rest, scratch, scratch_source, out.say)
+        if mongo_uri is None:
+            from real_server.observe import substitute_noops
+
+            ignored = substitute_noops(server.log_path.read_text(errors="replace"))
+            out.say("observed: options the substitute database accepted and ignored (girder.log): "
+                    + (", ".join(ignored) if ignored else "none"))
         rest.close()
 
 
@@ -244,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_check(args, workdir, out, mongo_uri)
     except Exception as exc:  # noqa: BLE001 - any failure of the set-up is one failed check, shown whole
-        out.check("the check ran to its end", False, f"{type(exc).__name__}: {exc}")
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        out.check("the check ran to its end", False,
+                  f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})")
     finally:
         if mongod is not None:
             mongod.terminate()

@@ -465,7 +465,9 @@ def test_a_connection_whose_other_end_another_job_replaces_meanwhile(server, ckp
     withdrawn; the track ends once between the two refinements."""
     data = make_data(server)  # the track: XY 1's first nucleus -> XY 2's first nucleus
     lane = Interleaver(server)
-    lane.hold("b", "DELETE", CREATE, until=lambda: lane.answered("a", "GET", "annotation_connection") >= 1)
+    # a has read the track, checked its ends and sent its copies (the child still existed) before
+    # b removes the child's connections and deletes it
+    lane.hold("b", "DELETE", ".*", nth=None, until=lambda: lane.count("a", "POST", LINKS) >= 1)
     lane.hold("a", "POST", LINKS, until=lambda: lane.answered("b", "DELETE", CREATE) >= 1)
     runs = run_together(server, data, ckpt, tmp_path, ["a", "b"], delete=True, batches={"a": "1", "b": "2"})
     assert not lane.timed_out

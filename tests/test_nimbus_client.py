@@ -178,6 +178,16 @@ def test_tag_filter_and_blob_query(server, client):
     assert json.loads(request.params["tags"]) == ["a"]
 
 
+def test_list_ids_of_no_id_is_empty_without_a_request(server, client):
+    """The plugin answers ``idConstraints: [[]]`` with 400 (helpers/validation.py; seen on the real
+    server by scripts/check_real_server.py): no id given matches nothing, and nothing is sent."""
+    ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
+    kept = server.add_annotations(ds.dataset_id, [polygon(), polygon()])
+    assert client.list_annotation_ids(ds.dataset_id, ids=[]) == []
+    assert server.requests_to("POST", "upenn_annotation/list/ids") == []
+    assert client.list_annotation_ids(ds.dataset_id, ids=kept[:1] + ["f" * 24]) == kept[:1]
+
+
 def test_validation_failure_is_all_or_nothing(server, client):
     ds = server.add_dataset(np.zeros((1, 1, 1, 1, 4, 4), np.uint8))
     good = dict(polygon(), datasetId=ds.dataset_id)

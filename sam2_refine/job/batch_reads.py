@@ -64,6 +64,7 @@ class BatchReader:
         self._plan: AnnotationReadPlan | None = None
         #: False once the server turned out to have no list/ids or hydrate (then it stays so).
         self.scoped = True
+        self._connections: int | None = None  # the dataset's connections, once counted (-1: unknown)
 
     # -- where ------------------------------------------------------------------------------------
 
@@ -180,11 +181,13 @@ class BatchReader:
         cursor listing of the dataset's connections (keeping only those), whichever costs less."""
         if not ids:
             return []
-        try:
-            total = self.client.count_connections(self.dataset_id)
-        except NimbusAPIError as exc:
-            log.info("could not count the dataset's connections (%s)", exc)
-            total = None
+        if self._connections is None:  # counted once per job: its own copies change it little
+            try:
+                self._connections = self.client.count_connections(self.dataset_id)
+            except NimbusAPIError as exc:
+                log.info("could not count the dataset's connections (%s)", exc)
+                self._connections = -1
+        total = self._connections if self._connections >= 0 else None
         if total is not None and not read_connections_per_annotation(len(ids), total, self.costs):
             return [c for page in self.client.iter_connection_pages(self.dataset_id) for c in page
                     if c.get("parentId") in ids or c.get("childId") in ids]

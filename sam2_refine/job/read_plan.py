@@ -16,8 +16,9 @@ by the share of the axis the batch holds. :func:`plan_annotation_reads` prices e
 axes to fix, and the listing, and takes the cheapest.
 
 Connections have no location: those of given annotations are read one annotation at a time
-(``nodeAnnotationId``, through the server's ``parentId`` / ``childId`` indices) or with one
-cursor listing of the dataset's connections; :func:`read_connections_per_annotation` decides.
+(``nodeAnnotationId``; each such query walks all of the dataset's connections on the server, whose
+``find`` is hinted to ``{datasetId, _id}``) or with one cursor listing of the dataset's
+connections; :func:`read_connections_per_annotation` decides.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class ReadCosts:
         per_annotation: One annotation document shipped and read (server encoding, transfer, the
             worker's parsing and checks).
         per_connection: One connection document shipped and read.
+        walk_per_connection: The server walking one of the dataset's connections (a query for one
+            annotation's connections is hinted to ``{datasetId, _id}``: it walks them all).
         page: Documents per listing page; hydrate chunk.
     """
 
@@ -48,6 +51,7 @@ class ReadCosts:
     walk_per_annotation: float = 1.5e-6
     per_annotation: float = 75e-6
     per_connection: float = 10e-6
+    walk_per_connection: float = 1.5e-6
     page: int = 5000
 
 
@@ -103,8 +107,10 @@ def _listing_seconds(n: int, costs: ReadCosts) -> float:
 def read_connections_per_annotation(annotations: int, dataset_connections: int,
                                     costs: ReadCosts = DEFAULT_COSTS) -> bool:
     """Whether reading the connections of ``annotations`` annotations one at a time is cheaper
-    than one listing of the dataset's ``dataset_connections`` connections."""
-    per_annotation = annotations * costs.request
+    than one listing of the dataset's ``dataset_connections`` connections. Each one-annotation
+    query walks all of the dataset's connections on the server (NimbusImage's ``find`` is hinted
+    to ``{datasetId, _id}``), so this holds only for a few annotations."""
+    per_annotation = annotations * (costs.request + dataset_connections * costs.walk_per_connection)
     listing = (dataset_connections * costs.per_connection
                + max(1, math.ceil(dataset_connections / costs.page)) * costs.request)
     return per_annotation < listing

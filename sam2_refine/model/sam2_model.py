@@ -8,7 +8,11 @@ The only module that imports torch and sam2. It
   checkpoint: a missing, corrupt or unusable one raises :class:`CheckpointError`. Checkpoints
   are read with ``torch.load(..., weights_only=True, mmap=True)``;
 - runs on CUDA when available (bfloat16 autocast and TF32 on compute capability >= 8, both
-  entered only around inference and restored afterwards), else on the CPU in float32;
+  entered only around inference and restored afterwards), else on the CPU: there the image
+  encoder runs under bfloat16 autocast where the CPU has native bfloat16 units
+  (:mod:`sam2_refine.model.cpu_precision` decides; ``SAM2_REFINE_CPU_PRECISION`` forces either), in
+  float32 elsewhere, and everything after the encoder (its features are handed on in float32)
+  in float32;
 - embeds an image once (resized to the model's 1024x1024 input here, with area averaging, so
   a huge frame is never copied into a full-size tensor), and decodes batches of box prompts
   straight through the prompt encoder and mask decoder, returning the 256x256 low-resolution
@@ -21,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +38,15 @@ import torch
 
 from sam2_refine.model.architectures import UNTRAINED_MARKER
 from sam2_refine.model.checkpoints import ModelEntry, ModelUnusable, inspect_model
+from sam2_refine.model.cpu_precision import PRECISION_ENV, EncoderPrecision, encoder_precision
 from sam2_refine.model.logits import cells_for_windows
 from sam2_refine.model.predictor import Decoded, from_whole_grid
 
 log = logging.getLogger(__name__)
 
 __all__ = ["UNTRAINED_MARKER", "CheckpointError", "DeviceChoice", "Sam2BoxPredictor", "build_model",
-           "choose_device", "inference_mode", "inspect_checkpoint", "load_state_dict"]
+           "choose_device", "cpu_encoder_precision", "image_features", "inference_mode", "inspect_checkpoint",
+           "load_state_dict"]
 
 
 class CheckpointError(RuntimeError):
@@ -54,24 +61,63 @@ class DeviceChoice:
         device: ``"cuda"`` or ``"cpu"``.
         bfloat16: Run inference under bfloat16 autocast (CUDA, compute capability >= 8).
         tf32: Allow TF32 matrix maths during inference (CUDA, compute capability >= 8).
+        encoder_bfloat16: Run the image encoder alone under bfloat16 autocast, its features
+            handed on in float32 (the CPU with native bfloat16 units, :func:`choose_device`).
+        channels_last: Give the image encoder its input in channels-last memory format.
+        reason: Why the encoder runs in the precision it runs in (for the job's log).
     """
 
     device: str
     bfloat16: bool
     tf32: bool
+    encoder_bfloat16: bool = False
+    channels_last: bool = False
+    reason: str = ""
 
     def describe(self) -> str:
         if self.device == "cpu":
-            return "cpu, float32"
+            why = f" ({self.reason})" if self.reason else ""
+            if self.encoder_bfloat16:
+                return f"cpu, image encoder in bfloat16{why}, decoder in float32"
+            return f"cpu, float32{why}"
         return f"cuda, {'bfloat16' if self.bfloat16 else 'float32'}{', TF32' if self.tf32 else ''}"
 
 
-def choose_device(prefer: str | None = None) -> DeviceChoice:
-    """CUDA when available (and not ``prefer == "cpu"``), else the CPU."""
+def cpu_encoder_precision(environ: Mapping[str, str] | None = None) -> EncoderPrecision:
+    """:func:`sam2_refine.model.cpu_precision.encoder_precision` for this CPU and ``environ``
+    (default ``os.environ``): the capabilities from ``torch.cpu.get_capabilities()`` (keys
+    ``amx_bf16``, ``avx512_bf16``, ``architecture``), oneDNN's bfloat16 support from
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``; either missing counts as absent."""
+    environ = os.environ if environ is None else environ
+    try:
+        capabilities: Mapping[str, object] = dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):  # an older torch: no capability query, no bfloat16
+        capabilities = {}
+    try:
+        onednn = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    return encoder_precision(environ.get(PRECISION_ENV), capabilities, onednn)
+
+
+#: Whether the bfloat16 encoder gets its input in channels-last memory format (see the README's
+#: "The image encoder in bfloat16 on the CPU" for the measurement that decided it).
+BFLOAT16_CHANNELS_LAST = True
+
+
+def choose_device(prefer: str | None = None, environ: Mapping[str, str] | None = None) -> DeviceChoice:
+    """CUDA when available (and not ``prefer == "cpu"``), else the CPU, its image encoder in
+    the precision :func:`cpu_encoder_precision` chooses (``environ``: default ``os.environ``)."""
     if prefer != "cpu" and torch.cuda.is_available():
         major, _ = torch.cuda.get_device_capability(0)
         return DeviceChoice("cuda", bfloat16=major >= 8, tf32=major >= 8)
-    return DeviceChoice("cpu", bfloat16=False, tf32=False)
+    precision = cpu_encoder_precision(environ)
+    if precision.warning:
+        log.warning("%s", precision.warning)
+    log.info("image encoder on the CPU in %s: %s", "bfloat16" if precision.bfloat16 else "float32",
+             precision.reason)
+    return DeviceChoice("cpu", bfloat16=False, tf32=False, encoder_bfloat16=precision.bfloat16,
+                        channels_last=precision.bfloat16 and BFLOAT16_CHANNELS_LAST, reason=precision.reason)
 
 
 @contextlib.contextmanager
@@ -166,6 +212,53 @@ def build_model(checkpoint: Path, choice: DeviceChoice, entry: ModelEntry | None
         ) from None
     log.info("loaded %s as %s (%s)", checkpoint.name, entry.architecture.label, config)
     return model
+
+
+def _float32(value: object) -> object:
+    """Tensors (also in lists) as float32 (their memory layout kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, list):
+        return [_float32(v) for v in value]
+    return value
+
+
+def image_features(model: torch.nn.Module, transforms: object, image: np.ndarray,
+                   choice: DeviceChoice) -> dict[str, object]:
+    """The features sam2's ``SAM2ImagePredictor.set_image`` computes for ``image``, with the
+    image encoder (and nothing else) run as ``choice`` says: under bfloat16 autocast with
+    ``encoder_bfloat16``, its input channels-last with ``channels_last``. Its outputs are
+    handed on as float32 (in the memory layout the encoder gave them), so that everything after
+    it (the decoder's high-resolution projections, the no-memory embedding, the mask decoder)
+    runs in float32 as in a float32 job. With neither option it computes what ``set_image``
+    computes, bit for bit. Call inside :func:`inference_mode`.
+
+    Args:
+        model: A built SAM2 model (``SAM2Base``).
+        transforms: sam2's ``SAM2Transforms`` for the model (to tensor, resize, normalise).
+        image: (S, S, 3) float32 RGB in [0, 1], S the model's input size (1024).
+        choice: Device and precision.
+
+    Returns:
+        ``{"image_embed": (1, C, S/16, S/16), "high_res_feats": [(1, C/8, S/4, S/4),
+        (1, C/4, S/8, S/8)]}``, float32 (C = 256 for SAM2/SAM2.1), as ``set_image`` keeps them.
+    """
+    input_image = transforms(image)[None, ...].to(choice.device)
+    if choice.channels_last:
+        input_image = input_image.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(choice.device, dtype=torch.bfloat16, enabled=choice.encoder_bfloat16):
+        encoded = model.image_encoder(input_image)
+    backbone_out = {key: _float32(value) for key, value in encoded.items()}
+    # the rest of SAM2Base.forward_image and of SAM2ImagePredictor.set_image, in float32
+    if model.use_high_res_features_in_sam:
+        backbone_out["backbone_fpn"][0] = model.sam_mask_decoder.conv_s0(backbone_out["backbone_fpn"][0])
+        backbone_out["backbone_fpn"][1] = model.sam_mask_decoder.conv_s1(backbone_out["backbone_fpn"][1])
+    _, vision_feats, _, feat_sizes = model._prepare_backbone_features(backbone_out)
+    if model.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+    feats = [feat.permute(1, 2, 0).view(1, -1, *size)
+             for feat, size in zip(vision_feats[::-1], feat_sizes[::-1])][::-1]
+    return {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
 
 
 def model_prompt_points(
@@ -337,7 +430,15 @@ class Sam2BoxPredictor:
         resized = cv2.resize(np.ascontiguousarray(image, dtype=np.float32), (size, size),
                              interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
         with inference_mode(self.choice):
-            self._predictor.set_image(np.clip(resized, 0.0, 1.0))
+            if self.choice.encoder_bfloat16 or self.choice.channels_last:
+                predictor = self._predictor
+                predictor.reset_predictor()
+                predictor._features = image_features(self.model, predictor._transforms,
+                                                     np.clip(resized, 0.0, 1.0), self.choice)
+                predictor._orig_hw = [(size, size)]
+                predictor._is_image_set = True
+            else:  # float32: sam2's own set_image, as before bfloat16 encoders
+                self._predictor.set_image(np.clip(resized, 0.0, 1.0))
             # --- fast decoder: per-image precomputation
             self._fast_ready = False
             if self._fast is not None:

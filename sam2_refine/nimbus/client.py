@@ -403,11 +403,14 @@ class NimbusClient:
             location: Any of ``XY``, ``Z``, ``Time`` (0-based); a key left out matches every value.
             shape: Only this shape.
             tags: Only annotations with ANY of these tags (the plugin's ``exclusive: false``).
-            ids: Only these ids (the plugin's ``idConstraints``): which of them exist.
+            ids: Only these ids (the plugin's ``idConstraints``): which of them exist. An empty
+                list matches nothing and is not sent (the plugin refuses ``[[]]`` with 400).
 
         Raises:
             ServerLacksEndpoint: the server has no such endpoint (404 or 405: an older server).
         """
+        if ids is not None and not ids:
+            return []
         filters: dict[str, Any] = {}
         if location:
             filters["location"] = dict(location)

@@ -13,8 +13,10 @@ this store keeps the same shape of cost, so that a benchmark against the test se
   (``models/annotation.py``, ``_aggregate`` / ``listIds``): it scans every entry of the dataset,
   whatever the filter, and so does this store (:meth:`AnnotationStore.scan`);
 - ``POST upenn_annotation/hydrate`` finds documents by ``_id``: a lookup per id;
-- connections of one annotation (``parentId`` / ``childId`` / ``nodeAnnotationId``) use their
-  indices: a lookup per annotation, not a scan of the dataset's connections.
+- connections of one annotation (``parentId`` / ``childId`` / ``nodeAnnotationId``): the plugin's
+  ``find`` hints ``{datasetId, _id}`` whatever the filter (``server/api/connections.py``), so such a
+  query walks all of the dataset's connections, as the server answers it here too (the end
+  indices serve deleting one annotation's connections).
 """
 
 from __future__ import annotations

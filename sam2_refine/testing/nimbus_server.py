@@ -252,6 +252,8 @@ class NimbusTestServer:
         self.has_list_ids = True
         #: How many ``list/ids`` queries the server ran (each walks the whole dataset).
         self.scans = 0
+        #: How many connection listings it answered (each walks all of the dataset's connections).
+        self.connection_scans = 0
         self._calls: Counter[tuple[str, str]] = Counter()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -715,7 +717,7 @@ class NimbusTestServer:
         costs what it holds (the index walked from the cursor), not the dataset."""
         dataset_id = _required(params, "datasetId")
         if dataset_id not in self.state.folders:
-            raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
+            raise _BadRequest(400, f"No such folder: {dataset_id}", "validation")  # Folder().load(exc=True)
         shape = params.get("shape")
         tags = None
         if params.get("tags"):
@@ -756,7 +758,7 @@ class NimbusTestServer:
         if not isinstance(dataset_id, str) or not re.fullmatch(r"[0-9a-f]{24}", dataset_id):
             raise _BadRequest(400, "datasetId is required" if dataset_id is None else "datasetId is not a valid id")
         if dataset_id not in self.state.folders:
-            raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
+            raise _BadRequest(400, f"No such folder: {dataset_id}", "validation")  # Folder().load(exc=True)
         filters = body.get("filters") or {}
         if not isinstance(filters, dict):
             raise _BadRequest(400, "filters must be an object")
@@ -823,7 +825,7 @@ class NimbusTestServer:
         """``GET upenn_annotation/count`` (api/annotation.py count): ``{count}``."""
         dataset_id = _required(params, "datasetId")
         if dataset_id not in self.state.folders:
-            raise _BadRequest(400, f"Invalid folder id ({dataset_id}).")
+            raise _BadRequest(400, f"No such folder: {dataset_id}", "validation")  # Folder().load(exc=True)
         with self._lock:
             return {"count": self.state.annotations.count(dataset_id, params.get("shape") or None)}
 
@@ -917,12 +919,11 @@ class NimbusTestServer:
         cursor that drops the offset, default limit 50; without ``sort`` it sorts by a field
         connections lack (``lowerName``), i.e. in stored order: ask for ``sort=_id``."""
         dataset_id = _required(params, "datasetId")
-        node = params.get("nodeAnnotationId") or params.get("parentId") or params.get("childId")
         with self._lock:
-            if node:  # through the parentId / childId indices: a lookup, not a scan
-                docs = [c for c in self.state.connections.touching(node) if c.get("datasetId") == dataset_id]
-            else:
-                docs = self.state.connections.of_dataset(dataset_id, sort_by_id=params.get("sort") == "_id")
+            # find() hints the {datasetId, _id} index whatever the filter: a query for one
+            # annotation's connections walks all of the dataset's connections too.
+            docs = self.state.connections.of_dataset(dataset_id, sort_by_id=params.get("sort") == "_id")
+            self.connection_scans += 1
         for key in ("parentId", "childId"):
             if params.get(key):
                 docs = [c for c in docs if c.get(key) == params[key]]

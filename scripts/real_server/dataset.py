@@ -136,6 +136,22 @@ def spot_docs(source: Source, dataset_id: str, every: int = 5) -> list[dict[str,
     return docs
 
 
+def extra_polygons(dataset_id: str, count: int, width: int, height: int, xy: int = 1) -> list[dict[str, Any]]:
+    """``count`` small square polygons tagged like the nuclei, on a grid over position ``xy``
+    (0-based) of a ``width`` x ``height`` image, none overlapping."""
+    columns = max(1, int((count * width / height) ** 0.5))
+    rows = -(-count // columns)
+    step_x, step_y = width / columns, height / rows
+    side = max(1.0, min(step_x, step_y) - 2)
+    docs = []
+    for index in range(count):
+        x, y = (index % columns) * step_x + 1, (index // columns) * step_y + 1
+        corners = [(x, y), (x + side, y), (x + side, y + side), (x, y + side)]
+        docs.append({"tags": [TAG], "shape": "polygon", "channel": 0, "location": {"XY": xy, "Z": 0, "Time": 0},
+                     "datasetId": dataset_id, "coordinates": [{"x": px, "y": py, "z": 0} for px, py in corners]})
+    return docs
+
+
 def connection_pairs(nuclei: list[dict[str, Any]], spots: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(parent, child): each spot -> the nucleus it lies in; every 3rd nucleus -> the next one
     at the same position (so both ends of some connections are refined)."""

@@ -8,6 +8,7 @@ observations, not checks: they pass or fail nothing.
 from __future__ import annotations
 
 import io
+import re
 import json
 from collections.abc import Callable
 from typing import Any
@@ -165,3 +166,156 @@ def observe(rest: Rest, scratch: Dataset, source: Source, say: Callable[[str], N
     got = rest.call("GET", "worker_interface", params={"image": "probe/image:latest"})
     note(f"POST worker_interface: {response.status_code}; GET answers {got.status_code} "
          f"{got.text[:120]}")
+
+
+# -- the read endpoints of issue 21 (list/ids, hydrate, counts, connections per annotation) --------
+
+_HEX_ID = re.compile(r"\b[0-9a-f]{24}\b")
+
+
+def normalise(text: str, names: dict[str, str]) -> str:
+    """``text`` with the ids of ``names`` replaced by their names and any other id by ``<id>``,
+    so that two servers' answers about different ids compare."""
+    return _HEX_ID.sub(lambda m: names.get(m.group(0), "<id>"), text)
+
+
+def _short(response) -> str:
+    """Status, then the server's message or the body's shape."""
+    try:
+        body = response.json()
+    except ValueError:
+        return f"{response.status_code} {response.text[:120]!r}"
+    if isinstance(body, dict) and "message" in body:
+        return f"{response.status_code} {body['message']!r}"
+    if isinstance(body, dict) and isinstance(body.get("ids"), list):
+        return f"{response.status_code} {{total: {body.get('total')}, ids: {len(body['ids'])}}}"
+    if isinstance(body, list):
+        return f"{response.status_code} a list of {len(body)}"
+    return f"{response.status_code} {json.dumps(body)[:120]}"
+
+
+def observe_reads(rest: Rest, dataset_id: str) -> list[tuple[str, str]]:
+    """What the server answers to the read endpoints the worker uses (issue 21), in words with ids
+    normalised (:func:`normalise`): ``(what was asked, the answer)``. It adds four annotations and a
+    connection to ``dataset_id`` and deletes them again."""
+    ds = dataset_id
+    base = {"channel": 0, "datasetId": ds, "coordinates": [{"x": 1, "y": 1}, {"x": 9, "y": 1}, {"x": 9, "y": 9}]}
+    docs = [{**base, "tags": ["obs-a"], "shape": "polygon", "location": {"XY": 0, "Z": 0, "Time": 0}},
+            {**base, "tags": ["obs-a", "obs-b"], "shape": "polygon", "location": {"XY": 0, "Z": 0, "Time": 0}},
+            {**base, "tags": ["obs-b"], "shape": "point", "location": {"XY": 0, "Z": 0, "Time": 0},
+             "coordinates": [{"x": 3, "y": 3}]},
+            {**base, "tags": ["obs-a"], "shape": "polygon", "location": {"XY": 0}}]  # the schema allows it
+    made = rest.json("POST", "upenn_annotation/multiple", json=docs)
+    a, b, c, partial = (d["_id"] for d in made)
+    names = {ds: "<dataset>", UNKNOWN_ID: "<unknown>", a: "<a>", b: "<b>", c: "<c>", partial: "<partial>"}
+    rest.json("POST", "annotation_connection/multiple", json=[
+        {"parentId": a, "childId": b, "datasetId": ds, "label": "obs", "tags": []},
+        {"parentId": c, "childId": a, "datasetId": ds, "label": "obs", "tags": []}])
+    out: list[tuple[str, str]] = []
+
+    def ask(label: str, method: str, path: str, **kwargs: Any) -> Any:
+        response = rest.call(method, path, **kwargs)
+        out.append((label, normalise(_short(response), names)))
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def ids_of(filters: dict[str, Any]) -> Any:
+        return rest.call("POST", "upenn_annotation/list/ids", json={"datasetId": ds, "filters": filters}).json()
+
+    every = ask("list/ids, no filter", "POST", "upenn_annotation/list/ids", json={"datasetId": ds})
+    if isinstance(every, dict) and isinstance(every.get("ids"), list):
+        ids = every["ids"]
+        out.append(("list/ids: ids in increasing order, total equal to their number",
+                    f"{ids == sorted(ids)}, {every.get('total') == len(ids)}"))
+    response = rest.call("POST", "upenn_annotation/list/ids", json={"datasetId": ds, "filters": {}})
+    out.append(("list/ids: Content-Type", str(response.headers.get("Content-Type"))))
+    for label, filters in (
+        ("tags obs-a or obs-b (exclusive false)", {"tags": {"values": ["obs-a", "obs-b"], "exclusive": False}}),
+        ("tags exactly obs-a and obs-b (exclusive true)", {"tags": {"values": ["obs-b", "obs-a"], "exclusive": True}}),
+        ("location {XY: 0, Time: 0}, tag obs-a: the annotation stored with location {XY: 0} only",
+         {"location": {"XY": 0, "Time": 0}, "tags": {"values": ["obs-a"], "exclusive": False}}),
+        ("location {XY: 0}, tag obs-a: the same", {"location": {"XY": 0}, "tags": {"values": ["obs-a"],
+                                                                                     "exclusive": False}}),
+        ("location {XY: '0'} (a string), tag obs-a", {"location": {"XY": "0"}, "tags": {"values": ["obs-a"],
+                                                                                        "exclusive": False}}),
+        ("location {C: 5} (not an axis), tag obs-a", {"location": {"C": 5}, "tags": {"values": ["obs-a"],
+                                                                                     "exclusive": False}}),
+        # idSubstring runs the plugin's $regexMatch stage (the worker never sends it).
+        ("idSubstring: the last 6 characters of <b>", {"idSubstring": b[-6:]}),
+    ):
+        got = ids_of(filters)
+        names_got = sorted(normalise(i, names) for i in got["ids"]) if isinstance(got, dict) and "ids" in got \
+            else got
+        out.append((f"list/ids, {label}", str(names_got)))
+    for label, body in (
+        ("body without datasetId", {"filters": {}}),
+        ("datasetId not an id", {"datasetId": "not-an-id"}),
+        ("datasetId of no folder", {"datasetId": UNKNOWN_ID}),
+        ("body a list", []),
+        ("filters a string", {"datasetId": ds, "filters": "x"}),
+        ("filters.location a string", {"datasetId": ds, "filters": {"location": "x"}}),
+        ("filters.tags a list", {"datasetId": ds, "filters": {"tags": ["obs-a"]}}),
+        ("filters.tags.values a string", {"datasetId": ds, "filters": {"tags": {"values": "obs-a"}}}),
+        ("idConstraints [[]]", {"datasetId": ds, "filters": {"idConstraints": [[]]}}),
+        ("idConstraints [['zz']]", {"datasetId": ds, "filters": {"idConstraints": [["zz"]]}}),
+        ("idConstraints [] (no constraint)", {"datasetId": ds, "filters": {"idConstraints": []}}),
+    ):
+        ask(f"list/ids, {label}", "POST", "upenn_annotation/list/ids", json=body)
+
+    got = ask("hydrate [b, a, unknown, a]", "POST", "upenn_annotation/hydrate", json=[b, a, UNKNOWN_ID, a])
+    if isinstance(got, list):
+        out.append(("hydrate [b, a, unknown, a]: ids in the answer's order",
+                    str([normalise(str(d.get("_id")), names) for d in got if isinstance(d, dict)])))
+        keys = sorted(got[0]) if got and isinstance(got[0], dict) else []
+        out.append(("hydrate: keys of a document", str(keys)))
+    for label, body in (("[]", []), ("an object", {"ids": [a]}), ("['zz']", ["zz"]), ("[7]", [7])):
+        ask(f"hydrate {label}", "POST", "upenn_annotation/hydrate", json=body)
+
+    ask("GET upenn_annotation/count", "GET", "upenn_annotation/count", params={"datasetId": ds, "shape": "point"})
+    ask("GET upenn_annotation/count without datasetId", "GET", "upenn_annotation/count")
+    ask("GET upenn_annotation/count of no folder", "GET", "upenn_annotation/count", params={"datasetId": UNKNOWN_ID})
+    ask("GET annotation_connection/count", "GET", "annotation_connection/count", params={"datasetId": ds})
+    ask("GET annotation_connection/count without datasetId", "GET", "annotation_connection/count")
+    page = ask("GET annotation_connection?nodeAnnotationId=a&sort=_id&limit=1", "GET", "annotation_connection",
+               params={"datasetId": ds, "nodeAnnotationId": a, "sort": "_id", "sortdir": 1, "limit": 1})
+    if isinstance(page, list) and page:
+        ask("... the next page (afterId the first)", "GET", "annotation_connection",
+            params={"datasetId": ds, "nodeAnnotationId": a, "sort": "_id", "sortdir": 1, "limit": 1,
+                    "afterId": page[0]["_id"]})
+        ask("... the page after (afterId the last)", "GET", "annotation_connection",
+            params={"datasetId": ds, "nodeAnnotationId": a, "sort": "_id", "sortdir": 1, "limit": 1,
+                    "afterId": max(c["_id"] for c in _connections(rest, ds) if a in (c["parentId"], c["childId"]))})
+    ask("GET annotation_connection?nodeAnnotationId=not-an-id", "GET", "annotation_connection",
+        params={"datasetId": ds, "nodeAnnotationId": "not-an-id", "sort": "_id"})
+    ask("GET annotation_connection?nodeAnnotationId=unknown", "GET", "annotation_connection",
+        params={"datasetId": ds, "nodeAnnotationId": UNKNOWN_ID, "sort": "_id"})
+
+    for con in _connections(rest, ds):
+        if con.get("label") == "obs":
+            rest.call("DELETE", "annotation_connection/multiple", json=[con["_id"]])
+    rest.call("DELETE", "upenn_annotation/multiple", json=[a, b, c, partial])
+    return out
+
+
+def compare_reads(real: list[tuple[str, str]], local: list[tuple[str, str]]) -> list[str]:
+    """``observed:`` lines: the real server's answer to each question, and the local test server's
+    where it differs (or that it is the same)."""
+    theirs = dict(local)
+    lines = []
+    for label, answer in real:
+        other = theirs.get(label)
+        same = "the local test server answers the same" if other == answer else (
+            f"THE LOCAL TEST SERVER ANSWERS {other}" if other is not None else "the local test server was not asked")
+        lines.append(f"reads: {label}: {answer} ({same})")
+    return lines
+
+
+_NOOP = re.compile(r"UserWarning: '(\w+)' is accepted by (\w+) for pymongo compatibility but is a no-op")
+
+
+def substitute_noops(log_text: str) -> list[str]:
+    """The options the substitute database accepted and ignored, from Girder's log
+    (``aggregate(hint)``, ...), each once, in order."""
+    return sorted({f"{method}({option})" for option, method in _NOOP.findall(log_text)})

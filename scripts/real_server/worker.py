@@ -1,6 +1,10 @@
 """Runs the worker's own ``entrypoint.py`` as NimbusImage does (a subprocess with
 ``--apiUrl --token --request --parameters [--datasetId]``), in the worker's Python, with:
 
+- a request recorder (:mod:`real_server.recorder`): every request of the worker's own
+  ``NimbusClient`` is written down (method, endpoint, the parameters that choose what is read, a
+  summary of the body and of the answer or failure; never a header) in a JSON-lines file, so
+  that the check sees which reads a job made and whether each succeeded;
 - a frame recorder: ``NimbusClient.get_frame`` is wrapped so that every frame the worker's own
   client hands to the job is written down (frame, window, dtype, shape, sha256, range) in a
   JSON-lines file, then returned unchanged; the check compares them with the source image;
@@ -17,7 +21,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +33,19 @@ LAUNCHER = r"""
 import inspect, json, os, runpy, sys, threading, types
 sys.path.append(os.environ["CHECK_SCRIPTS"])
 from real_server.checks import digest
+from real_server import recorder
 
 mode, entrypoint, worker_argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 record_path = os.environ["CHECK_FRAMES"]
 lock = threading.Lock()
+
+requests_path = os.environ.get("CHECK_REQUESTS")
+if requests_path:
+    def write_request(entry):
+        with open(requests_path, "a") as out:
+            out.write(json.dumps(entry) + "\n")
+
+    recorder.install(write_request)
 
 from sam2_refine.nimbus import client as nimbus_client
 original = nimbus_client.NimbusClient.get_frame
@@ -116,6 +129,8 @@ class Run:
     frames: list[dict[str, Any]]
     summary: dict[str, Any] | None
     seconds: float
+    #: Every request the worker's client sent (:mod:`real_server.recorder` records).
+    requests: list[dict[str, Any]] = field(default_factory=list)
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
@@ -139,10 +154,13 @@ class Worker:
     mode: str  # "stand-in" or "sam2"
     workdir: Path
 
-    def env(self, frames: Path, summary: Path | None, token: str | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SAM2_REFINE_")}
+    def env(self, frames: Path, summary: Path | None, token: str | None = None,
+            requests: Path | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SAM2_REFINE_") and not k.startswith("CHECK_")}
         env.update(PYTHONPATH=str(self.tree), PYTHONUNBUFFERED="1", SAM2_CHECKPOINT_DIR=str(self.checkpoints),
                    CHECK_SCRIPTS=str(SCRIPTS), CHECK_FRAMES=str(frames))
+        if requests is not None:
+            env["CHECK_REQUESTS"] = str(requests)
         if summary is not None:
             env["SAM2_REFINE_SUMMARY"] = str(summary)
         if token is not None:
@@ -152,11 +170,11 @@ class Worker:
     def start(self, name: str, argv: list[str], mode: str | None = None) -> tuple[subprocess.Popen, Path, Path]:
         frames = self.workdir / f"{name}.frames.jsonl"
         summary = self.workdir / f"{name}.summary.json"
-        for path in (frames, summary):
+        for path in (frames, summary, _requests_path(frames)):
             path.unlink(missing_ok=True)
         command = [str(self.python), "-c", LAUNCHER, mode or self.mode, str(self.tree / "entrypoint.py"), *argv]
-        process = subprocess.Popen(command, cwd=self.tree, env=self.env(frames, summary), text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(command, cwd=self.tree, env=self.env(frames, summary, None, _requests_path(frames)),
+                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         return process, frames, summary
 
     @staticmethod
@@ -167,9 +185,10 @@ class Worker:
         stdout, stderr = process.communicate()
         (workdir / f"{name}.stdout.txt").write_text(stdout)
         (workdir / f"{name}.stderr.txt").write_text(stderr)
-        records = [json.loads(line) for line in frames.read_text().splitlines()] if frames.exists() else []
+        records = _json_lines(frames)
         account = json.loads(summary.read_text()) if summary.exists() else None
-        return Run(name, process.returncode, stdout, stderr, records, account, time.monotonic() - started)
+        return Run(name, process.returncode, stdout, stderr, records, account, time.monotonic() - started,
+                   _json_lines(_requests_path(frames)))
 
     def run_many(self, jobs: list[tuple[str, list[str]]]) -> list[Run]:
         """Start every job at once; wait for all."""
@@ -190,6 +209,29 @@ class Worker:
                               capture_output=True)
         (self.workdir / "probe.stderr.txt").write_text(done.stderr)
         return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+    def probe_reads(self, api_url: str, token: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+        """The worker's own reads (``reads_probe.py``: ``NimbusClient`` and ``BatchReader``) called
+        as ``spec`` says; each call's value or error and the requests it sent."""
+        spec_path, out_path = self.workdir / "reads.spec.json", self.workdir / "reads.out.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        out_path.unlink(missing_ok=True)
+        command = [str(self.python), str(SCRIPTS / "real_server" / "reads_probe.py"), api_url, str(spec_path),
+                   str(out_path)]
+        env = self.env(self.workdir / "reads.frames.jsonl", None, token)
+        done = subprocess.run(command, cwd=self.tree, env=env, text=True, capture_output=True)
+        (self.workdir / "reads.stderr.txt").write_text(done.stderr)
+        if done.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"the reads probe failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+        return json.loads(out_path.read_text())
+
+
+def _requests_path(frames: Path) -> Path:
+    return frames.with_name(frames.name.replace(".frames.jsonl", ".requests.jsonl"))
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def compute_argv(api_url: str, token: str, dataset_id: str, parameters: dict[str, Any]) -> list[str]:
