@@ -4,7 +4,7 @@ Each test states what the worker does with one kind of bad or odd input: refined
 which reason), not selected, or an error naming the field, with the exit status, and that
 nothing is deleted that should not be. Jobs run in-process over real HTTP against the local
 server with the known-mask stand-in (:class:`KnownMaskPredictor`); bad settings go through the
-real command line (``cli.main``) in-process. The table in docs/bad-input-catalogue.md lists the
+real command line (``cli.main``) in-process. The table in docs/bad-inputs.md lists the
 rows.
 """
 

@@ -6,7 +6,7 @@
 - float32 jobs unchanged: the float32 path's features, logits and outlines are bit for bit what
   sam2's own ``set_image`` (the code before bfloat16 encoders) gives;
 - the bfloat16 path's masks stay within bounds of float32's (bounds from
-  ``bench/bench_encoder_precision.py``, README "The image encoder in bfloat16 on the CPU"). It
+  ``bench/bench_encoder_precision.py``, docs/cpu-encoder.md). It
   runs in bfloat16 whatever the CPU (slowly where it has no bfloat16 units);
 - the job says which precision the encoder ran in, and why.
 """
@@ -231,7 +231,7 @@ def test_float32_features_logits_and_outlines_are_unchanged(model, frame) -> Non
 
 
 #: Bounds on the bfloat16 encoder's drift from float32, from bench/bench_encoder_precision.py
-#: (README, "The image encoder in bfloat16 on the CPU": random weights, SAM2.1 tiny and small,
+#: (docs/cpu-encoder.md: random weights, SAM2.1 tiny and small,
 #: two 512 px frames, 512 boxes, the decoder as initialised and sharpened). Measured: three masks
 #: per box (no choice among them) sign agreement >= 0.9983, mean IoU >= 0.9965, each IoU >= 0.977;
 #: the single mask a job asks for the same, except 3 boxes of 512 where sam2's dynamic-multimask

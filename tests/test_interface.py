@@ -58,7 +58,7 @@ def test_issue_13_fields_come_after_the_others_with_their_defaults() -> None:
         13, 14, 15]
     assert spec[ui.REFINE_POINTS]["default"] is False  # the original behaviour: polygons only
     assert spec[ui.REFINE_RECTANGLES]["default"] is False
-    assert spec[ui.SEPARATE]["default"] is True  # decided by measurement: README "Accuracy"
+    assert spec[ui.SEPARATE]["default"] is True  # decided by measurement: docs/accuracy.md
     assert all(spec[name]["tooltip"] for name in (ui.REFINE_POINTS, ui.REFINE_RECTANGLES, ui.SEPARATE))
 
 

@@ -218,11 +218,11 @@ def test_resolution_only_ever_opens_a_listed_file(directory: Path, monkeypatch: 
 
 
 def test_the_readme_example_sidecar_is_valid() -> None:
-    """The example an operator copies from the README passes every rule."""
+    """The example an operator copies from docs/models.md passes every rule."""
     from sam2_refine.model.architectures import architectures
     from sam2_refine.model.sidecar import parse_sidecar
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     section = readme[readme.index("**The sidecar**"):]
     example = section[section.index("```json") + len("```json"):section.index("```", section.index("```json") + 7)]
     sidecar = parse_sidecar(example, set(architectures()), check_tuned_defaults)

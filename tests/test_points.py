@@ -274,7 +274,7 @@ def test_points_in_object_crops_on_a_large_frame():
 
 
 def test_negative_points_option_decodes_merging_points_again():
-    """Off by default (measured, README "Accuracy"); on, a point whose candidates hold another
+    """Off by default (measured, docs/accuracy.md); on, a point whose candidates hold another
     point of its tags is decoded again with those points as negatives (label 0)."""
     labels = np.zeros((240, 320), np.int32)
     yy, xx = np.mgrid[0:240, 0:320]
