@@ -1,4 +1,4 @@
-"""The README's first command: the worker's main job, end to end, on a bundled example.
+"""The README's first command (``make demo``): the worker's main job, end to end, on a bundled example.
 
 ``python -m sam2_refine.demo`` (``make demo``):
 
