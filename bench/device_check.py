@@ -1,7 +1,7 @@
 """One-command CUDA check: the worker's model path on this machine's GPU, checked and timed.
 
 Run from the repository root (after ``make venv``), or inside the worker's Docker image
-(README "GPU hosts")::
+(docs/performance.md, "GPU hosts")::
 
     .venv/bin/python bench/device_check.py               # CUDA; about a minute, at most 5
     .venv/bin/python bench/device_check.py --device cpu  # self-test of this script on the CPU

@@ -1,5 +1,5 @@
 """The NimbusImage command line: ``--apiUrl --token --request {interface,compute} --parameters JSON
-[--datasetId]``, exactly as the server passes it (contract section 1).
+[--datasetId]``, exactly as the server passes it (docs/nimbus-contract.md §1).
 
 ``main`` returns the process exit status and never raises: 0 on success, non-zero on any
 failure, with an error line on stdout saying what happened. The token is never printed: the
@@ -13,19 +13,20 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from sam2_refine.model.checkpoints import ModelCatalogue, scan_models
 from sam2_refine.fields import FORM_FIELDS
 from sam2_refine.interface import build_interface, checkpoint_dir
-from sam2_refine.messages import sentences, server_failure, settings_failure
-from sam2_refine.nimbus.errors import NimbusAPIError
-from sam2_refine.nimbus.client import NimbusClient
-from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
 from sam2_refine.job.interrupt import EXIT_INTERRUPTED, JobInterrupted, stop_on_sigterm
-from sam2_refine.nimbus.progress import Reporter
 from sam2_refine.job.settings import SettingsErrors, parse_settings
+from sam2_refine.messages import sentences, server_failure, settings_failure
+from sam2_refine.model.checkpoints import ModelCatalogue, scan_models
+# the loader handed to the job (tests swap in stand-ins as cli._load_sam2)
+from sam2_refine.model.loading import load_sam2 as _load_sam2
+from sam2_refine.nimbus.client import NimbusClient
+from sam2_refine.nimbus.errors import NimbusAPIError
+from sam2_refine.nimbus.progress import Reporter
+from sam2_refine.nimbus.retry import RetryPolicy, Timeouts
 from sam2_refine.worker_info import DEFAULT_IMAGE_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -36,6 +37,51 @@ _FROM_THE_SERVER = ("The NimbusImage server starts the worker with this command 
 TIMEOUT_ENV = "SAM2_REFINE_HTTP_TIMEOUT"
 #: Retries of a transient failure (default 5).
 RETRIES_ENV = "SAM2_REFINE_HTTP_RETRIES"
+
+
+#: ``entrypoint.py --help``: what an operator needs; NimbusImage itself never asks for it.
+USAGE = """\
+usage: entrypoint.py --apiUrl URL --token TOKEN --request {interface,compute}
+                     --parameters JSON [--datasetId ID]
+       entrypoint.py --help
+
+SAM2 Refine: a NimbusImage worker that refines rough annotations (polygons, points,
+rectangles) into polygons that follow the object's boundary, with Meta's SAM2.
+NimbusImage starts it with the arguments below (docs/nimbus-contract.md section 1).
+
+arguments:
+  --apiUrl URL        the Girder API root, e.g. http://localhost:8080/api/v1
+  --token TOKEN       a Girder token of the user who started the job (never printed)
+  --request interface post the tool's form (its fields and model list) to NimbusImage
+  --request compute   refine the annotations the form's settings select
+  --parameters JSON   the job's settings as NimbusImage sends them ({} for interface)
+  --datasetId ID      the dataset (folder id) of a compute job
+
+output: one JSON object per line on stdout (progress, warnings, errors; NimbusImage shows
+them); logging goes to stderr. Neither ever holds the token.
+
+exit status:
+  0    done (some annotations may have been kept unchanged: the job's warnings say which)
+  1    the job failed (server, image, model or upload trouble); originals are left in place
+  2    invalid command line or settings (a field's value); nothing was changed
+  143  stopped by SIGTERM (docker stop, a cancel); nothing was deleted that was not
+       replaced, and running the same job again finishes it without duplicates
+
+environment (all optional):
+  SAM2_CHECKPOINT_DIR               folder of SAM2 checkpoints offered in the Model list
+                                    (default: /code/sam2/checkpoints in the image)
+  SAM2_REFINE_CPU_PRECISION         auto | bf16 | fp32: the CPU image encoder's precision
+                                    (auto: bfloat16 where the CPU has bfloat16 units)
+  SAM2_REFINE_HTTP_TIMEOUT          seconds to wait for each server response (default 300)
+  SAM2_REFINE_HTTP_RETRIES          retries of a transient server failure (default 5)
+  SAM2_REFINE_PREFETCH_BYTES        frames fetched ahead, e.g. 2G (default 1G; 0: one location)
+  SAM2_REFINE_PREFETCH_CONNECTIONS  locations fetched at once, 1 to 16 (default 4)
+  SAM2_REFINE_OUTLINE_WORKERS       outline worker processes: auto or 0 to 64 (default auto:
+                                    none on the CPU)
+  SAM2_REFINE_SUMMARY               a file to write the job's JSON summary to
+
+docs: README.md and docs/ in the source repository.
+"""
 
 
 def http_policies() -> tuple[RetryPolicy, Timeouts]:
@@ -124,21 +170,6 @@ def run_compute(api_url: str, token: str, params: dict, dataset_id: str | None, 
         return job.run_compute(settings, client, reporter, _load_sam2)
 
 
-def _load_sam2(checkpoint: Path, on_step: Callable[[str], None] | None = None):  # -> tuple[BoxPredictor, bool]
-    """The SAM2 model from ``checkpoint``, each step told to ``on_step`` as it starts (importing
-    torch alone takes seconds: the progress bar says so)."""
-    step = on_step or (lambda text: None)
-    step("importing PyTorch")
-    import torch  # noqa: F401 - imported here, as a step of its own
-
-    step("importing SAM2")
-    import sam2.build_sam  # noqa: F401 - Hydra and the model zoo
-
-    from sam2_refine.model.sam2_model import Sam2BoxPredictor
-
-    return Sam2BoxPredictor.load(checkpoint, on_step=step)
-
-
 def token_candidates(argv: Sequence[str]) -> tuple[str, ...]:
     """Every value that could be the token, whatever form the command line gives it in
     (``--token T``, ``--token=T``, an abbreviation such as ``--tok T``), before parsing: so that
@@ -157,6 +188,9 @@ def token_candidates(argv: Sequence[str]) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and all(arg in ("--help", "-h") for arg in argv):
+        sys.stdout.write(USAGE)
+        return EXIT_OK
     reporter = Reporter(secrets=token_candidates(argv))
     with stop_on_sigterm():
         try:

@@ -1,4 +1,4 @@
-"""The README's first command: the worker's main job, end to end, on a bundled example.
+"""The README's first command (``make demo``): the worker's main job, end to end, on a bundled example.
 
 ``python -m sam2_refine.demo`` (``make demo``):
 
@@ -18,6 +18,10 @@
 5. writes ``out/demo/overlay.png`` (before | after), ``out/demo/overlay-stand-in.png`` (offline)
    and ``out/demo/summary.json`` (the worker's account of every annotation, plus IoU to the
    ground truth before and after), and prints where they are.
+
+``python -m sam2_refine.demo --serve 8765`` only starts the local server with the example on that
+port, prints the ``--apiUrl``, ``--token`` and ``--datasetId`` arguments a worker needs, and
+serves until Ctrl-C or SIGTERM: the README's "Try it by hand" runs ``entrypoint.py`` against it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -356,11 +361,37 @@ def run(out: Path, allow_download: bool = True) -> dict[str, Any]:
     return summary
 
 
+def serve(port: int) -> int:
+    """Serve the example on ``port`` (127.0.0.1) until SIGINT or SIGTERM; prints the worker's
+    connection arguments first, on one line."""
+    channels, _, annotations, layers = load_example()
+    stop = signal.SIGINT, signal.SIGTERM
+    previous = {sig: signal.getsignal(sig) for sig in stop}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # delivered to sigwait below, not as an exception
+    try:
+        with NimbusTestServer(token=DEMO_TOKEN, port=port) as server:
+            dataset_id, originals = _add_example(server, channels, annotations, layers, "nuclei")
+            _say(f"local NimbusImage server with {len(originals)} rough annotations (tag 'nucleus'); "
+                 "Ctrl-C stops it. A worker's arguments:")
+            print(f"--apiUrl {server.api_url} --token {DEMO_TOKEN} --datasetId {dataset_id}", flush=True)
+            signal.sigwait(stop)
+            _say("stopped")
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "out" / "demo")
     parser.add_argument("--no-download", action="store_true", help="never try to download a checkpoint")
+    parser.add_argument("--serve", type=int, metavar="PORT",
+                        help="only serve the example on this port (0: any free port) until Ctrl-C")
     args = parser.parse_args(argv)
+    if args.serve is not None:
+        return serve(args.serve)
     summary = run(args.out, allow_download=not args.no_download)
     return 0 if summary["worker_exit_code"] == 0 else 1
 

@@ -55,7 +55,7 @@ MIN_OVERLAP_DEFAULT = 0
 
 REFINE_POINTS_DEFAULT = False
 REFINE_RECTANGLES_DEFAULT = False
-#: On by default: measured in bench/bench_accuracy.py (README "Accuracy").
+#: On by default: measured in bench/bench_accuracy.py (docs/accuracy.md).
 SEPARATE_DEFAULT = True
 
 PADDING_RANGE = (-20, 20)

@@ -1,4 +1,4 @@
-"""The worker's UI description (contract section 3) and the checkpoint list it offers.
+"""The worker's UI description (docs/nimbus-contract.md §3) and the checkpoint list it offers.
 
 The fields' names, defaults and accepted values are :mod:`sam2_refine.fields`; this module lays
 them out as NimbusImage's form (type, tooltip, display order) with the checkpoint catalogue's

@@ -15,7 +15,7 @@ DESCRIPTION = (
 ANNOTATION_SHAPE = "polygon"
 DEFAULT_IMAGE_NAME = "annotations/sam2_refine_worker:latest"
 
-#: Default place of the SAM2 checkpoints inside the worker image (contract section 7).
+#: Default place of the SAM2 checkpoints inside the worker image (docs/nimbus-contract.md §7).
 DEFAULT_CHECKPOINT_DIR = "/code/sam2/checkpoints"
 #: Environment variable that overrides :data:`DEFAULT_CHECKPOINT_DIR`.
 CHECKPOINT_DIR_ENV = "SAM2_CHECKPOINT_DIR"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +368,48 @@ def test_demo_runs_end_to_end_and_labels_an_untrained_model(tmp_path, checkpoint
     lines = [line for line in printed.splitlines() if "STAND-IN" in line.upper()]
     assert any("STAND-IN SEGMENTER, NOT SAM2: exit code 0" in line and "refined 28" in line for line in lines)
     assert len(lines) >= 5 and all("stand-in segmenter, not sam2" in line.lower() for line in lines)
+
+
+def test_demo_serve_is_the_server_the_readme_runs_the_worker_against(checkpoint_dir):
+    """The README's "Try it by hand": ``python -m sam2_refine.demo --serve PORT`` serves the example
+    and prints the worker's arguments; ``entrypoint.py --request interface`` run against it with
+    them posts the form; the example's 28 rough annotations are there to refine; SIGTERM stops it
+    (exit 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(repo))
+    serving = subprocess.Popen([sys.executable, "-m", "sam2_refine.demo", "--serve", "0"], cwd=repo, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while not line.startswith("--apiUrl") and time.monotonic() < deadline:
+            line = serving.stdout.readline()
+            assert line or serving.poll() is None, serving.stderr.read()
+        args = line.split()
+        assert args[0::2] == ["--apiUrl", "--token", "--datasetId"], line
+        api_url, token, dataset_id = args[1::2]
+        assert api_url.startswith("http://127.0.0.1:")
+        listing = requests.get(f"{api_url}/upenn_annotation", params={"datasetId": dataset_id, "limit": 0},
+                               headers={"Girder-Token": token}, timeout=30).json()
+        assert len(listing) == 28 and {tag for a in listing for tag in a["tags"]} == {"nucleus"}
+        run = subprocess.run([sys.executable, str(repo / "entrypoint.py"), *args[:4], "--request", "interface",
+                              "--parameters", json.dumps({"image": "annotations/sam2_refine_worker:latest"})],
+                             capture_output=True, text=True, timeout=120, cwd=repo,
+                             env=dict(env, SAM2_CHECKPOINT_DIR=str(checkpoint_dir)))
+        assert run.returncode == 0, run.stdout + run.stderr
+        posted = requests.get(f"{api_url}/worker_interface", params={"image": "annotations/sam2_refine_worker:latest"},
+                              headers={"Girder-Token": token}, timeout=30)
+        assert posted.status_code == 200 and "Model" in posted.json(), posted.text
+        serving.send_signal(signal.SIGTERM)
+        assert serving.wait(timeout=30) == 0
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+            serving.wait()

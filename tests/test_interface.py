@@ -222,3 +222,36 @@ def test_interface_and_cli_do_not_import_torch() -> None:
                           cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_help_prints_the_usage_an_operator_needs_and_exits_0(tmp_path: Path) -> None:
+    """``entrypoint.py --help``, as a subprocess: arguments, exit codes and every environment
+    variable the package reads (each ``*_ENV = "..."`` constant outside the test doubles), on
+    stdout, exit 0, without importing torch."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-X", "importtime", str(root / "entrypoint.py"), "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for argument in ("--apiUrl", "--token", "--request", "--parameters", "--datasetId"):
+        assert argument in text
+    for status in ("0 ", "1 ", "2 ", "143 "):
+        assert f"\n  {status}" in text
+    names = set()
+    for path in (root / "sam2_refine").rglob("*.py"):
+        if "testing" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id.endswith("_ENV") and isinstance(node.value, ast.Constant)):
+                names.add(node.value.value)
+    assert len(names) >= 8, names
+    missing = sorted(name for name in names if name not in text)
+    assert not missing, missing
+    documented = set(re.findall(r"\b(SAM2_[A-Z_]+)\b", text))
+    assert documented == names, documented ^ names
+    imported = re.findall(r"\|\s+(\S+)\s*$", out.stderr, flags=re.MULTILINE)  # -X importtime's list
+    assert "json" in imported and "torch" not in imported and "sam2" not in imported

@@ -461,13 +461,12 @@ def douglas_peucker(polygon: Polygon, tolerance: float) -> Polygon:
 
     The exterior ring is simplified by plain Douglas-Peucker; only where that ring crosses
     itself or collapses does GEOS's topology-preserving simplifier run, which keeps the
-    vertices that prevent it. The plain ring costs a tenth of the topology-preserving one (9 us
-    against 94 us per outline of 135 vertices here). Measured against it: the same shape (the
-    ring may start at another vertex) for all 1000 outlines of the speed benchmark at 0.35, 0.7
-    and 3 px, and for 1500 irregular traced outlines at 0.35 and 0.7 px; at 1.5 and 3 px it
-    differed for 0.2 % and 1 % of those, where the topology-preserving simplifier keeps a vertex
-    because the shortcut passes near another part of the outline (both results valid; the
-    caller's shape check, :func:`simplify_keeping_area`, bounds what either may change). A
+    vertices that prevent it. The plain ring costs a fraction of the topology-preserving one and
+    gives the same shape (the ring may start at another vertex) at the usual tolerances; at
+    larger ones it may differ where the topology-preserving simplifier keeps a vertex because
+    the shortcut passes near another part of the outline (both results valid; the caller's shape
+    check, :func:`simplify_keeping_area`, bounds what either may change). The figures:
+    docs/performance.md, "Finishing outlines". A
     polygon with holes goes to the topology-preserving simplifier.
     """
     if not polygon.interiors:

@@ -1,4 +1,4 @@
-"""A location's channel frames -> one RGB image, as the user sees it (contract section 6).
+"""A location's channel frames -> one RGB image, as the user sees it (docs/nimbus-contract.md §6).
 
 Each visible layer maps one channel through its contrast window to [0, 1], tints it with the
 layer colour, and the layers combine by pixel-wise maximum. Layers are matched to channels by

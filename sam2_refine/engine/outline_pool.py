@@ -6,16 +6,14 @@ simplifying, padding and validating outlines) to an :class:`OutlinePool` as task
 functions of picklable arguments, a chunk of objects each. The model stays on the calling
 thread (a predictor is not thread-safe); the pool never calls it.
 
-**Processes, not threads.** Measured on the objects of the speed benchmark (2048 x 2048 frame,
-1000 nuclei of about 860 pixels): tracing 1000 outlines took 0.99 s on one thread and 1.31 s on
-two (0.75x), 1.39 s on four: each object costs about a millisecond spread over some forty
+**Processes, not threads.** Tracing outlines on more threads was slower than on one
+(docs/performance.md, "Outline work in parallel", has the figures): each object costs some forty
 OpenCV, scikit-image (its contour assembly is Python), shapely and numpy calls on small arrays,
 and the interpreter holds the GIL between them for most of that time. So the pool runs worker
 processes, each with OpenCV on one thread. They are forked from multiprocessing's
-``forkserver``: a fresh interpreter that imports the engine once (about 0.2 s of one core per
-job) and inherits nothing of the job's threads, HTTP sessions or torch state; each worker is
-then a fork of it (milliseconds), where ``spawn`` costs every worker its own interpreter and
-imports (0.5 s of CPU for two, measured). A script that runs jobs must guard its top level
+``forkserver``: a fresh interpreter that imports the engine once per job and inherits nothing of
+the job's threads, HTTP sessions or torch state; each worker is then a fork of it, where
+``spawn`` costs every worker its own interpreter and imports. A script that runs jobs must guard its top level
 (``if __name__ == "__main__":``), as multiprocessing requires: the server imports it.
 
 **Bounded.** At most ``max_in_flight`` tasks (default 2 per worker: one running, one waiting)
@@ -56,7 +54,7 @@ log = logging.getLogger(__name__)
 WORKERS_ENV = "SAM2_REFINE_OUTLINE_WORKERS"
 MAX_WORKERS = 64
 #: Workers when the model runs on the CPU: none. The model keeps the cores (torch uses them
-#: all); worker processes next to it made the CPU job slower (README "Outline work in parallel").
+#: all); worker processes next to it made the CPU job slower (docs/performance.md, "Outline work in parallel").
 CPU_WORKERS = 0
 
 

@@ -14,7 +14,7 @@ rule, after BIIGLE's Point-to-Polygon job (written afresh here):
    expected area (fewer than :data:`MIN_GROUP` points in the group) the model's score decides.
 
 BIIGLE's second pass keeps the mask closest to the expected area outright (:func:`closest_choice`,
-``rule="area"``); measured here (README "Accuracy"), that gives small objects of a group with
+``rule="area"``); measured here (docs/accuracy.md), that gives small objects of a group with
 sizes spread over a factor of two the larger of two plausible masks, and the score alone gives
 the largest mask wherever the model prefers it; the combination was the best, or within 0.002
 of it, on every scene.
@@ -25,7 +25,7 @@ In both passes, a candidate that holds another point of the group is set aside u
 candidate does (:func:`without_merges`): one click marks one object, so a mask around two
 clicks covers two objects. (Those other points could instead be given to the model as negative
 points in a second decoding; measured on touching objects, that did worse and decoded half the
-points a second time: README "Accuracy".)
+points a second time: docs/accuracy.md.)
 
 The quality checks that replace the original-shape gate of outlined annotations (a point has no
 outline to compare with): a mask must contain the point (:mod:`sam2_refine.engine.location`), must not

@@ -156,7 +156,7 @@ def parse_settings(params: Any, dataset_id: str | None, checkpoint_dir: Path) ->
     """Check every compute input and build the settings.
 
     Args:
-        params: The ``--parameters`` JSON (contract section 2).
+        params: The ``--parameters`` JSON (docs/nimbus-contract.md §2).
         dataset_id: ``--datasetId``, or None to take ``params["datasetId"]``.
         checkpoint_dir: Where the Model field's checkpoint must be.
 

@@ -1,6 +1,7 @@
 """SAM2: the checkpoint catalogue (recognised from the weights, with sidecars), loading the model,
 and decoding prompts into logits. The only modules that import torch and sam2
-(:mod:`~sam2_refine.model.sam2_model`, :mod:`~sam2_refine.model.fast_decoder`); the engine sees
+(:mod:`~sam2_refine.model.loading`, :mod:`~sam2_refine.model.sam2_model`,
+:mod:`~sam2_refine.model.fast_decoder`; ``tests/test_layers.py`` checks it); the engine sees
 the model through :class:`~sam2_refine.model.predictor.BoxPredictor` and
 :mod:`~sam2_refine.model.logits`.
 

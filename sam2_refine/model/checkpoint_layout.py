@@ -15,8 +15,8 @@ storage record is read; each one's size in the zip directory is checked against 
 that view it, so the result describes a file ``torch.load(..., weights_only=True, mmap=True)``
 can load.
 
-No torch here: ``--request interface`` lists checkpoints without importing it, in well under
-a second for a 900 MB file (``bench/bench_layout.py``).
+No torch here: ``--request interface`` lists checkpoints without importing it (how fast:
+docs/models.md, from ``bench/bench_layout.py``).
 """
 
 from __future__ import annotations

@@ -244,7 +244,7 @@ def scan_models(directory: Path) -> ModelCatalogue:
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, hex (reads it all: about 2 s for 900 MB here)."""
+    """The SHA-256 of a file, hex (reads it all; docs/models.md says how long that takes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):

@@ -2,8 +2,8 @@
 
 bfloat16 autocast makes the encoder much faster on a CPU with native bfloat16 matrix units
 (AMX on Intel Sapphire Rapids and later; AVX512-BF16 on Intel Cooper Lake and later and AMD Zen 4
-and later) and much slower on one without them, where bfloat16 products are emulated (README,
-"The image encoder in bfloat16 on the CPU", has the figures). So it is chosen only where the CPU
+and later) and much slower on one without them, where bfloat16 products are emulated (docs/cpu-encoder.md
+has the figures). So it is chosen only where the CPU
 reports those units and torch's oneDNN can run bfloat16; anywhere else the encoder stays in
 float32. :data:`PRECISION_ENV` forces either.
 Only the image encoder is concerned: the mask decoder always runs in float32 on the CPU.

@@ -485,7 +485,7 @@ class FastBoxDecoder:
         # acat rows: [r1 A1 (HT); r1 mu1; A2 (HT); 1; mu2], later all times r2
         acat = torch.empty(b, 2 * ht + 3, n, device=sparse.device, dtype=f32)
         a1 = acat[:, :ht]
-        # (the softmax over the tokens in this layout, then transposed: 5x faster than on a view)
+        # (the softmax over the tokens in this layout, then transposed: faster than on a view)
         a1.view(b, heads, t, n).copy_(torch.softmax(scores.view(heads, b, t, n), dim=2).transpose(0, 1))
         v1 = a.v_proj(q)
         p1 = lowrank_p(v1, a.out_proj)  # (B, HT, C): X1 = k0b + P1^T A1

@@ -1,6 +1,7 @@
 """SAM2 behind the :class:`~sam2_refine.model.predictor.BoxPredictor` protocol.
 
-The only module that imports torch and sam2. It
+With :mod:`~sam2_refine.model.fast_decoder` (and :mod:`~sam2_refine.model.loading`, which
+imports them as visible steps), the only module that imports torch and sam2. It
 
 - builds the model once per job with sam2's own ``build_sam2`` for the architecture the
   checkpoint's weights show (:mod:`sam2_refine.model.checkpoints`: SAM 2.0 or 2.1, any size, any file
@@ -100,8 +101,8 @@ def cpu_encoder_precision(environ: Mapping[str, str] | None = None) -> EncoderPr
     return encoder_precision(environ.get(PRECISION_ENV), capabilities, onednn)
 
 
-#: Whether the bfloat16 encoder gets its input in channels-last memory format (see the README's
-#: "The image encoder in bfloat16 on the CPU" for the measurement that decided it).
+#: Whether the bfloat16 encoder gets its input in channels-last memory format (docs/cpu-encoder.md
+#: has the measurement that decided it).
 BFLOAT16_CHANNELS_LAST = True
 
 

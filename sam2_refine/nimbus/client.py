@@ -97,7 +97,7 @@ def _server_message(response: requests.Response | None) -> str:
 
 
 class NimbusClient:
-    """Speaks the NimbusImage REST API (contract section 5) for one job.
+    """Speaks the NimbusImage REST API (docs/nimbus-contract.md §5) for one job.
 
     Use as a context manager, or call :meth:`close`, to release the HTTP session.
 

@@ -1,6 +1,6 @@
 """The NimbusImage progress protocol: one JSON object per stdout line, flushed at once.
 
-The app reads the worker's stdout line by line (contract section 4):
+The app reads the worker's stdout line by line (docs/nimbus-contract.md §4):
 
     {"progress": 0.42, "title": "Refining", "info": "Location 3/7"}
     {"warning": "msg", "title": "Warning", "info": "details", "type": "warning"}

@@ -1,4 +1,4 @@
-"""The dataset view a job takes its layer settings from (contract section 6).
+"""The dataset view a job takes its layer settings from (docs/nimbus-contract.md §6).
 
 A NimbusImage dataset view (``dataset_view``) ties a dataset to a configuration (``upenn_collection``,
 whose ``meta.layers`` are the layers and ``meta.tools`` the tools) and carries one user's own

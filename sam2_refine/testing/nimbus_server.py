@@ -617,6 +617,12 @@ class NimbusTestServer:
             with self._lock:
                 self.state.interfaces[image] = body
             return 200, body, json_ok, {}
+        if method == "GET" and path == "worker_interface":
+            # NimbusImage server/api/workerInterfaces.py ``find``: the image's stored interface
+            # (null when none was posted)
+            image = _required(params, "image")
+            with self._lock:
+                return 200, self.state.interfaces.get(image), json_ok, {}
         raise _BadRequest(404, f"No matching route for \"{method} {path}\"")
 
     def _find_views(self, params: dict[str, str], client: str | None) -> list[dict[str, Any]]:
