@@ -1,5 +1,6 @@
 # The two README commands: `make demo` (the worker end to end on the bundled example) and
-# `make test` (the whole suite). Each creates or refreshes the local virtual environment first.
+# `make test` (the whole suite, as CI runs it); `make quick` is the loop while you work (every test
+# not marked slow). Each creates or refreshes the local virtual environment first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test quick demo bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +28,9 @@ $(STAMP): pyproject.toml Makefile
 
 test: venv
 	$(PY) -m pytest
+
+quick: venv
+	$(PY) -m pytest -m "not slow"
 
 demo: venv
 	$(PY) -m sam2_refine.demo

@@ -49,6 +49,7 @@ def mean_iou(outcomes, labels) -> float:
 
 # -- regions ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_crops_recover_small_objects_that_the_whole_frame_loses():
     """A model that sees only its 1024 px input: 18-24 px nuclei in a 4096 px frame."""
     scene = cell_scene(4096, 4096, 24, radius=(9.0, 12.0), seed=5, noise=False)

@@ -56,6 +56,7 @@ def built(request: pytest.FixtureRequest) -> Iterator[Built]:
 
 # -- the table the worker reads (sam2_layouts.json) is what sam2 builds ---------------------------
 
+@pytest.mark.slow
 def test_layout_table_is_what_sam2_builds(built: Built) -> None:
     assert expected_weights(built.key) == built.shapes
     arch = architectures()[built.key]
@@ -223,6 +224,7 @@ def test_small_models_load_through_the_real_path(built: Built, tmp_path: Path) -
 
 # -- FastBoxDecoder equals sam2's decoder for every architecture ------------------------------------
 
+@pytest.mark.slow
 def test_fast_decoder_equals_sam2s_for_every_architecture(built: Built) -> None:
     model = built.model
     sharpen_decoder(model, seed=11)

@@ -94,6 +94,7 @@ def test_interface_offers_exactly_the_usable_checkpoints(server, lab_directory: 
     assert elapsed < 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [*UNUSABLE, "wrong_digest.pt", "not_there.pt"])
 def test_compute_refuses_an_unusable_model_before_touching_the_server(server, lab_directory: Path,
                                                                       model: str) -> None:

@@ -226,6 +226,7 @@ def run_in_thread(server, data, name: str, ckpt: Path, *, delete: bool, kill_at:
 # -- the CLI: 2 and 4 jobs on one batch, overlapping batches, a late start, a kill --------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delete", [False, True])
 def test_two_jobs_that_both_upload_before_either_checks(server, ckpt, tmp_path, delete):
     """The worst case for the old marker: both jobs list, refine and upload before either sees
@@ -256,6 +257,7 @@ def test_two_jobs_that_both_upload_before_either_checks(server, ckpt, tmp_path, 
         assert sum(s["deleted"] for s in summaries) >= len(data.originals)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delete", [False, True])
 def test_four_jobs_on_one_batch_with_random_interleavings(server, ckpt, tmp_path, delete):
     data = make_data(server)
@@ -287,6 +289,7 @@ def test_jobs_on_overlapping_but_different_batches(server, ckpt, tmp_path):
     assert_converged(server, data, delete=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lands", ["before job2 uploads", "after job2 uploads"])
 def test_a_job_started_while_another_is_mid_upload(server, ckpt, tmp_path, lands):
     """job2 starts while job1's upload is on its way (the server delays it 0.5 s before acting).
@@ -317,6 +320,7 @@ def test_a_job_started_while_another_is_mid_upload(server, ckpt, tmp_path, lands
             second.result()["refined_at_the_same_time_ids"]) == set(data.originals)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_step", ["after its upload", "after moving connections", "before deleting",
                                        "after deleting"])
 def test_a_job_killed_while_another_runs_then_a_rerun(server, ckpt, tmp_path, kill_step):
@@ -402,6 +406,7 @@ def test_connections_moved_to_a_refinement_that_loses(ckpt, tmp_path):
         assert json.loads((tmp_path / "job2.json").read_text())["duplicates_removed"] == len(data.originals)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("copies_land", ["before the duplicates go", "after the duplicates went"])
 def test_a_survivor_that_loses_while_its_originals_are_being_replaced(ckpt, tmp_path, copies_land):
     """The race the re-check before deleting an original exists for. job1 sees only its own
@@ -481,6 +486,7 @@ def test_a_connection_whose_other_end_another_job_replaces_meanwhile(server, ckp
     assert not any(data.by_xy[1][0] in (c["parentId"], c["childId"]) for c in posts[1].body)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_unordered_ids_two_jobs_forced_to_overlap(ckpt, tmp_path, seed):
     """Ids drawn at random (several server processes): which job's refinement is smaller is
@@ -515,6 +521,7 @@ def force_plan(monkeypatch, queries: bool) -> None:
     monkeypatch.setattr(batch_reads, "plan_annotation_reads", plan)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(12))
 def test_random_interleavings_of_three_jobs(ckpt, seed, monkeypatch):
     """Three jobs (delete on for some, overlapping batches for some), every request delayed by a
@@ -547,6 +554,7 @@ def _requests_of_a_lone_job(ckpt, delete: bool) -> int:
         return outcome["solo"]["sent"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delete,queries", [(False, False), (True, False), (True, True)],
                          ids=["delete off", "delete on", "delete on, location queries"])
 def test_a_job_killed_between_any_two_requests(ckpt, delete, queries, monkeypatch):
@@ -596,6 +604,7 @@ def outcome_of(server: NimbusTestServer, data: Data) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delete", [False, True])
 def test_quarter_batches_and_a_shared_batch_give_what_one_job_gives(ckpt, tmp_path, delete):
     """docs/deployment.md's scale-out: 4 jobs on disjoint quarter batches (XY 1, 2, 3, 4) at once

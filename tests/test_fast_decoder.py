@@ -79,6 +79,7 @@ def _assert_close(fast: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tens
     assert (iou - ref_iou).abs().max().item() <= IOU_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("multimask", [False, True])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_matches_sam2_decoder(setup: Setup, batch: int, multimask: bool) -> None:
@@ -95,6 +96,7 @@ def test_matches_sam2_decoder(setup: Setup, batch: int, multimask: bool) -> None
     _assert_close(got, ref)
 
 
+@pytest.mark.slow
 def test_point_prompts(setup: Setup) -> None:
     """Any number of sparse tokens works (here one positive point and sam2's padding point)."""
     decoder = FastBoxDecoder(setup.model)
@@ -108,6 +110,7 @@ def test_point_prompts(setup: Setup) -> None:
         _assert_close(decoder(sparse, False), _sam2(setup.model, feats, sparse, False))
 
 
+@pytest.mark.slow
 def test_chunking_does_not_change_the_output(setup: Setup) -> None:
     feats = setup.features
     rng = np.random.default_rng(5)
@@ -123,6 +126,7 @@ def test_chunking_does_not_change_the_output(setup: Setup) -> None:
         torch.testing.assert_close(iou, outs[0][1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_weights_changed_after_set_image_features(setup: Setup) -> None:
     """The per-image cache depends on the weights: it is redone when they change in place."""
     feats = setup.features
@@ -146,6 +150,7 @@ def test_weights_changed_after_set_image_features(setup: Setup) -> None:
             norm.weight.copy_(saved)
 
 
+@pytest.mark.slow
 def test_dynamic_multimask_fallback(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     """With one mask asked for, sam2 falls back to the best of the three multimask outputs
     for prompts whose single mask is unstable; the fast decoder must choose alike."""

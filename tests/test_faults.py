@@ -293,6 +293,7 @@ ENDPOINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", [500, 503])
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
 def test_server_error_at_each_endpoint(server, stub_ckpt, tmp_path, monkeypatch, endpoint, status):
@@ -394,6 +395,7 @@ def test_links_answer_lost_then_rerun_does_not_duplicate_them(server, stub_ckpt,
 
 # -- slow responses ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_slow_listing_times_out_in_bounded_time(server, stub_ckpt, tmp_path):
     ds, originals, _ = two_location_dataset(server)
     server.fail("GET", r"upenn_annotation", action="delay", delay=20, calls=None)
@@ -411,6 +413,7 @@ def test_slow_listing_times_out_in_bounded_time(server, stub_ckpt, tmp_path):
     assert_nothing_lost(server, ds.dataset_id, originals)
 
 
+@pytest.mark.slow
 def test_slow_create_times_out_and_a_rerun_finds_what_the_server_made_late(server, stub_ckpt, tmp_path):
     """The server creates after the worker gave up waiting: nothing is reported then, but a
     re-run finds the refinements and does not make them again."""
@@ -480,6 +483,7 @@ def test_sigterm_while_the_model_is_refining(server, checkpoint_dir, tmp_path, s
     check_rerun(server, ds.dataset_id, stub_ckpt, originals, summary["replacements"], tmp_path)
 
 
+@pytest.mark.slow
 def test_sigterm_while_deleting(server, stub_ckpt, tmp_path):
     """SIGTERM while the DELETE is on its way: the server may still delete; nothing is lost."""
     ds, originals, big = two_location_dataset(server)

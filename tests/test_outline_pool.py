@@ -333,6 +333,7 @@ def test_a_job_with_outline_workers_uploads_what_a_job_without_them_uploads(stub
     assert results["2"] == results["0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_stopped_job_leaves_no_worker_process_and_no_lost_original(stub_ckpt, tmp_path, how):
     with NimbusTestServer(token=TOKEN) as server:

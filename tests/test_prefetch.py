@@ -287,6 +287,7 @@ def test_zero_cost_stand_in_gives_masks_the_job_accepts(server, ckpt):
     assert len([a for a in server.annotations(ds.dataset_id) if a["tags"] == ["refined"]]) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget_locations, connections, expected_peak", [(0, 4, 2), (2.5, 4, 3), (20, 4, 4),
                                                                           (20, 2, 2)])
 def test_the_job_keeps_frames_in_flight_within_budget_and_connections(server, ckpt, monkeypatch, prefetchers,
@@ -335,6 +336,7 @@ def test_a_frame_that_fails_keeps_only_its_location(server, ckpt, monkeypatch):
     assert "tiles/region" in error["info"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy, fast", [("0:1", False), ("1G:4", True)])
 def test_wall_time_approaches_max_of_io_and_compute(server, ckpt, monkeypatch, policy, fast):
     """8 locations, one frame each answered after 0.2 s (I/O: 1.6 s one after another); the

@@ -111,6 +111,7 @@ def test_cli_timeout_caps_the_retry_wait(monkeypatch):
 
 # -- 3. "no original annotation was deleted" while a DELETE was already on its way ----------------
 
+@pytest.mark.slow
 def test_sigterm_during_a_sent_delete_does_not_claim_nothing_was_deleted(server, ckpt, tmp_path):
     """SIGTERM while the DELETE request is in flight: the worker reports "The job was stopped
     (SIGTERM); no original annotation was deleted. ... 0 original(s) deleted", but the server

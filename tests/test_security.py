@@ -85,6 +85,7 @@ def test_no_token_in_a_normal_run_with_the_real_model(server, checkpoint_dir, tm
     assert not any(TOKEN in json.dumps([r.path, r.params, r.body]) for r in server.requests)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", [
     ("GET", "folder/{ds}", 500, True), ("GET", "upenn_annotation", 500, False),
     ("GET", "dataset_view", 503, True), ("POST", "upenn_annotation/multiple", 500, True),

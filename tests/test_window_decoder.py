@@ -123,6 +123,7 @@ def _clipped(windows: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("multimask", [False, True])
 def test_logits_equal_sam2_inside_each_window(setup: Model, multimask: bool) -> None:
     rng = np.random.default_rng(5 + multimask)
@@ -157,6 +158,7 @@ def _stability(logits: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.where(area_u > 0, area_i / area_u, 1.0)
 
 
+@pytest.mark.slow
 def test_dynamic_rule_counts_the_whole_grid(tiny: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     """sam2 falls back from mask 0 to the best multimask output when mask 0's stability over the
     whole grid is low. With a threshold between the whole-grid and the in-window stability of
@@ -229,6 +231,7 @@ def test_statistics_cells_are_where_counts_are_taken(tiny: Model) -> None:
     assert (local.areas - expected).abs().max().item() <= 2
 
 
+@pytest.mark.slow
 def test_predictor_windows_equal_whole_grid_crops(tiny: Model) -> None:
     """Sam2BoxPredictor.decode(windows=...) in region pixels: the fast decoder's windows and
     sam2's decoder's whole grid cut to the same cells agree; each prompt's array is its window."""

@@ -5,7 +5,7 @@ the worker's Python, with the worker tree first on the path).
 
 ``SPEC.json``: ``{"dataset_id": ..., "calls": [{"name": ..., "op": ..., ...}, ...]}``, made by
 :func:`real_server.reads.probe_spec`. Each call goes through ``sam2_refine.nimbus.client.NimbusClient``
-or ``sam2_refine.batch_reads.BatchReader`` exactly as the worker makes it; ``OUT.json`` holds, per
+or ``sam2_refine.job.batch_reads.BatchReader`` exactly as the worker makes it; ``OUT.json`` holds, per
 call, what it returned (ids, documents, counts) or the exception it raised (type, HTTP status,
 the server's message), and the requests it sent (:mod:`real_server.recorder`). The check compares
 them with what the server holds (:mod:`real_server.reads`).
@@ -44,7 +44,7 @@ from real_server import recorder  # noqa: E402
 
 
 def _costs(name: str):
-    from sam2_refine.read_plan import DEFAULT_COSTS, ReadCosts
+    from sam2_refine.job.read_plan import DEFAULT_COSTS, ReadCosts
 
     presets = {
         "default": DEFAULT_COSTS,
@@ -64,7 +64,7 @@ def _doc(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reader(client, dataset_id: str, call: dict[str, Any]):
-    from sam2_refine.batch_reads import BatchReader
+    from sam2_refine.job.batch_reads import BatchReader
 
     batch = tuple(tuple(int(v) for v in axis) for axis in call.get("batch", [[0], [0], [0]]))
     sizes = tuple(int(v) for v in call.get("sizes", [1, 1, 1]))
