@@ -184,7 +184,8 @@ def _large_dataset_jobs(out: Output, rest: Rest, worker: Worker, job, parent_id:
     for run in runs:
         _scoped_checks(out, run, sizes=(source.xy_count, 1, 1), extras=set(extras))
         verdict = reads.connection_verdict(run.requests)
-        out.check(f"{run.name} read connections one annotation at a time (nodeAnnotationId)", verdict.passed,
+        out.check(f"{run.name} read connections per annotation or by one sorted listing, as its cost model chose",
+                  verdict.passed,
                   verdict.detail)
     _state_checks(out, "after jobs E and F", rest, ds, large.originals + extras, before)
 

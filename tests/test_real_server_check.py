@@ -304,7 +304,8 @@ def test_a_forced_plan_that_read_the_other_way_fails():
     assert reads.expected_plan({**call, "batch": [[0, 1], [0], [0]]}) == [{"Time": 0}]
 
 
-def _job_records(filters: list[dict], shipped: list[list], per_node: int = 0, listed: int = 0) -> list[dict]:
+def _job_records(filters: list[dict], shipped: list[list], per_node: int = 0, listed: int = 0,
+                 connection_pages: list[dict] | None = None) -> list[dict]:
     records = [_request("upenn_annotation/count", "GET", params={"datasetId": "d"}, result={"count": 9})]
     records += [_request("upenn_annotation/list/ids", body={"datasetId": "d", "filters": f}) for f in filters]
     records.append(_request("upenn_annotation/hydrate", body={"items": len(shipped)},
@@ -313,6 +314,8 @@ def _job_records(filters: list[dict], shipped: list[list], per_node: int = 0, li
                                                                  "sort": "_id"}) for i in range(per_node)]
     records += [_request("upenn_annotation", "GET", params={"datasetId": "d", "shape": "polygon", "sort": "_id"},
                          result={"count": 1, "docs": [["z", 1, 0, 0]]}) for _ in range(listed)]
+    records += [_request("annotation_connection", "GET", params={"datasetId": "d", **page})
+                for page in connection_pages or []]
     return records
 
 
@@ -330,7 +333,17 @@ def test_a_job_that_read_by_location_queries_passes_and_one_that_listed_fails():
     verdict = reads.scoped_verdict(listed, _first, (2, 1, 1))
     assert not verdict.passed and "listing" in verdict.detail
     assert reads.shipped_outside(listed, _first) == ["z"]
-    assert not reads.connection_verdict(listed).passed  # no connection read by nodeAnnotationId
+    assert not reads.connection_verdict(listed).passed  # no connection read at all
+    # the cost model's other choice: one listing of the dataset's connections, sorted, by cursor
+    by_listing = _job_records([{"location": {"XY": 0}}], [["a", 0, 0, 0]], per_node=1,
+                              connection_pages=[{"sort": "_id"}, {"sort": "_id", "afterId": "c9"}])
+    verdict = reads.connection_verdict(by_listing)
+    assert verdict.passed and "2 listing page(s)" in verdict.detail, verdict.detail
+    unsorted_pages = _job_records([{"location": {"XY": 0}}], [["a", 0, 0, 0]], connection_pages=[{}])
+    assert not reads.connection_verdict(unsorted_pages).passed
+    by_offset = _job_records([{"location": {"XY": 0}}], [["a", 0, 0, 0]],
+                             connection_pages=[{"sort": "_id"}, {"sort": "_id", "offset": "1000"}])
+    assert not reads.connection_verdict(by_offset).passed
     elsewhere = _job_records([{"location": {"XY": 1}}], [["a", 0, 0, 0]])
     assert not reads.scoped_verdict(elsewhere, _first, (2, 1, 1)).passed
     unfiltered = _job_records([{"shape": "polygon"}], [["a", 0, 0, 0]])

@@ -39,6 +39,9 @@ SUBSTITUTE_PATCHES = (
     "Girder lists them and sets Girder-Total-Count, as it does for pymongo's)",
     "mongomock_ng's Cursor gains count(with_limit_and_skip) through count_documents, the shim Girder "
     "itself adds to pymongo's Cursor (girder/models/__init__.py)",
+    "mongomock_ng's deletes run one at a time: it finds the matching documents, then deletes them one "
+    "by one, so two requests deleting the same document at once raised KeyError (a 500) in the second; "
+    "MongoDB's delete_many skips a document another delete removed first",
 )
 
 
@@ -64,6 +67,15 @@ def _patch_database(uri: str | None) -> str:
         return self.collection.count_documents(self._spec or {}, **options)
 
     mongomock_ng.collection.Cursor.count = count
+
+    deleting = threading.Lock()
+    delete = mongomock_ng.collection.Collection._delete
+
+    def delete_one_at_a_time(self, *args, **kwargs):
+        with deleting:
+            return delete(self, *args, **kwargs)
+
+    mongomock_ng.collection.Collection._delete = delete_one_at_a_time
     for patch in SUBSTITUTE_PATCHES:
         print(f"substitute database patch: {patch}", flush=True)
     return "mongodb://127.0.0.1:27017/girder_real_server_check"

@@ -483,21 +483,28 @@ def shipped_outside(records: list[dict[str, Any]], holds: Callable[[Location], b
 
 
 def connection_verdict(records: list[dict[str, Any]]) -> Verdict:
-    """Passes when the job read connections one annotation at a time (``nodeAnnotationId``, in
-    ``_id`` order), every one answered, and never listed the dataset's connections."""
+    """Passes when the job read connections only in the two ways its cost model chooses between
+    (``job/read_plan.py``: per annotation with ``nodeAnnotationId``, or one cursor listing of the
+    dataset's connections, paged by ``afterId``), each in ``_id`` order, never by offset, every
+    request answered. On the real plugin a ``nodeAnnotationId`` query walks the dataset's
+    connections, so for more than a few annotations the listing is the cheaper read."""
     reads = job_reads(records)
-    unsorted = [r for r in reads.per_node if r["params"].get("sort") != "_id"]
-    failed = [r for r in reads.per_node if not r.get("ok")]
+    connection_reads = reads.per_node + reads.connection_listings
+    unsorted = [r for r in connection_reads if r["params"].get("sort") != "_id"]
+    failed = [r for r in connection_reads if not r.get("ok")]
     nodes = {r["params"]["nodeAnnotationId"] for r in reads.per_node}
+    first_pages = [r for r in reads.connection_listings if not r["params"].get("afterId")]
     detail = (f"{len(reads.per_node)} nodeAnnotationId request(s) for {len(nodes)} annotation(s), "
-              f"{len(reads.connection_listings)} listing page(s) of the dataset's connections")
+              f"{len(reads.connection_listings)} listing page(s) of the dataset's connections "
+              f"({len(first_pages)} listing(s))")
     problems = []
-    if not reads.per_node:
-        problems.append("no connection read by nodeAnnotationId")
-    if reads.connection_listings:
-        problems.append("the dataset's connections were listed")
+    if not connection_reads:
+        problems.append("no connection read")
     if unsorted:
         problems.append(f"{len(unsorted)} not asked for in _id order")
+    offset = [r for r in connection_reads if r["params"].get("offset")]
+    if offset:
+        problems.append(f"{len(offset)} paged by offset")
     if failed:
         problems.append(f"{len(failed)} failed ({failed[0].get('status')}: {failed[0].get('detail')})")
     if problems:
