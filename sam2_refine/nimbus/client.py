@@ -355,31 +355,7 @@ class NimbusClient:
         }
         if tags:
             params["tags"] = json.dumps(list(tags))
-        after: str | None = None
-        offset = 0
-        cursor_ok = True
-        while True:
-            page_params = dict(params)
-            if cursor_ok and after is not None:
-                page_params["afterId"] = after
-            elif offset:
-                page_params["offset"] = offset
-            page = self._request("GET", "upenn_annotation", params=page_params)
-            if not isinstance(page, list):
-                raise NimbusAPIError("GET", "upenn_annotation", None, "expected a JSON list")
-            if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
-                # A server without cursor support ignores afterId and restarts: page by offset.
-                cursor_ok = False
-                self.pages_by_offset = True
-                page_params.pop("afterId", None)
-                page_params["offset"] = offset
-                page = self._request("GET", "upenn_annotation", params=page_params)
-            if page:
-                yield page
-            offset += len(page)
-            if len(page) < page_size:
-                return
-            after = str(page[-1].get("_id", ""))
+        yield from self._cursor_pages("upenn_annotation", params, page_size)
 
     def list_annotations(
         self, dataset_id: str, shape: str, tags: Sequence[str] | None = None,
@@ -548,6 +524,13 @@ class NimbusClient:
         for key, value in (("parentId", parent_id), ("childId", child_id), ("nodeAnnotationId", node_id)):
             if value:
                 params[key] = value
+        yield from self._cursor_pages("annotation_connection", params, page_size)
+
+    def _cursor_pages(self, endpoint: str, params: dict[str, Any], page_size: int) -> Iterator[list[dict[str, Any]]]:
+        """``GET endpoint`` a page at a time, in ``_id`` order (``params`` ask for it), each later
+        page after the last ``_id`` read (``afterId``). A server that ignores ``afterId`` answers
+        the first page again: from then on the pages are asked for by offset (and
+        :attr:`pages_by_offset` says so)."""
         read = 0
         after: str | None = None
         cursor_ok = True
@@ -555,9 +538,9 @@ class NimbusClient:
             page_params = dict(params)
             if after is not None:
                 page_params.update({"afterId": after} if cursor_ok else {"offset": read})
-            page = self._request("GET", "annotation_connection", params=page_params)
+            page = self._request("GET", endpoint, params=page_params)
             if not isinstance(page, list):
-                raise NimbusAPIError("GET", "annotation_connection", None, "expected a JSON list")
+                raise NimbusAPIError("GET", endpoint, None, "expected a JSON list")
             if cursor_ok and after is not None and page and str(page[0].get("_id", "")) <= after:
                 cursor_ok = False  # an older server ignores afterId and starts again: page by offset
                 self.pages_by_offset = True
