@@ -47,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine_info import cpu_name  # noqa: E402
 from sam2_refine.testing.checkpoints import write_layout_checkpoint  # noqa: E402
 from sam2_refine.testing.datasets import annotation_doc, cell_scene, rough_polygon  # noqa: E402
 from sam2_refine.testing.nimbus_server import NimbusTestServer  # noqa: E402
@@ -85,16 +86,6 @@ def peak():  # VmHWM: this process's own peak (ru_maxrss would count the parent'
 atexit.register(lambda: open(os.environ["BENCH_SPENT"], "w").write(json.dumps({**spent, "peak_mb": peak()})))
 runpy.run_path("entrypoint.py", run_name="__main__")
 """
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def params(batch_xy: str, batch_time: str, delete: bool) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine_info import cpu_name  # noqa: E402
 from sam2_refine.model.fast_decoder import FastBoxDecoder  # noqa: E402
 from sam2_refine.engine.geometry import Window  # noqa: E402
 from sam2_refine.model.logits import cells_for_windows  # noqa: E402
@@ -60,16 +60,6 @@ MODELS = {"tiny": "sam2.1_hiera_tiny.pt", "small": "sam2.1_hiera_small.pt"}
 SIZE = 1024
 GRID = 256
 VARIANTS = ("before", "box (sam2's rule)", "box (rule near the box)", "three masks", "best of three")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_average() -> list[float]:

@@ -21,22 +21,13 @@ import time
 
 import numpy as np
 
+from machine_info import cpu_name
 from sam2_refine.nimbus.errors import DegradedFrameError
 from sam2_refine.nimbus.client import NimbusClient
 from sam2_refine.testing.large_image_double import encode_region
 from sam2_refine.testing.nimbus_server import NimbusTestServer
 
 TOKEN = "bench-token"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
